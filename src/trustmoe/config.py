@@ -1,0 +1,189 @@
+"""Typed configuration and named presets.
+
+`ModelConfig` uses Hugging Face Mixtral/Llama field names so that `config.json` round-trips
+without a translation table; our own extras (shared expert, capacity factor, z-loss) are
+stored in `trustmoe.json` and default to off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work (raised with one clear message)."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    hidden_size: int = 256
+    intermediate_size: int = 512  # per expert (SwiGLU hidden width)
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: int | None = None  # None -> hidden_size // num_attention_heads
+    num_local_experts: int = 8  # 1 -> dense Llama model
+    num_experts_per_tok: int = 2
+    norm_topk_prob: bool = True  # renormalise the top-k weights (Mixtral does)
+    max_position_embeddings: int = 1024
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    # trustmoe extras, off by default
+    shared_expert_intermediate_size: int = 0  # >0 adds a sigmoid-gated shared expert (Qwen2-MoE)
+    capacity_factor: float | None = None  # None -> dropless; else drop tokens beyond capacity
+    router_aux_loss_coef: float = 0.01  # Switch load-balancing loss
+    router_z_loss_coef: float = 0.001  # ST-MoE router z-loss
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_local_experts > 1
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        positive = [
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "num_local_experts",
+            "num_experts_per_tok", "max_position_embeddings",
+        ]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                f"({self.num_attention_heads}); set head_dim explicitly"
+            )
+        if self.num_experts_per_tok > self.num_local_experts:
+            raise ConfigError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds "
+                f"num_local_experts ({self.num_local_experts})"
+            )
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ConfigError(f"capacity_factor must be > 0, got {self.capacity_factor}")
+        if self.rope_theta <= 0:
+            raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def dense_twin(self) -> ModelConfig:
+        """A dense (Llama) model with the same active FFN parameters per token."""
+        width = self.intermediate_size * self.num_experts_per_tok
+        width += self.shared_expert_intermediate_size
+        return self.replace(
+            num_local_experts=1, num_experts_per_tok=1, intermediate_size=width,
+            shared_expert_intermediate_size=0, capacity_factor=None,
+        )
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameter count; `active=True` counts only the experts a token uses."""
+        d, h = self.hidden_size, self.head_size
+        attn = d * h * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
+        experts = self.num_experts_per_tok if active else self.num_local_experts
+        ffn = experts * 3 * d * self.intermediate_size
+        if self.is_moe:
+            ffn += d * self.num_local_experts
+        if self.shared_expert_intermediate_size:
+            ffn += 3 * d * self.shared_expert_intermediate_size + d
+        layer = attn + ffn + 2 * d
+        emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * layer + emb + d
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 8  # sequences per micro-batch (per process)
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    max_steps: int = 1000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 200
+    seed: int = 1337
+    dtype: str = "auto"  # auto | float32 | bfloat16 (autocast)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Preset:
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    description: str = ""
+
+
+def _presets() -> dict[str, Preset]:
+    tiny = ModelConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=256,
+    )
+    small = ModelConfig(
+        vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=4, num_local_experts=8,
+        num_experts_per_tok=2, max_position_embeddings=1024,
+    )
+    bench_small = small.replace(vocab_size=8192)
+    bench_medium = ModelConfig(
+        vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+        num_attention_heads=8, num_key_value_heads=4, num_local_experts=8,
+        num_experts_per_tok=2, max_position_embeddings=2048,
+    )
+    tiny_train = TrainConfig(batch_size=4, seq_len=64, warmup_steps=5, max_steps=50,
+                             eval_every=25, eval_batches=2, checkpoint_every=25, lr=3e-3)
+    small_train = TrainConfig(batch_size=8, seq_len=256, warmup_steps=30, max_steps=2000,
+                              eval_every=100, eval_batches=4, checkpoint_every=200, lr=2e-3)
+    return {
+        "tiny": Preset(tiny, tiny_train, "2-layer, 4 experts top-2; for tests"),
+        "tiny-dense": Preset(tiny.dense_twin(), tiny_train, "dense twin of tiny"),
+        "small": Preset(small, small_train, "4-layer, 8 experts top-2; the demo model"),
+        "small-dense": Preset(small.dense_twin(), small_train, "dense twin of small"),
+        "bench-small": Preset(bench_small, small_train, "shared/bench-shapes.json bench-small"),
+        "bench-medium": Preset(bench_medium, small_train, "shared/bench-shapes.json bench-medium"),
+    }
+
+
+PRESETS: dict[str, Preset] = _presets()
+
+
+def get_preset(name: str) -> Preset:
+    """Return a fresh copy of a named preset, or raise ConfigError listing the known ones."""
+    if name not in PRESETS:
+        known = ", ".join(sorted(PRESETS))
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {known}")
+    p = PRESETS[name]
+    return Preset(dataclasses.replace(p.model), dataclasses.replace(p.train), p.description)

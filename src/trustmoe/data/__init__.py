@@ -1,0 +1,1 @@
+"""Data governance: sources, manifest, dedup, PII, contamination, poisoning, datasheet, build."""
