@@ -15,11 +15,12 @@ from trustmoe.data.tokenizer import save_tokenizer, train_tokenizer
 from trustmoe.model.hf import save_model
 from trustmoe.model.transformer import Transformer
 
-WORDS = tuple((
+_WORDS_TEXT = (
     "the a river stone bird flew over quiet valley morning light green hill "
     "small house old man walked slowly along road dog barked loudly children played "
     "near water wind carried leaves through open window rain fell softly on roof"
-).split(" "))
+)
+WORDS = _WORDS_TEXT.split()
 
 
 def make_docs(n: int, seed: int) -> list[str]:
