@@ -79,7 +79,7 @@ def generate(
     cfg = model.config
     B, T = idx.shape
     max_len = min(T + max_new_tokens, cfg.max_position_embeddings)
-    if T >= max_len:
+    if max_len <= T:
         return idx
     dtype = next(model.parameters()).dtype
     cache = StaticKVCache(cfg.num_hidden_layers, B, cfg.num_key_value_heads, max_len,

@@ -1,0 +1,100 @@
+"""`trustmoe train` and `trustmoe generate`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from trustmoe.io import TrustmoeError
+
+console = Console()
+
+
+def train_cmd(
+    data: Annotated[Path, typer.Option("--data", help="Dataset dir (tokenizer.json, train.bin, val.bin).")],
+    out: Annotated[Path, typer.Option("--out", help="Model dir to write (Hugging Face layout).")],
+    preset: Annotated[str, typer.Option(help="Model preset: tiny, small, small-dense, bench-small, ...")] = "small",
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (sets the LR schedule).")] = None,
+    max_minutes: Annotated[
+        float | None,
+        typer.Option(help="Wall-clock budget; with no --max-steps the schedule is fitted to it."),
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the checkpoint in --out exactly.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch per process.")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per sequence.")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Validate every N steps.")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for init and batches.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto (bf16 autocast on CUDA), float32, bfloat16.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Train a MoE (or dense) model on a dataset directory.
+
+    Writes checkpoints (complete model directories) to --out, appends metrics to
+    --out/metrics.jsonl, and can be resumed exactly with --resume. For data parallelism run
+    `torchrun --nproc_per_node=N -m trustmoe.train --data ... --out ...`.
+    """
+    from trustmoe.train import train
+
+    overrides = dict(batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr,
+                     warmup_steps=warmup_steps, eval_every=eval_every,
+                     checkpoint_every=checkpoint_every, seed=seed, dtype=dtype)
+    if max_steps is not None and max_steps <= 0:
+        raise TrustmoeError(f"--max-steps must be positive, got {max_steps}")
+    res = train(data, out, preset, max_steps=max_steps, max_minutes=max_minutes, resume=resume,
+                device=device, overrides=overrides, progress=not quiet and not json_out)
+    summary = {
+        "out_dir": str(res.out_dir), "steps": res.steps, "tokens": res.tokens,
+        "seconds": round(res.seconds, 2), "tokens_per_s": round(res.tokens_per_second, 1),
+        "val_loss": res.val_loss, "val_perplexity": res.val_perplexity, "stopped": res.stopped,
+    }
+    if json_out:
+        print(json.dumps(summary))
+    else:
+        ppl = f"{res.val_perplexity:.2f}" if res.val_perplexity else "-"
+        console.print(f"[green]trained[/] {res.steps} steps, val loss {res.val_loss:.4f}, "
+                      f"perplexity {ppl} -> {res.out_dir}")
+
+
+def generate_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory (ours or any HF Mixtral/Llama).")],
+    prompt: Annotated[str, typer.Argument(help="Prompt text.")],
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON with ids and text.")] = False,
+) -> None:
+    """Generate a continuation of PROMPT with a simple KV-cache decode loop."""
+    from trustmoe.generation import generate_text
+
+    if max_tokens <= 0 or max_tokens > 1_000_000:
+        raise TrustmoeError(f"--max-tokens must be between 1 and 1000000, got {max_tokens}")
+    if temperature < 0:
+        raise TrustmoeError(f"--temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise TrustmoeError(f"--top-p must be in (0, 1], got {top_p}")
+    res = generate_text(model_dir, prompt, max_tokens=max_tokens, temperature=temperature,
+                        top_p=top_p, seed=seed, device=device)
+    if json_out:
+        print(json.dumps(res))
+    else:
+        console.print(prompt + res["text"], highlight=False, markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_cmd)
+    app.command("generate")(generate_cmd)
+    from trustmoe.cli.demo import demo_cmd
+
+    app.command("demo")(demo_cmd)
