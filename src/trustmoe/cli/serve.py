@@ -1,9 +1,86 @@
-"""`trustmoe serve ...` commands."""
+"""`trustmoe serve ...` and `trustmoe export gguf ...` commands."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
+
+from trustmoe.io import TrustmoeError
+
+export_app = typer.Typer(help="Export a model directory to other runtimes' formats.",
+                         no_args_is_help=True)
+
+
+def _check_model_dir(model_dir: Path) -> None:
+    if not model_dir.is_dir():
+        raise TrustmoeError(f"model directory not found: {model_dir}")
+    if not (model_dir / "config.json").exists():
+        raise TrustmoeError(f"{model_dir} is not a model directory (no config.json)")
+
+
+def serve_command(
+    model_dir: Path = typer.Argument(..., help="HF-format Mixtral/Llama model directory."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all)."),
+    port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
+    quantize: str = typer.Option("none", help="Weight-only quantization at load: none|int8|int4."),
+    kv_cache_mb: float = typer.Option(256.0, min=1.0, help="KV-cache memory budget in MiB."),
+    max_num_seqs: int = typer.Option(32, min=1, help="Most sequences in one running batch."),
+    max_queue: int = typer.Option(256, min=1,
+                                  help="Most requests waiting for a batch slot; more get 429."),
+    max_concurrency: int = typer.Option(
+        256, min=1, help="Most requests (choices) in flight in the server; more get 429."),
+    api_key: str = typer.Option("", envvar="TRUSTMOE_API_KEY", show_default=False,
+                                help="Require `Authorization: Bearer KEY` on every route but "
+                                     "/health (or set TRUSTMOE_API_KEY)."),
+    served_model_name: str = typer.Option("", help="Model name clients use (default: dir name)."),
+    device: str = typer.Option("", help="cpu or cuda (default: cuda when present)."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+) -> None:
+    """Serve a model with an OpenAI-compatible API (completions, chat, streaming, metrics).
+
+    Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
+    GET /metrics (Prometheus). Requests beyond --max-concurrency or a full queue get 429 with
+    Retry-After. Stop with Ctrl-C.
+    """
+    _check_model_dir(model_dir)
+    if quantize not in ("none", "int8", "int4"):
+        raise TrustmoeError(f"--quantize must be none, int8 or int4, got {quantize!r}")
+    from trustmoe.serve.app import serve
+
+    kw = {"device": device} if device else {}
+    serve(model_dir, host, port, quantize=None if quantize == "none" else quantize,
+          kv_cache_mb=kv_cache_mb, max_num_seqs=max_num_seqs, max_queue=max_queue,
+          max_concurrency=max_concurrency, api_key=api_key or None,
+          served_model_name=served_model_name or None, log_level=log_level, **kw)
+
+
+@export_app.command("gguf")
+def export_gguf_command(
+    model_dir: Path = typer.Argument(..., help="HF-format Mixtral/Llama model directory."),
+    out: Path = typer.Argument(..., help="Output .gguf file (written atomically)."),
+    quantize: str = typer.Option("f32", help="Weight type: f32, f16 or q8_0."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Write a GGUF file that llama.cpp runs (llama architecture; Mixtral experts stacked)."""
+    _check_model_dir(model_dir)
+    from rich.progress import Progress
+
+    from trustmoe.model.gguf import export_gguf
+
+    with Progress(transient=True, disable=as_json) as bar:
+        task = bar.add_task("exporting tensors", total=None)
+        info = export_gguf(model_dir, out, quantize=quantize,
+                           progress=lambda name: bar.update(task, advance=1, description=name))
+    if as_json:
+        typer.echo(json.dumps(info))
+    else:
+        typer.echo(f"wrote {info['path']} ({info['bytes'] / 1e6:.1f} MB, {info['tensors']} "
+                   f"tensors, {info['quantize']})")
 
 
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to the main app."""
+    app.command("serve")(serve_command)
+    app.add_typer(export_app, name="export")

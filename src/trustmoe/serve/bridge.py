@@ -1,0 +1,207 @@
+"""The async bridge: one background thread drives `Engine.step()`; HTTP handlers talk to it.
+
+`Engine` is not thread-safe, so only the engine thread ever touches it. Handlers send
+commands (add / abort) through a thread-safe queue and wake the thread; each request's
+`RequestOutput`s come back on an asyncio queue owned by the handler's event loop
+(`call_soon_threadsafe`). An abort removes the request from the engine at the next command
+drain, which happens before every step, so a disconnected client frees its batch slot and KV
+blocks within one step. When the engine raises, every request in flight gets the error and
+the thread keeps serving new ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from trustmoe.serve.metrics import ServerMetrics
+
+log = logging.getLogger("trustmoe.serve")
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Stream:
+    out: asyncio.Queue[Any]  # RequestOutput | BaseException, shared by a request's choices
+    loop: asyncio.AbstractEventLoop
+    arrival: float
+    n_tokens: int = 0
+    last_time: float = 0.0
+    first_seen: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Any, metrics: ServerMetrics | None = None) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self._cmds: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._thread: threading.Thread | None = None
+        self.fatal: BaseException | None = None
+        self.steps = 0
+        self.in_flight = 0  # requests known to the engine thread (for tests and /health)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="trustmoe-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ------------------------------------------------------------ handler side (event loop)
+
+    async def add(self, request_id: str, prompt_ids: list[int], params: Any,
+                  out: asyncio.Queue[Any], arrival: float | None = None) -> None:
+        """Hand a request to the engine; raises what `Engine.add_request` raised."""
+        if not self.alive:
+            raise EngineDeadError("the engine thread is not running")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        stream = _Stream(out=out, loop=loop, arrival=arrival or time.monotonic())
+        self._cmds.put(("add", request_id, prompt_ids, params, stream, done))
+        self._wake.set()
+        await done
+
+    def abort(self, request_id: str) -> None:
+        """Thread-safe; harmless for finished or unknown ids."""
+        self._cmds.put(("abort", request_id))
+        self._wake.set()
+
+    # ------------------------------------------------------------ engine thread
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain()
+            if self._streams and self.engine.has_unfinished():
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:  # keep serving: fail what was in flight
+                    log.exception("engine step failed")
+                    self._fail_all(e)
+                    continue
+                self.steps += 1
+                now = time.monotonic()
+                for o in outputs:
+                    self._deliver(o, now)
+                self._gauges()
+            else:
+                self._gauges()
+                self._wake.wait(0.25)
+                self._wake.clear()
+        self._drain()
+        self._fail_all(EngineDeadError("server is shutting down"))
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                _, rid, ids, params, stream, done = cmd
+                try:
+                    self.engine.add_request(ids, params, request_id=rid)
+                except BaseException as e:  # QueueFullError, PromptTooLongError, ValueError
+                    self._resolve(stream.loop, done, e)
+                    continue
+                self._streams[rid] = stream
+                self.in_flight = len(self._streams)
+                self._resolve(stream.loop, done, None)
+            else:
+                rid = cmd[1]
+                s = self._streams.pop(rid, None)
+                if s is not None:
+                    with contextlib.suppress(Exception):
+                        self.engine.abort(rid)
+                    if self.metrics:
+                        self.metrics.finished("abort")
+                    self.in_flight = len(self._streams)
+
+    def _deliver(self, o: Any, now: float) -> None:
+        s = self._streams.get(o.request_id)
+        if s is None:
+            return
+        m = self.metrics
+        if m is not None:
+            if not s.first_seen:
+                m.prompt_tokens.inc(len(o.prompt_token_ids))
+                m.prefix_queries.inc(len(o.prompt_token_ids))
+                m.prefix_hits.inc(o.num_cached_prompt_tokens)
+            new = len(o.new_token_ids)
+            if new:
+                if s.n_tokens == 0:
+                    m.ttft.observe(now - s.arrival)
+                else:
+                    m.itl.observe(now - s.last_time)
+                m.generation_tokens.inc(new)
+            if o.finished:
+                m.e2e.observe(now - s.arrival)
+                m.finished(o.finish_reason)
+        s.first_seen = True
+        if o.new_token_ids:
+            s.n_tokens += len(o.new_token_ids)
+            s.last_time = now
+        if o.finished:
+            del self._streams[o.request_id]
+            self.in_flight = len(self._streams)
+        self._put(s, o)
+
+    def _put(self, s: _Stream, item: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the handler's loop already closed
+            s.loop.call_soon_threadsafe(s.out.put_nowait, item)
+
+    @staticmethod
+    def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None],
+                 err: BaseException | None) -> None:
+        def set_it() -> None:
+            if fut.done():
+                return
+            if err is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(err)
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(set_it)
+
+    def _fail_all(self, err: BaseException) -> None:
+        for rid, s in list(self._streams.items()):
+            with contextlib.suppress(Exception):
+                self.engine.abort(rid)
+            self._put(s, err)
+        self._streams.clear()
+        self.in_flight = 0
+
+    def _gauges(self) -> None:
+        if self.metrics is None:
+            return
+        try:
+            st = self.engine.stats()
+        except Exception:
+            return
+        self.metrics.running.set(st.running)
+        self.metrics.waiting.set(st.waiting)
+        self.metrics.kv_usage.set(st.kv_usage)

@@ -1,0 +1,391 @@
+"""OpenAI `/v1/completions` and `/v1/chat/completions`: request -> engine -> response / SSE.
+
+Each choice of a request (prompts × n) is one engine request. Non-streamed responses are
+collected while a watcher waits for the client to go away (then everything is aborted);
+streamed responses are server-sent events whose producer closes the lease when the client
+disconnects or the stream ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import torch
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from trustmoe.serve.chat import end_of_turn_ids
+from trustmoe.serve.jsonmode import JSONLogitsProcessor, SchemaError, compile_schema
+from trustmoe.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, _Sampling
+from trustmoe.serve.state import Lease, ServerState, SubRequest
+
+CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it
+
+
+class LeaseStreamingResponse(StreamingResponse):
+    """A StreamingResponse that always closes its lease, even if the body never started."""
+
+    def __init__(self, content: Any, lease: Lease) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.lease = lease
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.lease.close()
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _bias_processor(bias: dict[int, float]) -> Callable[[list[int], torch.Tensor], torch.Tensor]:
+    ids = torch.tensor(list(bias), dtype=torch.long)
+    vals = torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def apply(_: list[int], logits: torch.Tensor) -> torch.Tensor:
+        return logits.index_add(0, ids.to(logits.device), vals.to(logits.device, logits.dtype))
+    return apply
+
+
+def build_params(state: ServerState, req: _Sampling, prompt_len: int, max_tokens: int, *,
+                 logprobs: int | None, prompt_logprobs: int | None, choice: int,
+                 extra_stop_ids: list[int] | None = None) -> Any:
+    from trustmoe.engine import SamplingParams
+
+    procs: list[Any] = []
+    if req.logit_bias:
+        bias = {int(k): float(v) for k, v in req.logit_bias.items()}
+        bad = [k for k in bias if not 0 <= k < state.vocab_size]
+        if bad:
+            raise APIError(400, f"logit_bias token id {bad[0]} is outside the vocabulary",
+                           "logit_bias")
+        procs.append(_bias_processor(bias))
+    rf = req.response_format
+    if rf is not None and rf.type != "text":
+        schema = None
+        if rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise APIError(400, "response_format json_schema needs json_schema.schema",
+                               "response_format")
+            schema = rf.json_schema.schema_
+        try:
+            root = compile_schema(schema)
+        except SchemaError as e:
+            raise APIError(400, f"response_format: {e}", "response_format") from None
+        eos = [state.engine.eos_token_id] if state.engine.eos_token_id is not None else []
+        procs.append(JSONLogitsProcessor(root, state.trie, eos + (extra_stop_ids or []),
+                                         state.mask_cache))
+    seed = None if req.seed is None else (req.seed + choice) % (2**63)
+    stop_ids = list(req.stop_token_ids or []) + list(extra_stop_ids or [])
+    params = SamplingParams(
+        max_tokens=max(max_tokens, 1),
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=0 if req.top_k in (None, -1) else int(req.top_k),
+        min_p=req.min_p or 0.0,
+        repetition_penalty=req.repetition_penalty,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        seed=seed,
+        stop=req.stop_list(),
+        stop_token_ids=stop_ids or None,
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        logits_processors=procs or None,
+    )
+    try:
+        params.validate(state.max_model_len)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+    return params
+
+
+def check_length(state: ServerState, prompt_len: int, max_tokens: int) -> None:
+    if prompt_len == 0:
+        raise APIError(400, "prompt must not be empty", "prompt")
+    if prompt_len + max_tokens > state.max_model_len:
+        raise APIError(413, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the "
+                       f"model's context of {state.max_model_len} tokens", "max_tokens")
+
+
+def _tokenize_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [state.tokenizer.encode(prompt).ids]
+    if prompt and all(isinstance(p, str) for p in prompt):
+        return [e.ids for e in state.tokenizer.encode_batch(list(prompt))]
+    prompts = [prompt] if prompt and isinstance(prompt[0], int) else list(prompt)
+    for p in prompts:
+        for t in p:
+            if not 0 <= t < state.vocab_size:
+                raise APIError(400, f"prompt token id {t} is outside the vocabulary "
+                               f"(size {state.vocab_size})", "prompt")
+    return prompts
+
+
+async def _collect(lease: Lease, request: Request) -> dict[str, list[Any]] | None:
+    """All outputs per request id; None (everything aborted) if the client goes away first."""
+    got: dict[str, list[Any]] = {s.request_id: [] for s in lease.subs}
+
+    async def gather() -> None:
+        async for o in lease.outputs():
+            got[o.request_id].append(o)
+
+    async def disconnected() -> None:
+        while True:
+            msg = await request.receive()
+            if msg["type"] == "http.disconnect":
+                return
+
+    work = asyncio.ensure_future(gather())
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not work.done():
+        work.cancel()
+        lease.close()
+        return None
+    work.result()
+    return got
+
+
+def _usage(lease: Lease, gen_tokens: int) -> dict[str, int]:
+    seen: set[int] = set()
+    prompt = 0
+    for s in lease.subs:  # a prompt shared by n choices counts once
+        key = id(s.prompt_ids)
+        if key not in seen:
+            seen.add(key)
+            prompt += len(s.prompt_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": gen_tokens,
+            "total_tokens": prompt + gen_tokens}
+
+
+def _finite(x: float | None) -> float | None:
+    if x is None:
+        return None
+    return x if math.isfinite(x) else -9999.0
+
+
+def completion_logprobs(state: ServerState, token_ids: list[int], lps: list[Any],
+                        prompt_ids: list[int] | None, prompt_lps: list[float | None] | None,
+                        start_offset: int = 0) -> dict[str, Any]:
+    """OpenAI legacy logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+    dec = state.tokenizer.decode
+    tokens: list[str] = []
+    token_lps: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    if prompt_ids is not None:
+        for i, t in enumerate(prompt_ids):
+            tokens.append(dec([t], skip_special_tokens=False))
+            lp = prompt_lps[i] if prompt_lps and i < len(prompt_lps) else None
+            token_lps.append(_finite(lp))
+            tops.append(None if lp is None else {tokens[-1]: _finite(lp) or 0.0})
+    for t, lp in zip(token_ids, lps, strict=False):
+        s = dec([t], skip_special_tokens=False)
+        tokens.append(s)
+        token_lps.append(_finite(lp.logprob))
+        top = {dec([k], skip_special_tokens=False): _finite(v) or 0.0 for k, v in lp.top.items()}
+        top.setdefault(s, _finite(lp.logprob) or 0.0)
+        tops.append(top)
+    offsets, pos = [], start_offset
+    for s in tokens:
+        offsets.append(pos)
+        pos += len(s)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def chat_logprobs(state: ServerState, lps: list[Any], token_ids: list[int]) -> dict[str, Any]:
+    dec = state.tokenizer.decode
+
+    def item(t: int, lp: float) -> dict[str, Any]:
+        s = dec([t], skip_special_tokens=False)
+        return {"token": s, "logprob": _finite(lp), "bytes": list(s.encode("utf-8"))}
+
+    content = []
+    for t, lp in zip(token_ids, lps, strict=False):
+        d = item(t, lp.logprob)
+        d["top_logprobs"] = [item(k, v) for k, v in sorted(lp.top.items(), key=lambda kv: -kv[1])]
+        content.append(d)
+    return {"content": content}
+
+
+async def create_completion(state: ServerState, req: CompletionRequest,
+                            request: Request) -> Any:
+    state.check_model(req.model)
+    if req.suffix:
+        raise APIError(400, "suffix is not supported", "suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError(400, "best_of must equal n (beam search is not supported)", "best_of")
+    prompts = _tokenize_prompts(state, req.prompt)
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    subs: list[SubRequest] = []
+    for pi, ids in enumerate(prompts):
+        check_length(state, len(ids), max_tokens)
+        for c in range(req.n):
+            params = build_params(state, req, len(ids), max_tokens, logprobs=req.logprobs,
+                                  prompt_logprobs=req.logprobs if req.echo else None, choice=c)
+            subs.append(SubRequest(state.new_id("req"), pi * req.n + c, ids, params, max_tokens))
+    rid, created = state.new_id("cmpl"), int(time.time())
+    lease = await state.admit(subs)
+    if req.stream:
+        return LeaseStreamingResponse(_stream_completion(state, req, lease, rid, created), lease)
+    try:
+        got = await _collect(lease, request)
+    finally:
+        lease.close()
+    if got is None:
+        return Response(status_code=CLIENT_CLOSED)
+    choices, n_gen = [], 0
+    for s in subs:
+        final = got[s.request_id][-1]
+        ids = final.token_ids[: s.max_tokens]
+        text = final.text if s.max_tokens else ""
+        lps = [lp for o in got[s.request_id] for lp in o.logprobs][: len(ids)]
+        prompt_text = ""
+        if req.echo:
+            prompt_text = state.tokenizer.decode(s.prompt_ids, skip_special_tokens=False)
+        logprobs = None
+        if req.logprobs is not None:
+            plps = next((o.prompt_logprobs for o in got[s.request_id] if o.prompt_logprobs), None)
+            echoed = s.prompt_ids if req.echo else None
+            logprobs = completion_logprobs(state, ids, lps, echoed, plps)
+        n_gen += len(ids)
+        choices.append({"index": s.index, "text": prompt_text + text, "logprobs": logprobs,
+                        "finish_reason": final.finish_reason if s.max_tokens else "length"})
+    return JSONResponse({"id": rid, "object": "text_completion", "created": created,
+                         "model": state.model_name, "choices": choices,
+                         "usage": _usage(lease, n_gen)})
+
+
+async def _stream_completion(state: ServerState, req: CompletionRequest, lease: Lease, rid: str,
+                             created: int) -> AsyncIterator[str]:
+    by_id = {s.request_id: s for s in lease.subs}
+    n_gen, offsets = 0, {s.request_id: 0 for s in lease.subs}
+    usage_null = {"usage": None} if req.include_usage() else {}
+    try:
+        if req.echo:
+            for s in lease.subs:
+                text = state.tokenizer.decode(s.prompt_ids, skip_special_tokens=False)
+                offsets[s.request_id] = len(text)
+                yield sse({"id": rid, "object": "text_completion", "created": created,
+                           "model": state.model_name, **usage_null,
+                           "choices": [{"index": s.index, "text": text, "logprobs": None,
+                                        "finish_reason": None}]})
+        async for o in lease.outputs():
+            s = by_id[o.request_id]
+            if not o.new_text and not o.finished:
+                continue
+            n_new = len(o.new_token_ids) if s.max_tokens else 0
+            n_gen += n_new
+            logprobs = None
+            if req.logprobs is not None and n_new:
+                logprobs = completion_logprobs(state, o.new_token_ids, o.logprobs, None, None,
+                                               offsets[o.request_id])
+            text = o.new_text if s.max_tokens else ""
+            offsets[o.request_id] += len(text)
+            reason = (o.finish_reason if s.max_tokens else "length") if o.finished else None
+            yield sse({"id": rid, "object": "text_completion", "created": created,
+                       "model": state.model_name, **usage_null,
+                       "choices": [{"index": s.index, "text": text, "logprobs": logprobs,
+                                    "finish_reason": reason}]})
+        if req.include_usage():
+            yield sse({"id": rid, "object": "text_completion", "created": created,
+                       "model": state.model_name, "choices": [],
+                       "usage": _usage(lease, n_gen)})
+    except APIError as e:
+        yield sse(e.body())
+    yield "data: [DONE]\n\n"
+
+
+async def create_chat(state: ServerState, req: ChatCompletionRequest, request: Request) -> Any:
+    state.check_model(req.model)
+    template = state.chat_template
+    if req.chat_template is not None:
+        from trustmoe.serve.chat import ChatTemplate
+
+        try:
+            template = ChatTemplate(req.chat_template)
+        except ValueError as e:
+            raise APIError(400, str(e), "chat_template") from None
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                for m in req.messages]
+    prompt = template.render(messages, req.add_generation_prompt)
+    ids = state.tokenizer.encode(prompt, add_special_tokens=False).ids
+    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    max_tokens = asked if asked is not None else max(state.max_model_len - len(ids), 1)
+    check_length(state, len(ids), max_tokens)
+    top = req.top_logprobs or 0
+    if req.top_logprobs and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    eot = end_of_turn_ids(state.tokenizer.token_to_id)
+    subs = [SubRequest(state.new_id("req"), c, ids,
+                       build_params(state, req, len(ids), max_tokens,
+                                    logprobs=top if req.logprobs else None, prompt_logprobs=None,
+                                    choice=c, extra_stop_ids=eot), max_tokens)
+            for c in range(req.n)]
+    rid, created = state.new_id("chatcmpl"), int(time.time())
+    lease = await state.admit(subs)
+    if req.stream:
+        return LeaseStreamingResponse(_stream_chat(state, req, lease, rid, created), lease)
+    try:
+        got = await _collect(lease, request)
+    finally:
+        lease.close()
+    if got is None:
+        return Response(status_code=CLIENT_CLOSED)
+    choices, n_gen = [], 0
+    for s in subs:
+        final = got[s.request_id][-1]
+        ids_out = final.token_ids[: s.max_tokens]
+        lps = [lp for o in got[s.request_id] for lp in o.logprobs][: len(ids_out)]
+        n_gen += len(ids_out)
+        choices.append({
+            "index": s.index,
+            "message": {"role": "assistant", "content": final.text if s.max_tokens else ""},
+            "logprobs": chat_logprobs(state, lps, ids_out) if req.logprobs else None,
+            "finish_reason": final.finish_reason if s.max_tokens else "length"})
+    return JSONResponse({"id": rid, "object": "chat.completion", "created": created,
+                         "model": state.model_name, "choices": choices,
+                         "usage": _usage(lease, n_gen)})
+
+
+async def _stream_chat(state: ServerState, req: ChatCompletionRequest, lease: Lease, rid: str,
+                       created: int) -> AsyncIterator[str]:
+    by_id = {s.request_id: s for s in lease.subs}
+    head = {"id": rid, "object": "chat.completion.chunk", "created": created,
+            "model": state.model_name, **({"usage": None} if req.include_usage() else {})}
+    n_gen = 0
+    try:
+        for s in lease.subs:
+            yield sse({**head, "choices": [{"index": s.index, "delta": {"role": "assistant",
+                                                                         "content": ""},
+                                            "logprobs": None, "finish_reason": None}]})
+        async for o in lease.outputs():
+            s = by_id[o.request_id]
+            if not o.new_text and not o.finished:
+                continue
+            n_new = len(o.new_token_ids) if s.max_tokens else 0
+            n_gen += n_new
+            lp = chat_logprobs(state, o.logprobs, o.new_token_ids) if req.logprobs else None
+            delta = {"content": o.new_text} if o.new_text and s.max_tokens else {}
+            yield sse({**head, "choices": [{
+                "index": s.index, "delta": delta, "logprobs": lp,
+                "finish_reason": (o.finish_reason if s.max_tokens else "length")
+                if o.finished else None}]})
+        if req.include_usage():
+            yield sse({**head, "choices": [], "usage": _usage(lease, n_gen)})
+    except APIError as e:
+        yield sse(e.body())
+    yield "data: [DONE]\n\n"

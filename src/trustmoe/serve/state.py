@@ -1,0 +1,138 @@
+"""What one server holds: the engine and its bridge, limits, and admission of requests.
+
+`ServerState.admit` is the one door into the engine: it takes concurrency slots without
+waiting (429 when none are free), hands every choice of a request to the engine thread, and
+returns a `Lease` whose `close()` aborts whatever has not finished and gives the slots back.
+Handlers close their lease in `finally`, so a request that ends any way at all — finished,
+client gone, error — leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from trustmoe.serve.bridge import AsyncEngine, EngineDeadError
+from trustmoe.serve.chat import ChatTemplate
+from trustmoe.serve.metrics import ServerMetrics
+from trustmoe.serve.protocol import APIError
+
+RETRY_AFTER_S = 1
+
+
+@dataclass
+class SubRequest:
+    request_id: str
+    index: int  # choice index in the response
+    prompt_ids: list[int]
+    params: Any  # trustmoe.engine.SamplingParams
+    max_tokens: int  # what the client asked for (0 allowed: prompt only)
+
+
+@dataclass
+class Lease:
+    state: ServerState
+    subs: list[SubRequest]
+    queue: asyncio.Queue[Any]
+    arrival: float
+    unfinished: set[str] = field(default_factory=set)
+    closed: bool = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for rid in self.unfinished:
+            self.state.bridge.abort(rid)
+        self.unfinished.clear()
+        self.state.active -= len(self.subs)
+
+    async def outputs(self) -> Any:
+        """Yield RequestOutputs of all choices until every one has finished."""
+        while self.unfinished:
+            item = await self.queue.get()
+            if isinstance(item, BaseException):
+                raise APIError(500, f"generation failed: {type(item).__name__}: {item}")
+            if item.finished:
+                self.unfinished.discard(item.request_id)
+            yield item
+
+
+class ServerState:
+    def __init__(self, engine: Any, *, model_name: str | None = None,
+                 served_names: list[str] | None = None, max_concurrency: int = 256,
+                 chat_template: ChatTemplate | None = None, api_key: str | None = None) -> None:
+        self.engine = engine
+        self.model_name = model_name or str(getattr(engine, "model_name", "trustmoe"))
+        self.served_names = set(served_names or []) | {self.model_name}
+        self.metrics = ServerMetrics(self.model_name)
+        self.bridge = AsyncEngine(engine, self.metrics)
+        self.max_concurrency = max_concurrency
+        self.active = 0
+        self.chat_template = chat_template or ChatTemplate()
+        self.api_key = api_key
+        self.created = int(time.time())
+        self.tokenizer = engine.tokenizer
+        self.vocab_size = int(self.tokenizer.get_vocab_size(with_added_tokens=True))
+        self.max_model_len = int(engine.max_model_len)
+        self._trie: Any = None
+        self.mask_cache: OrderedDict[Any, Any] = OrderedDict()
+        self._counter = 0
+
+    def new_id(self, prefix: str) -> str:
+        self._counter += 1
+        return f"{prefix}-{int(time.time() * 1000):x}{self._counter:06x}"
+
+    @property
+    def trie(self) -> Any:
+        if self._trie is None:
+            from trustmoe.serve.vocab import TokenTrie
+
+            self._trie = TokenTrie(self.tokenizer)
+        return self._trie
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.served_names:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves "
+                           f"{', '.join(sorted(self.served_names))}.", "model",
+                           type_="not_found_error")
+
+    def reject(self, status: int, message: str) -> APIError:
+        self.metrics.rejected(status)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
+        return APIError(status, message, headers=headers)
+
+    async def admit(self, subs: list[SubRequest]) -> Lease:
+        """Take slots and submit every choice; on any failure nothing stays behind."""
+        from trustmoe.engine import PromptTooLongError, QueueFullError
+
+        if self.active + len(subs) > self.max_concurrency:
+            raise self.reject(429, f"server busy: {self.active} requests in flight "
+                              f"(--max-concurrency {self.max_concurrency}); retry shortly")
+        self.active += len(subs)
+        lease = Lease(self, subs, asyncio.Queue(), time.monotonic())
+        try:
+            for s in subs:
+                lease.unfinished.add(s.request_id)
+                await self.bridge.add(s.request_id, s.prompt_ids, s.params, lease.queue,
+                                      arrival=lease.arrival)
+        except QueueFullError:
+            lease.close()
+            msg = "the request queue is full (--max-queue); retry shortly"
+            raise self.reject(429, msg) from None
+        except PromptTooLongError as e:
+            lease.close()
+            raise APIError(413, str(e), "prompt") from None
+        except EngineDeadError as e:
+            lease.close()
+            raise APIError(503, str(e)) from None
+        except ValueError as e:
+            lease.close()
+            raise APIError(400, str(e)) from None
+        except BaseException:
+            lease.close()
+            raise
+        return lease
