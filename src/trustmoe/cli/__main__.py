@@ -1,0 +1,5 @@
+"""`python -m trustmoe.cli` runs the command line."""
+
+from trustmoe.cli import main
+
+main()
