@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import socket
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import uvicorn
 
 from trustmoe.config import get_preset
 from trustmoe.model.hf import save_model
@@ -37,3 +42,33 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path
 def tiny_dense_dir(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("serve") / "tiny-dense", tiny_data_dir,
                           preset="tiny-dense")
+
+
+class LiveServer:
+    """A real uvicorn server for `app` on a free loopback port, in a background thread."""
+
+    def __init__(self, app: Any, timeout: float = 30.0) -> None:
+        self.app, self.timeout = app, timeout
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + self.timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()

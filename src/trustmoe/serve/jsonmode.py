@@ -123,11 +123,13 @@ def _dump(v: Any) -> bytes:
 
 
 # ---------------------------------------------------------------- the automaton
-# frames: ("val", node) | ("str", esc, utf8_left) | ("num", phase, integer_only)
+# frames: ("val", node) | ("str", esc, utf8_left) | ("num", phase, integer_only, digits)
 #         ("lit", options, pos) | ("obj", node, phase, i) | ("arr", node, phase, count)
 Stack = tuple[tuple[Any, ...], ...]
 DIGITS = frozenset(b"0123456789")
 NUM_END = {"int0", "int", "frac", "exp"}  # phases after which a number may end
+MAX_DIGITS = {"sign": 0, "int0": 1, "int": 15, "dot": 0, "frac": 15, "e": 0, "esign": 0, "exp": 3}
+SAME_RUN = {("dot", "frac"), ("esign", "exp"), ("e", "exp")}  # digit runs that continue
 
 
 def _start(node: Node, b: int, rest: Stack) -> list[Stack]:
@@ -149,7 +151,7 @@ def _start(node: Node, b: int, rest: Stack) -> list[Stack]:
     if k in ("any", "number", "integer"):
         phase = _num_next("sign", b, False) if b != ord("-") else "sign"
         if phase:
-            out.append((*rest, ("num", phase, k == "integer")))
+            out.append((*rest, ("num", phase, k == "integer", int(phase != "sign"))))
     if k == "any":
         for lit in (b"true", b"false", b"null"):
             if lit[0] == b:
@@ -198,10 +200,13 @@ def step(stack: Stack, b: int) -> list[Stack]:
         n = 1 if 0xC2 <= b <= 0xDF else 2 if 0xE0 <= b <= 0xEF else 3 if 0xF0 <= b <= 0xF4 else 0
         return [(*rest, ("str", 0, n))] if n else []
     if kind == "num":
-        _, phase, integer = top
+        _, phase, integer, digits = top
         nxt = _num_next(phase, b, integer)
         if nxt:
-            return [(*rest, ("num", nxt, integer))]
+            n = digits + 1 if nxt == phase or (phase, nxt) in SAME_RUN else int(b in DIGITS)
+            if n > MAX_DIGITS[nxt]:  # keep numbers finite: a weak model loves digits
+                return step(rest, b) if phase in NUM_END else []
+            return [(*rest, ("num", nxt, integer, n))]
         return step(rest, b) if phase in NUM_END else []
     if kind == "lit":
         _, opts, pos = top
