@@ -3,7 +3,7 @@
 A *request* is a token sequence and the first position to score: the result holds, for every
 scored token `ids[t]`, `log p(ids[t] | ids[:t])` plus the few per-position summaries of the
 full next-token distribution that calibration, OOD detection and membership inference need
-(entropy, max-probability, max-logit, log-partition, sum of p², second moment of log p), so
+(entropy, max-probability, max-logit, log-partition, sum of p², variance of log p), so
 no caller ever needs the (T, V) logits. Requests are sorted by length and right-padded; with
 causal attention padding never changes a real position, so the batch size changes nothing
 beyond float noise.
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from trustmoe.model.transformer import Transformer
 
 BOS_ID = 0  # <|endoftext|> separates documents, so it is also the start-of-document token
-STAT_NAMES = ("entropy", "logp2", "max_prob", "max_logit", "lse", "sum_p2")
+STAT_NAMES = ("entropy", "logp_var", "max_prob", "max_logit", "lse", "sum_p2")
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Scored:
     logprobs: np.ndarray  # (n,) float64 log p(target | prefix)
     greedy: np.ndarray  # (n,) bool, target is the argmax
     entropy: np.ndarray  # (n,) H(p) in nats
-    logp2: np.ndarray  # (n,) E_p[(log p)^2] (Min-K%++ variance)
+    logp_var: np.ndarray  # (n,) Var_p[log p] under the next-token distribution (Min-K%++)
     max_prob: np.ndarray  # (n,) max_v p_v
     max_logit: np.ndarray  # (n,) max_v logit_v
     lse: np.ndarray  # (n,) logsumexp(logits) (negative energy)
@@ -128,11 +128,12 @@ def _stats(logits: Tensor, targets: Tensor, temperature: float) -> dict[str, Ten
     p = logp.exp()
     plogp = p * logp
     mx, arg = z.max(dim=-1)
+    neg_ent = plogp.sum(-1)  # (n,) E_p[log p]
     return {
         "logprobs": logp.gather(1, targets[:, None]).squeeze(1),
         "greedy": arg == targets,
-        "entropy": -plogp.sum(-1),
-        "logp2": (plogp * logp).sum(-1),
+        "entropy": -neg_ent,
+        "logp_var": (p * (logp - neg_ent[:, None]).square()).sum(-1),
         "max_prob": (mx - lse).exp(),
         "max_logit": mx,
         "lse": lse,
@@ -220,7 +221,7 @@ def _score_batch(
         sl = slice(off, off + n)
         results[i] = Scored(
             targets=tg[sl], logprobs=host["logprobs"][sl], greedy=host["greedy"][sl],
-            entropy=host["entropy"][sl], logp2=host["logp2"][sl], max_prob=host["max_prob"][sl],
+            entropy=host["entropy"][sl], logp_var=host["logp_var"][sl], max_prob=host["max_prob"][sl],
             max_logit=host["max_logit"][sl], lse=host["lse"][sl], sum_p2=host["sum_p2"][sl],
             hidden=hid[sl].mean(0).numpy() if hid is not None and n else None,
             logits=logits[sl].float().cpu() if return_logits else None,
