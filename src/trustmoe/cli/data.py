@@ -1,9 +1,115 @@
-"""`trustmoe data ...` commands."""
+"""`trustmoe data build` and `trustmoe data verify`."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
+
+data_app = typer.Typer(
+    help="Build an audited, documented dataset from raw sources, and verify it later.",
+    no_args_is_help=True,
+)
+
+
+def _split_csv(values: list[str]) -> tuple[str, ...]:
+    return tuple(v.strip() for item in values for v in item.split(",") if v.strip())
+
+
+@data_app.command("build")
+def build(
+    sources: list[str] = typer.Argument(
+        None, help="Folders, text/JSONL/Parquet files, or `stdlib` (the default: this "
+        "interpreter's standard-library .py source, licence PSF-2.0)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Dataset directory to write."),
+    license: str = typer.Option(None, "--license", help="Declared SPDX licence of the sources "
+                                "(files with an SPDX header keep their own)."),
+    allow_license: list[str] = typer.Option([], "--allow-license", help="SPDX ids that may "
+                                            "enter (comma-separated or repeated); default: all."),
+    eval_set: list[Path] = typer.Option([], "--eval-set", help="Eval set to check for "
+                                        "contamination: JSONL with a text field, or one item "
+                                        "per line. Repeatable."),
+    decontaminate: bool = typer.Option(False, "--decontaminate",
+                                       help="Drop documents that contain eval-set n-grams."),
+    pii: str = typer.Option("redact", "--pii", help="PII/secrets: redact (typed placeholders "
+                            "like <EMAIL>), drop the document, or keep."),
+    dedup: str = typer.Option("near", "--dedup", help="exact (normalised hash), near "
+                              "(+ MinHash LSH), or off."),
+    vocab_size: int = typer.Option(4096, "--vocab-size", help="BPE vocabulary size."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the train/validation split."),
+    val_fraction: float = typer.Option(0.05, "--val-fraction",
+                                       help="Share of documents for validation."),
+    include: list[str] = typer.Option([], "--include", help="Glob of files to take from "
+                                      "folders (repeatable; default all)."),
+    exclude: list[str] = typer.Option([], "--exclude", help="Glob of files/folders to skip."),
+    include_tests: bool = typer.Option(False, "--include-tests", help="stdlib: also take the "
+                                       "test suites (test/, tests/, idle_test/)."),
+    text_field: str = typer.Option("text", "--text-field",
+                                   help="Field holding the text in JSONL/Parquet sources."),
+    tokenizer: Path = typer.Option(None, "--tokenizer",
+                                   help="Use this tokenizer.json instead of training one."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Build DATA_DIR: manifest, audit, datasheet, tokenizer and train/val token shards.
+
+    Every input file is hashed and given a fate; rules drop or change documents
+    (quality, licence, exact/near dedup, PII, contamination) and a poisoning screen reports
+    suspicious patterns. The same sources and options give byte-identical outputs, and an
+    interrupted build resumes from its finished stages.
+    """
+    from trustmoe.data.build import BuildOptions, build_dataset
+
+    opts = BuildOptions(
+        license=license, allow_licenses=_split_csv(allow_license),
+        eval_sets=tuple(str(p) for p in eval_set), decontaminate=decontaminate, pii=pii,
+        dedup=dedup, vocab_size=vocab_size, seed=seed, val_fraction=val_fraction,
+        include_tests=include_tests, include=tuple(include), exclude=tuple(exclude),
+        text_field=text_field, tokenizer=str(tokenizer) if tokenizer else None,
+    )
+    result = build_dataset(sources or [], out, opts, progress=not (quiet or as_json))
+    summary = result.summary()
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, sort_keys=True))
+        return
+    _print_summary(out, summary)
+
+
+def _print_summary(out: Path, s: dict[str, object]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"dataset {out}", show_header=False)
+    for k in ("documents", "kept", "dropped", "dropped_by_rule", "tokens", "vocab_size",
+              "audit", "manifest_sha256"):
+        t.add_row(k, json.dumps(s.get(k)))
+    Console().print(t)
+
+
+@data_app.command("verify")
+def verify(
+    data_dir: Path = typer.Argument(..., help="Dataset directory written by `data build`."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Re-hash the sources and outputs of DATA_DIR; list every file that changed, appeared or
+    vanished since the build (exit 1 on any mismatch)."""
+    from trustmoe.data.manifest import verify as run_verify
+
+    report = run_verify(data_dir)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        for kind in ("changed", "appeared", "vanished"):
+            for name in report[kind]:
+                typer.echo(f"{kind:9} {name}")
+        status = "OK" if report["ok"] else "MISMATCH"
+        typer.echo(f"{status}: {report['files_checked']} source files checked, "
+                   f"manifest {report['manifest_sha256']}")
+    if not report["ok"]:
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to the main app."""
+    app.add_typer(data_app, name="data")

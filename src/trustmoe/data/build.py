@@ -1,0 +1,274 @@
+"""`build_dataset`: sources → audited documents → tokenizer → token shards → dataset directory.
+
+Stages run in a hidden staging directory beside the output (`.<name>.build/`); each stage
+writes its results, then a `<stage>.done` file holding the hash of everything it depends on.
+A rerun with the same sources and options skips every finished stage (an interrupted build
+resumes); a change anywhere invalidates the stages after it. The dataset directory itself is
+swapped in at the end in one rename, so a half-built dataset never looks complete. Nothing in
+the outputs depends on time, so the same sources and options give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trustmoe.data import licenses, rules, sources
+from trustmoe.data.quality import QualityOptions
+from trustmoe.io import TrustmoeError, atomic_dir, atomic_write_json, read_json, sha256_file
+
+FORMAT = "trustmoe-dataset/1"
+PII_MODES = ("redact", "drop", "keep")
+DEDUP_MODES = ("exact", "near", "off")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    license: str | None = None  # declared SPDX licence for every source without its own
+    allow_licenses: tuple[str, ...] = ()  # empty: every licence may enter (undetermined flagged)
+    eval_sets: tuple[str, ...] = ()
+    decontaminate: bool = False
+    pii: str = "redact"
+    dedup: str = "near"
+    vocab_size: int = 4096
+    seed: int = 0
+    val_fraction: float = 0.05
+    include_tests: bool = False  # stdlib: also take test/, tests/, idle_test/
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    text_field: str = "text"
+    tokenizer: str | None = None  # an existing tokenizer.json to use instead of training one
+    tokenizer_train_bytes: int = 16_000_000  # train the tokenizer on at most this much text
+    quality: QualityOptions = field(default_factory=QualityOptions)
+
+    def validate(self) -> BuildOptions:
+        if self.pii not in PII_MODES:
+            raise TrustmoeError(f"--pii must be one of {', '.join(PII_MODES)}, not {self.pii!r}")
+        if self.dedup not in DEDUP_MODES:
+            raise TrustmoeError(f"--dedup must be one of {', '.join(DEDUP_MODES)}")
+        if not 0.0 <= self.val_fraction < 0.5:
+            raise TrustmoeError(f"val fraction must be in [0, 0.5), not {self.val_fraction}")
+        if not 259 <= self.vocab_size <= 1 << 20:
+            raise TrustmoeError(f"--vocab-size must be in [259, {1 << 20}], not {self.vocab_size}")
+        q = self.quality
+        if q.min_chars < 0 or q.max_chars < q.min_chars or not 0 < q.max_repetition <= 1:
+            raise TrustmoeError("quality bounds are inconsistent (min/max chars, repetition)")
+        return self
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    manifest_sha256: str
+    stats: dict[str, Any]
+
+    def summary(self) -> dict[str, Any]:
+        """A short printable dict: documents kept/dropped, tokens per split, audit counts."""
+        return dict(self.stats)
+
+
+def build_dataset(
+    sources_: list[str],
+    out_dir: Path,
+    options: BuildOptions | None = None,
+    progress: bool = True,
+) -> BuildResult:
+    """Build a dataset directory from `sources_` (paths or `stdlib`; empty means `stdlib`)."""
+    opts = (options or BuildOptions()).validate()
+    out_dir = Path(out_dir)
+    specs = sources.resolve_sources(
+        list(sources_), opts.include_tests, opts.include, opts.exclude, opts.text_field
+    )
+    declared = licenses.canonical(opts.license) if opts.license else None
+    allow = frozenset(licenses.canonical(a) for a in opts.allow_licenses)
+    stage_dir = out_dir.parent / f".{out_dir.name}.build"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    with _progress(progress) as step:
+        step("listing and hashing sources")
+        files = {s.name: sources.list_files(s) for s in specs}
+        if not any(files.values()):
+            raise TrustmoeError(f"no input files in {', '.join(str(s.root) for s in specs)}")
+        key = _key({"format": FORMAT, "options": _opts_key(opts), "sources": [
+            [asdict(f) | {"abspath": None} for f in files[s.name]] for s in specs]})
+        audit = _stage(stage_dir, "rules", key, lambda d: _rules_stage(
+            d, specs, files, declared, allow, opts, step))
+        kept = [(doc, text) for doc, text in audit.pop("_kept")]
+        if not kept:
+            raise TrustmoeError("no documents left after the rules; see the build audit")
+        tkey = _key([key, opts.vocab_size, opts.tokenizer and sha256_file(opts.tokenizer),
+                     opts.tokenizer_train_bytes, opts.seed])
+        step("training the tokenizer")
+        _stage(stage_dir, "tokenizer", tkey, lambda d: _tokenizer_stage(d, kept, opts))
+        skey = _key([tkey, opts.seed, opts.val_fraction])
+        step("tokenizing and splitting")
+        shard_info = _stage(stage_dir, "shards", skey, lambda d: _shard_stage(d, kept, opts))
+        step("writing the dataset directory")
+        result = _finalize(out_dir, stage_dir, specs, files, audit, shard_info, opts, declared)
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    return result
+
+
+def _key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _opts_key(opts: BuildOptions) -> dict[str, Any]:
+    d = asdict(opts)
+    d["eval_sets"] = [[p, sha256_file(p) if Path(p).is_file() else None] for p in opts.eval_sets]
+    return d
+
+
+def _stage(stage_dir: Path, name: str, key: str, run: Callable[[Path], Any]) -> Any:
+    """Run a stage unless its `.done` file records the same key; return its JSON result."""
+    done = stage_dir / f"{name}.done"
+    result = stage_dir / f"{name}.stage.json"
+    if done.exists() and result.exists():
+        try:
+            if read_json(done, "stage marker").get("key") == key:
+                return read_json(result, "stage result")
+        except TrustmoeError:
+            pass  # a damaged marker: redo the stage
+    done.unlink(missing_ok=True)
+    out = run(stage_dir)
+    atomic_write_json(result, out)
+    atomic_write_json(done, {"key": key})
+    return out
+
+
+def _rules_stage(stage_dir: Path, specs: list[sources.SourceSpec],
+                 files: dict[str, list[sources.InputFile]], declared: str | None,
+                 allow: frozenset[str], opts: BuildOptions, step: Callable[[str], None]
+                 ) -> dict[str, Any]:
+    step("reading documents")
+    raws = []
+    for spec in specs:
+        lic_files = licenses.LicenseFiles(spec.root)
+        src_decl = declared or (sources.STDLIB_LICENSE if spec.kind == "stdlib" else None)
+        for f in files[spec.name]:
+            for raw in sources.read_documents(spec, f):
+                data = raw.data if isinstance(raw.data, bytes) else b""
+                lic = (licenses.from_header(data) or src_decl or lic_files.for_path(f.path)
+                       or licenses.UNDETERMINED)
+                raws.append((raw, lic))
+    step("licence and quality rules")
+    docs, errors = rules.decode_docs(raws, opts.quality, allow)
+    del raws
+    audit: dict[str, Any] = {}
+    steps = rules.pipeline(opts)
+    rules.run_steps(docs, steps, audit, on_step=step)
+    rules.summarize(docs, audit, errors)
+    audit["_docs"] = [[d.id, d.license, d.fate, d.rule, d.changes] for d in docs]
+    audit["_kept"] = [[d.id, d.text] for d in docs if d.kept]
+    return audit
+
+
+def _tokenizer_stage(stage_dir: Path, kept: list[tuple[str, str]], opts: BuildOptions
+                     ) -> dict[str, Any]:
+    from trustmoe.data.tokenizer import load_tokenizer, train_tokenizer
+
+    if opts.tokenizer:
+        tok = load_tokenizer(opts.tokenizer)
+        trained_on = 0
+    else:
+        sample = _tokenizer_sample([t for _, t in kept], opts.tokenizer_train_bytes, opts.seed)
+        tok = train_tokenizer(sample, opts.vocab_size)
+        trained_on = sum(len(t) for t in sample)
+    (stage_dir / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
+    return {"vocab_size": tok.get_vocab_size(), "trained_on_chars": trained_on}
+
+
+def _tokenizer_sample(texts: list[str], budget: int, seed: int) -> list[str]:
+    """All texts if they fit the budget, else a seeded random subset that does."""
+    if sum(len(t) for t in texts) <= budget:
+        return texts
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    out, total = [], 0
+    for i in order:
+        if total + len(texts[i]) > budget:
+            continue
+        out.append(i)
+        total += len(texts[i])
+    return [texts[i] for i in sorted(out)]
+
+
+def split_docs(ids: list[str], seed: int, val_fraction: float) -> set[str]:
+    """Ids of the validation documents: a seeded shuffle of the sorted ids, first share."""
+    if val_fraction <= 0 or len(ids) < 2:
+        return set()
+    order = sorted(ids)
+    random.Random(seed).shuffle(order)
+    n_val = min(len(order) - 1, max(1, math.ceil(val_fraction * len(order))))
+    return set(order[:n_val])
+
+
+def _shard_stage(stage_dir: Path, kept: list[tuple[str, str]], opts: BuildOptions
+                 ) -> dict[str, Any]:
+    from trustmoe.data.shards import write_shard
+    from trustmoe.data.tokenizer import eos_id, load_tokenizer
+
+    tok = load_tokenizer(stage_dir / "tokenizer.json")
+    eos = eos_id(tok)
+    val_ids = split_docs([i for i, _ in kept], opts.seed, opts.val_fraction)
+    encs = tok.encode_batch_fast([t for _, t in kept])
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    split_of: dict[str, str] = {}
+    for (doc_id, _), enc in zip(kept, encs, strict=True):
+        split = "val" if doc_id in val_ids else "train"
+        split_of[doc_id] = split
+        parts[split].append(np.asarray([*enc.ids, eos], dtype=np.int64))  # (n_i + 1,)
+    info: dict[str, Any] = {"splits": split_of, "tokens": {}}
+    vocab = tok.get_vocab_size()
+    for split, arrs in parts.items():
+        ids = np.concatenate(arrs) if arrs else np.empty(0, dtype=np.int64)
+        meta = write_shard(stage_dir / f"{split}.bin", ids, vocab)
+        info["tokens"][split] = meta["tokens"]
+        info["tokens"]["dtype"] = meta["dtype"]
+    info["tokens"]["vocab_size"] = vocab
+    info["tokens"]["eos_id"] = eos
+    info["tokens"]["documents"] = {s: len(a) for s, a in parts.items()}
+    return info
+
+
+def _finalize(out_dir: Path, stage_dir: Path, specs: list[sources.SourceSpec],
+              files: dict[str, list[sources.InputFile]], audit: dict[str, Any],
+              shard_info: dict[str, Any], opts: BuildOptions, declared: str | None
+              ) -> BuildResult:
+    from trustmoe.data import manifest as mf
+    from trustmoe.data.tokenizer import load_tokenizer, save_tokenizer
+
+    with atomic_dir(out_dir) as tmp:
+        save_tokenizer(load_tokenizer(stage_dir / "tokenizer.json"), tmp)
+        for split in ("train", "val"):
+            shutil.copyfile(stage_dir / f"{split}.bin", tmp / f"{split}.bin")
+        _, stats = mf.write_outputs(tmp, specs, files, audit, shard_info, opts, declared)
+    sha = sha256_file(out_dir / "manifest.json")
+    stats["manifest_sha256"] = sha
+    return BuildResult(out_dir=out_dir, manifest_sha256=sha, stats=stats)
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[str], None]]:
+    """Yield `step(description)`: a rich status line per stage when enabled."""
+    if not enabled:
+        yield lambda _msg: None
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    with console.status("building dataset") as status:
+        def step(msg: str) -> None:
+            status.update(f"[bold]data build[/]: {msg}")
+            console.log(msg, highlight=False)
+
+        yield step
