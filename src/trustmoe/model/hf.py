@@ -284,8 +284,8 @@ def load(
     model.load_state_dict(sd, strict=False, assign=False)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    with torch.no_grad():
-        model.rotary.inv_freq.copy_(_inv_freq(cfg))
+    inv_freq = _inv_freq(cfg).to(model.embed_tokens.weight.device)
+    model.rotary.register_buffer("inv_freq", inv_freq, persistent=False)
     model.rotary._build(cfg.max_position_embeddings)
     if dtype is not None:
         model = model.to(dtype)

@@ -12,7 +12,8 @@ from trustmoe.config import TrainConfig
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
     """Matrices (incl. stacked experts and embeddings) decay; norms and 1-D params do not."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     seen: set[int] = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
