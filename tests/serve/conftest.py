@@ -72,3 +72,9 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(15)
         self.sock.close()
+
+
+@pytest.fixture(scope="session")
+def live_server() -> type[LiveServer]:
+    """`with live_server(app) as srv:` runs `app` on a free 127.0.0.1 port (srv.url)."""
+    return LiveServer
