@@ -1,0 +1,197 @@
+"""A gradient-guided token-substitution attack on multiple-choice inputs (HotFlip / GCG style).
+
+For one instance, the context tokens are the attack surface. Each step takes the gradient of
+the attack loss with respect to the one-hot context tokens, keeps for every position the
+`top_k` substitutions with the most negative gradient (the first-order estimate of the loss
+change), evaluates `n_candidates` of those single swaps exactly, and keeps the best. It stops
+on success or after `max_subs` steps (so at most `max_subs` tokens change).
+
+Loss (minimised), on the summed choice log-likelihoods ll_j:
+- untargeted: ll_gold - max_{j != gold} ll_j  (success when another choice wins, i.e. < 0)
+- targeted:   max_{j != t} ll_j - ll_t        (success when the target choice t wins)
+Reported with TextAttack's fields: successful / failed / skipped attacks, original accuracy,
+accuracy under attack, attack success rate, average perturbed token %, average tokens per
+input and average number of queries (one query = one candidate input scored).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from trustmoe.eval.loglik import BOS_ID
+from trustmoe.eval.tasks import Instance, Task, encode_pair
+from trustmoe.io import TrustmoeError
+
+if TYPE_CHECKING:
+    from trustmoe.model.transformer import Transformer
+
+
+@dataclass
+class Outcome:
+    status: str  # "successful" | "failed" | "skipped"
+    substituted: int
+    tokens: int  # context tokens (the attack surface)
+    queries: int
+    adversarial: list[int]
+    correct_before: bool = False
+    correct_after: bool = False
+
+
+class _Scorer:
+    """Scores all choices of one instance for a batch of candidate contexts in one forward."""
+
+    def __init__(self, model: Transformer, conts: list[list[int]]) -> None:
+        self.model, self.conts = model, conts
+
+    def batch(self, ctxs: Tensor) -> tuple[Tensor, Tensor]:
+        # ctxs: (C, Tc) -> ids (C*n, T) and the per-row continuation mask (C*n, T-1)
+        C, Tc = ctxs.shape
+        n, Lmax = len(self.conts), max(len(c) for c in self.conts)
+        T = 1 + Tc + Lmax
+        ids = torch.full((C, n, T), BOS_ID, dtype=torch.long)
+        mask = torch.zeros(C, n, T - 1, dtype=torch.bool)
+        ids[:, :, 1:1 + Tc] = ctxs[:, None, :]
+        for j, cont in enumerate(self.conts):
+            ids[:, j, 1 + Tc:1 + Tc + len(cont)] = torch.tensor(cont)
+            mask[:, j, Tc:Tc + len(cont)] = True  # logits at p predict ids[p + 1]
+        return ids.view(C * n, T), mask.view(C * n, T - 1)
+
+    def lls(self, logits: Tensor, ids: Tensor, mask: Tensor, C: int) -> Tensor:
+        # logits: (C*n, T, V) -> summed continuation log-likelihoods (C, n)
+        logp = logits[:, :-1].float().log_softmax(-1).gather(2, ids[:, 1:, None]).squeeze(2)
+        return (logp * mask).sum(-1).view(C, len(self.conts))
+
+
+def _loss(lls: Tensor, gold: int, target: int | None) -> Tensor:
+    # lls: (C, n) -> (C,)
+    if target is None:
+        others = torch.cat([lls[:, :gold], lls[:, gold + 1:]], 1)
+        return lls[:, gold] - others.max(1).values
+    others = torch.cat([lls[:, :target], lls[:, target + 1:]], 1)
+    return others.max(1).values - lls[:, target]
+
+
+def attack_instance(
+    model: Transformer, encode: Callable[[str], list[int]], inst: Instance, *,
+    target: int | None = None, max_subs: int = 3, top_k: int = 16, n_candidates: int = 32,
+    seed: int = 0,
+) -> Outcome:
+    ctx, _ = encode_pair(encode, inst.context, inst.delimiter + inst.choices[0])
+    conts = [encode_pair(encode, inst.context, inst.delimiter + c)[1] for c in inst.choices]
+    if not ctx:
+        return Outcome("skipped", 0, 0, 0, [])
+    scorer = _Scorer(model, conts)
+    emb = model.embed_tokens
+    V = emb.weight.shape[0]
+    cur = torch.tensor(ctx)  # (Tc,)
+    rng = random.Random(seed)
+    with torch.no_grad():
+        ids, mask = scorer.batch(cur[None])
+        lls0 = scorer.lls(model(ids), ids, mask, 1)  # (1, n)
+    loss0 = float(_loss(lls0, inst.gold, target)[0])
+    before = int(lls0[0].argmax()) == inst.gold
+    queries = 1
+    if loss0 < 0:  # already wrong (untargeted) or already the target: nothing to attack
+        return Outcome("skipped", 0, len(ctx), queries, ctx, before, before)
+    Tc = len(ctx)
+    for _ in range(max_subs):
+        grad = _one_hot_grad(model, scorer, cur, inst.gold, target)  # (Tc, V)
+        grad[:, BOS_ID] = float("inf")  # never insert document separators
+        grad[torch.arange(Tc), cur] = float("inf")
+        top = (-grad).topk(min(top_k, V - 2), dim=1).indices  # (Tc, k) most promising swaps
+        pairs = [(p, int(top[p, j])) for p in range(Tc) for j in range(top.shape[1])]
+        cands = rng.sample(pairs, min(n_candidates, len(pairs)))
+        batch = cur.repeat(len(cands), 1)  # (C, Tc)
+        for row, (p, tok) in enumerate(cands):
+            batch[row, p] = tok
+        with torch.no_grad():
+            ids, mask = scorer.batch(batch)
+            losses = _loss(scorer.lls(model(ids), ids, mask, len(cands)), inst.gold, target)
+        queries += len(cands)
+        best = int(losses.argmin())
+        cur = batch[best]
+        if float(losses[best]) < 0:
+            break
+    with torch.no_grad():
+        ids, mask = scorer.batch(cur[None])
+        lls = scorer.lls(model(ids), ids, mask, 1)  # (1, n)
+    status = "successful" if float(_loss(lls, inst.gold, target)[0]) < 0 else "failed"
+    subs = int((cur != torch.tensor(ctx)).sum())
+    return Outcome(status, subs, Tc, queries, cur.tolist(), before,
+                   int(lls[0].argmax()) == inst.gold)
+
+
+def _one_hot_grad(model: Transformer, scorer: _Scorer, cur: Tensor, gold: int,
+                  target: int | None) -> Tensor:
+    """d loss / d one-hot(context) through an embedding hook: (Tc, V)."""
+    emb = model.embed_tokens
+    W = emb.weight  # (V, d)
+    Tc = cur.shape[0]
+    one_hot = torch.zeros(Tc, W.shape[0], dtype=W.dtype, device=W.device)
+    one_hot[torch.arange(Tc), cur] = 1.0
+    one_hot.requires_grad_(True)
+    ids, mask = scorer.batch(cur[None])
+
+    def hook(module: torch.nn.Module, args: Any, out: Tensor) -> Tensor:
+        out = out.clone()  # (n, T, d)
+        out[:, 1:1 + Tc] = (one_hot @ W)[None]
+        return out
+
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    handle = emb.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            loss = _loss(scorer.lls(model(ids), ids, mask, 1), gold, target)[0]
+            (grad,) = torch.autograd.grad(loss, one_hot)
+    finally:
+        handle.remove()
+        for p, f in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+    return grad.detach().clone()
+
+
+def run_attack(
+    model: Transformer, encode: Callable[[str], list[int]], task: Task, *, n: int,
+    targeted: bool = False, max_subs: int = 3, top_k: int = 16, n_candidates: int = 32,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Attack the first n instances; TextAttack's summary fields."""
+    if max_subs < 1 or top_k < 1 or n_candidates < 1:
+        raise TrustmoeError("attack needs max_subs, top_k and n_candidates >= 1")
+    model.eval()
+    outs = []
+    for i, inst in enumerate(task.instances[:n]):
+        tgt = None
+        if targeted:
+            tgt = next(j for j in range(len(inst.choices)) if j != inst.gold)
+        outs.append(attack_instance(model, encode, inst, target=tgt, max_subs=max_subs,
+                                    top_k=top_k, n_candidates=n_candidates, seed=seed + i))
+    succ = [o for o in outs if o.status == "successful"]
+    fail = [o for o in outs if o.status == "failed"]
+    attacked = succ + fail
+    total = max(len(outs), 1)
+    return {
+        "task": task.name, "mode": "targeted" if targeted else "untargeted",
+        "max_substitutions": max_subs,
+        "successful_attacks": len(succ), "failed_attacks": len(fail),
+        "skipped_attacks": len(outs) - len(attacked),
+        "original_accuracy": sum(o.correct_before for o in outs) / total,
+        "accuracy_under_attack": sum(o.correct_after for o in outs) / total,
+        "attack_success_rate": len(succ) / len(attacked) if attacked else float("nan"),
+        "avg_perturbed_token_pct": float(np.mean([100 * o.substituted / o.tokens for o in succ]))
+        if succ else float("nan"),
+        "avg_substituted_tokens": float(np.mean([o.substituted for o in succ]))
+        if succ else float("nan"),
+        "avg_tokens_per_input": float(np.mean([o.tokens for o in outs])) if outs else 0.0,
+        "avg_num_queries": float(np.mean([o.queries for o in attacked])) if attacked
+        else float("nan"),
+    }
