@@ -1,0 +1,176 @@
+"""Bad input gets an OpenAI-style error with the right status, and the server keeps serving;
+backpressure answers 429 with Retry-After; a client that goes away frees its slot."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from trustmoe.serve.app import create_app
+
+JSON = {"content-type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_model_dir: Path, live_server: Any) -> Iterator[Any]:
+    from trustmoe.engine import Engine
+
+    engine = Engine(tiny_model_dir, kv_cache_mb=16, max_num_seqs=4, max_queue=8)
+    app = create_app(engine, max_concurrency=6)
+    with live_server(app) as s:
+        s.engine, s.state = engine, app.state.trustmoe
+        yield s
+
+
+def _post(srv: Any, path: str, body: bytes | dict[str, Any]) -> httpx.Response:
+    if isinstance(body, dict):
+        return httpx.post(srv.url + path, json=body, timeout=30)
+    return httpx.post(srv.url + path, content=body, headers=JSON, timeout=30)
+
+
+def _ok(srv: Any) -> None:
+    r = _post(srv, "/v1/completions", {"prompt": "def", "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+CASES = [
+    ("/v1/completions", b"{not json", 400, "not valid JSON"),
+    ("/v1/completions", b'{"prompt": "\xff\xfe caf\xe9"}', 400, "UTF-8"),
+    ("/v1/completions", b"[1, 2]", 422, "JSON object"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, 422, "max_tokens"),
+    ("/v1/completions", {"prompt": 12}, 422, "prompt"),
+    ("/v1/completions", {}, 422, "prompt"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -5}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 10**9}, 413, "context"),
+    ("/v1/completions", {"prompt": "x " * 400, "max_tokens": 4}, 413, "context"),
+    ("/v1/completions", {"prompt": "x", "n": 1000}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 99}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "gpt-4"),
+    ("/v1/completions", {"prompt": [[1, 2], [10**7]]}, 400, "vocabulary"),
+    ("/v1/completions", {"prompt": ""}, 400, "empty"),
+    ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"999999": 5}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": "hi"}, 422, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 422, "role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_schema", "json_schema": {
+                                  "name": "x", "schema": {"type": "object", "patternProperties":
+                                                          {"a": {}}}}}}, 400, "patternProperties"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "yaml"}}, 422, "response_format"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "needle"), CASES)
+def test_bad_request(srv: Any, path: str, body: Any, status: int, needle: str) -> None:
+    r = _post(srv, path, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert needle.lower() in err["message"].lower() or needle == err.get("param")
+    assert set(err) >= {"message", "type", "code"} and "Traceback" not in r.text
+    _ok(srv)  # and the server keeps serving
+
+
+def test_unknown_route_and_method(srv: Any) -> None:
+    r = httpx.get(srv.url + "/v1/nope")
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(srv.url + "/v1/completions")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_body_too_large_is_413(srv: Any) -> None:
+    r = httpx.post(srv.url + "/v1/completions", content=b"x" * (5 << 20), headers=JSON)
+    assert r.status_code == 413
+    _ok(srv)
+
+
+def _wait(pred: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return pred()
+
+
+def _long_stream(srv: Any, stop: threading.Event, started: list[int]) -> None:
+    body = {"prompt": "def", "max_tokens": 200, "ignore_eos": True, "stream": True,
+            "temperature": 0}
+    with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=30) as r:
+        started.append(r.status_code)
+        for _ in r.iter_lines():
+            if stop.is_set():
+                break  # leaving the block closes the connection mid-stream
+
+
+def test_over_concurrency_gets_429_then_recovers(srv: Any) -> None:
+    stop, started = threading.Event(), []
+    threads = [threading.Thread(target=_long_stream, args=(srv, stop, started)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        assert _wait(lambda: srv.state.active == 6), srv.state.active
+        r = _post(srv, "/v1/completions", {"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 429, r.text
+        assert r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert started == [200] * 6
+    # disconnects freed every slot, batch entry and KV block
+    assert _wait(lambda: srv.state.active == 0 and srv.state.bridge.in_flight == 0)
+    assert _wait(lambda: srv.engine.stats().running == 0 and srv.engine.stats().waiting == 0)
+    _ok(srv)
+
+
+def test_full_engine_queue_gets_429(tiny_model_dir: Path, live_server: Any) -> None:
+    from trustmoe.engine import Engine
+
+    engine = Engine(tiny_model_dir, kv_cache_mb=8, max_num_seqs=1, max_queue=1)
+    with live_server(create_app(engine, max_concurrency=64)) as s:
+        stop, started = threading.Event(), []
+        threads = [threading.Thread(target=_long_stream, args=(s, stop, started))
+                   for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            assert _wait(lambda: s.app.state.trustmoe.bridge.in_flight == 2)
+            r = _post(s, "/v1/completions", {"prompt": "x", "max_tokens": 2})
+            assert r.status_code == 429 and "queue" in r.json()["error"]["message"]
+            assert r.headers["retry-after"] == "1"
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+
+
+def test_disconnect_frees_slot_and_kv_blocks(srv: Any) -> None:
+    base = srv.engine.stats()
+    body = {"prompt": "def", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert srv.engine.stats().kv_blocks_used > base.kv_blocks_used
+    t0 = time.monotonic()
+    assert _wait(lambda: srv.state.bridge.in_flight == 0 and srv.engine.stats().running == 0,
+                 timeout=2.0)
+    assert time.monotonic() - t0 < 2.0
+    assert srv.engine.stats().kv_blocks_used <= base.kv_blocks_used + 1  # prefix cache may keep 1
+    # a non-streamed request whose client gives up is aborted too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(srv.url + "/v1/completions", timeout=0.3,
+                   json={"prompt": "def", "max_tokens": 240, "ignore_eos": True})
+    assert _wait(lambda: srv.state.bridge.in_flight == 0 and srv.state.active == 0, timeout=3.0)
