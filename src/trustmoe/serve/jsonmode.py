@@ -193,7 +193,7 @@ def step(stack: Stack, b: int) -> list[Stack]:
             return [rest]
         if b == ord("\\"):
             return [(*rest, ("str", 1, 0))]
-        if b < 0x20 or b == 0x7F:
+        if b < 0x20:
             return []
         if b < 0x80:
             return [stack]
