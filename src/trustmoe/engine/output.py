@@ -1,0 +1,108 @@
+"""Turning sampled tokens into text deltas, stop decisions and `RequestOutput`s.
+
+Detokenization is incremental (decode a short window of ids, as vLLM does) so a step costs
+the same at token 10 and token 1000, and text is held back while it ends in an incomplete
+UTF-8 sequence or could still be the start of a stop string.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from trustmoe.engine.sampling import prompt_logprob_values
+
+if TYPE_CHECKING:
+    from trustmoe.engine.engine import Engine, RequestOutput
+    from trustmoe.engine.scheduler import Sequence
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+class OutputBuilder:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def add_prompt_logprobs(self, s: Sequence, start: int, logits: torch.Tensor) -> None:
+        # logits: (T, V) at prompt positions start..start+T-1
+        T = logits.shape[0]
+        if s.prompt_logprobs is None:
+            s.prompt_logprobs = [None]
+        window = s.prompt_ids[start: start + T + 1]
+        vals = prompt_logprob_values(logits[: len(window)], window)
+        s.prompt_logprobs.extend(vals[1:])
+
+    def update_text(self, s: Sequence, token: int) -> None:
+        """Append `token`'s text, then decide whether the sequence is finished."""
+        p = s.params
+        eng = self.engine
+        special = (token == eng.eos_token_id and not p.ignore_eos) or (
+            p.stop_token_ids is not None and token in p.stop_token_ids)
+        if special:
+            s.finished, s.finish_reason = True, "stop"
+            self._flush(s, exclude_last=True)
+            return
+        ids = s.output_ids
+        prefix = eng.decode(ids[s.prefix_offset: s.read_offset])
+        full = eng.decode(ids[s.prefix_offset:])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            old = len(s.text)
+            s.text += full[len(prefix):]
+            s.prefix_offset, s.read_offset = s.read_offset, len(ids)
+            if p.stop:
+                longest = max(len(x) for x in p.stop)
+                window_start = max(0, old - longest + 1)
+                hits = [i for i in (s.text.find(x, window_start) for x in p.stop) if i >= 0]
+                if hits:
+                    s.text = s.text[: min(hits)]
+                    s.finished, s.finish_reason = True, "stop"
+                    return
+        if len(ids) >= p.max_tokens or len(s.prompt_ids) + len(ids) >= eng.max_model_len:
+            s.finished, s.finish_reason = True, "length"
+            self._flush(s, exclude_last=False)
+
+    def _flush(self, s: Sequence, exclude_last: bool) -> None:
+        """At the end, decode whatever is still pending (e.g. an incomplete UTF-8 tail)."""
+        ids = s.output_ids[:-1] if exclude_last else s.output_ids
+        if s.read_offset < len(ids):
+            prefix = self.engine.decode(ids[s.prefix_offset: s.read_offset])
+            full = self.engine.decode(ids[s.prefix_offset:])
+            s.text += full[len(prefix):]
+            s.read_offset = len(ids)
+        if s.params.stop:
+            hits = [i for i in (s.text.find(x) for x in s.params.stop) if i >= 0]
+            if hits:
+                s.text = s.text[: min(hits)]
+                s.finish_reason = "stop"
+
+    def make(self, s: Sequence, new_ids: list[int], finished: bool) -> RequestOutput:
+        from trustmoe.engine.engine import RequestOutput
+
+        end = len(s.text)
+        if not finished and s.params.stop:
+            end -= held_back(s.text, s.params.stop)
+        end = max(end, s.sent)
+        delta = s.text[s.sent:end]
+        s.sent = end
+        plp = None
+        if s.prompt_logprobs is not None and not s.prompt_logprobs_sent:
+            plp = s.prompt_logprobs[: len(s.prompt_ids)]
+            s.prompt_logprobs_sent = True
+        lps, s.new_logprobs = s.new_logprobs, []
+        return RequestOutput(
+            request_id=s.request_id, prompt_token_ids=s.prompt_ids, new_token_ids=list(new_ids),
+            new_text=delta, token_ids=list(s.output_ids), text=s.text[:end], finished=finished,
+            finish_reason=s.finish_reason if finished else None, logprobs=lps,
+            prompt_logprobs=plp, num_cached_prompt_tokens=s.num_cached_prompt,
+            arrival_time=s.arrival_time, first_token_time=s.first_token_time,
+        )

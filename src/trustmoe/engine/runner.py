@@ -1,0 +1,373 @@
+"""The engine's forward pass over one flat batch of sequence chunks with a paged KV cache.
+
+The runner reads the Transformer's public parameters once (`build_weights`) into a lean
+layout: fused QKV, fused gate+up per expert, every matrix a `Weight` (fp, int8 or int4, see
+`trustmoe.model.quantize`). One call to `forward` runs every scheduled chunk (a prefill piece
+or one decode token per sequence) as a single batch: linears over all rows, attention per
+sequence over its own blocks, MoE per row group.
+
+Batch invariance: CPU GEMM kernels pick different code paths (and so round differently) for
+different row counts. With `batch_invariant=True` every matmul is run per *row group*: a
+prefill chunk is its own group (its shape does not depend on the other sequences), and decode
+rows are packed into groups of at most `G` rows, where `G` is probed at start-up as the
+largest row count whose results equal the one-row results bit for bit (3 with MKL on AVX2).
+So a request's logits are the same bits alone or in any batch.
+
+MoE paths: `sorted` (prefill and CPU decode; tokens grouped by expert, experts read in place),
+`gather` (decode on CUDA: gather the selected experts' stacked weights, as gpt-fast does, so
+shapes never depend on the routing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from trustmoe.config import ModelConfig
+from trustmoe.engine.kv_cache import PagedKVCache
+from trustmoe.model.moe import MoE
+from trustmoe.model.quantize import FloatWeight, Weight, make_weight
+from trustmoe.model.transformer import Transformer
+
+
+@dataclass
+class LayerWeights:
+    ln1: Tensor  # (d,)
+    wqkv: Weight  # (H*hd + 2*Hkv*hd, d)
+    wo: Weight  # (d, H*hd)
+    ln2: Tensor  # (d,)
+    router: Weight | None  # (E, d), kept in float
+    w13: list[Weight]  # per expert (2h, d); one entry for a dense layer
+    w2: list[Weight]  # per expert (d, h)
+    w13_stack: Tensor | None = None  # (E, 2h, d) for the gather path (float only)
+    w2_stack: Tensor | None = None  # (E, d, h)
+    shared13: Weight | None = None
+    shared2: Weight | None = None
+    shared_gate: Weight | None = None
+
+
+@dataclass
+class RunnerWeights:
+    cfg: ModelConfig
+    embed: Tensor  # (V, d)
+    layers: list[LayerWeights]
+    norm: Tensor  # (d,)
+    lm_head: Weight  # (V, d)
+    cos: Tensor  # (max_pos, hd)
+    sin: Tensor
+    dtype: torch.dtype
+    quantize: str | None = None
+
+    def all_weights(self) -> list[Weight]:
+        out: list[Weight] = [self.lm_head]
+        for lw in self.layers:
+            out += [lw.wqkv, lw.wo, *lw.w13, *lw.w2]
+            out += [w for w in (lw.router, lw.shared13, lw.shared2, lw.shared_gate) if w]
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.all_weights()) + self.embed.numel() * self.embed.element_size()
+
+
+def rope_tables(cfg: ModelConfig, device: torch.device) -> tuple[Tensor, Tensor]:
+    hd = cfg.head_size
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    t = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
+    freqs = torch.outer(t, inv)  # (P, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (P, hd)
+    return emb.cos().to(device), emb.sin().to(device)
+
+
+@torch.no_grad()
+def build_weights(model: Transformer, quantize: str | None = None, group_size: int = 64,
+                  device: torch.device | None = None, dtype: torch.dtype | None = None,
+                  exact_int8: bool = False) -> RunnerWeights:
+    """Read the model's parameters into the runner's layout (quantizing if asked)."""
+    cfg = model.config
+    device = device or model.device
+    dtype = dtype or model.embed_tokens.weight.dtype
+
+    def W(t: Tensor, q: str | None = quantize) -> Weight:
+        w = make_weight(t.detach().to(device=device, dtype=torch.float32 if q else dtype), q,
+                        group_size, exact_int8)
+        return w
+
+    layers: list[LayerWeights] = []
+    for blk in model.layers:
+        a = blk.self_attn
+        wqkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], dim=0)
+        mlp = blk.mlp
+        lw = LayerWeights(
+            ln1=blk.input_layernorm.weight.detach().to(device, dtype), wqkv=W(wqkv),
+            wo=W(a.o_proj.weight), ln2=blk.post_attention_layernorm.weight.detach().to(device, dtype),
+            router=None, w13=[], w2=[],
+        )
+        if isinstance(mlp, MoE):
+            lw.router = W(mlp.gate.weight, None)
+            lw.w13 = [W(mlp.w13[e]) for e in range(mlp.num_experts)]
+            lw.w2 = [W(mlp.w2[e]) for e in range(mlp.num_experts)]
+            if quantize is None and device.type != "cpu":
+                lw.w13_stack = mlp.w13.detach().to(device, dtype)
+                lw.w2_stack = mlp.w2.detach().to(device, dtype)
+            if mlp.shared_expert is not None and mlp.shared_expert_gate is not None:
+                se = mlp.shared_expert
+                lw.shared13 = W(torch.cat([se.gate_proj.weight, se.up_proj.weight], dim=0))
+                lw.shared2 = W(se.down_proj.weight)
+                lw.shared_gate = W(mlp.shared_expert_gate.weight, None)
+        else:
+            lw.w13 = [W(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0))]
+            lw.w2 = [W(mlp.down_proj.weight)]
+        layers.append(lw)
+    cos, sin = rope_tables(cfg, device)
+    return RunnerWeights(
+        cfg=cfg, embed=model.embed_tokens.weight.detach().to(device, dtype), layers=layers,
+        norm=model.norm.weight.detach().to(device, dtype), lm_head=W(model.lm_head.weight),
+        cos=cos, sin=sin, dtype=dtype, quantize=quantize,
+    )
+
+
+def probe_invariant_rows(weights: list[Weight], dtype: torch.dtype, device: torch.device,
+                         max_rows: int = 8) -> int:
+    """Largest G such that, for every M <= G, M-row matmuls equal one-row matmuls bit for bit."""
+    seen: set[tuple[str, int, int]] = set()
+    best = max_rows
+    gen = torch.Generator().manual_seed(0)
+    for w in weights:
+        key = (type(w).__name__, w.in_features, w.out_features)
+        if key in seen:
+            continue
+        seen.add(key)
+        x = torch.randn(max_rows, w.in_features, generator=gen).to(device, dtype)
+        rows = torch.cat([w.mm(x[i:i + 1]) for i in range(max_rows)])
+        for m in range(2, best + 1):
+            if not torch.equal(w.mm(x[:m]), rows[:m]):
+                best = m - 1
+                break
+        if best == 1:
+            break
+    return best
+
+
+@dataclass
+class Chunk:
+    """One sequence's slice of a step: tokens at positions start..start+T-1."""
+
+    tokens: list[int]
+    start: int
+    slots: Tensor  # (start + T,) KV slots of positions 0..start+T-1
+    logits: str = "last"  # "last" | "all" | "none"
+    rows: slice = field(default_factory=lambda: slice(0, 0))
+
+
+class ModelRunner:
+    def __init__(self, weights: RunnerWeights, kv: PagedKVCache, device: torch.device,
+                 batch_invariant: bool = True, moe_path: str = "auto") -> None:
+        self.w, self.kv, self.device = weights, kv, device
+        cfg = weights.cfg
+        self.cfg = cfg
+        self.H, self.Hkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+        self.batch_invariant = batch_invariant
+        self.group_rows = probe_invariant_rows(weights.all_weights(), weights.dtype, device) \
+            if batch_invariant else 1 << 30
+        if moe_path == "auto":
+            moe_path = "gather" if device.type == "cuda" and weights.quantize is None else "sorted"
+        if moe_path == "gather" and weights.layers and weights.layers[0].router is not None \
+                and weights.layers[0].w13_stack is None:
+            for lw in weights.layers:  # stack float expert weights for the gather path
+                lw.w13_stack = torch.stack([w.dequantize() for w in lw.w13]).to(device, weights.dtype)
+                lw.w2_stack = torch.stack([w.dequantize() for w in lw.w2]).to(device, weights.dtype)
+        self.moe_path = moe_path
+
+    # ------------------------------------------------------------ helpers
+
+    def _groups(self, chunks: list[Chunk]) -> list[slice]:
+        n = sum(len(c.tokens) for c in chunks)
+        if not self.batch_invariant:
+            return [slice(0, n)]
+        groups: list[slice] = []
+        run_start, run_len = -1, 0
+        for c in chunks:
+            if len(c.tokens) == 1:  # decode row: pack into groups of <= G rows
+                if run_len == 0:
+                    run_start = c.rows.start
+                run_len += 1
+                if run_len == self.group_rows:
+                    groups.append(slice(run_start, run_start + run_len))
+                    run_len = 0
+            else:
+                if run_len:  # a prefill chunk ends the current run of single rows
+                    groups.append(slice(run_start, run_start + run_len))
+                    run_len = 0
+                groups.append(c.rows)
+        if run_len:
+            groups.append(slice(run_start, run_start + run_len))
+        return groups
+
+    def _lin(self, x: Tensor, w: Weight, groups: list[slice]) -> Tensor:
+        # x: (N, K) -> (N, N_out)
+        if len(groups) == 1:
+            return w.mm(x)
+        return torch.cat([w.mm(x[g]) for g in groups])
+
+    # ------------------------------------------------------------ forward
+
+    @torch.inference_mode()
+    def forward(self, chunks: list[Chunk]) -> list[Tensor | None]:
+        """Run all chunks; return per chunk its requested logits (rows, V) fp32 or None."""
+        off = 0
+        for c in chunks:
+            c.rows = slice(off, off + len(c.tokens))
+            off += len(c.tokens)
+        dev = self.device
+        tok = torch.tensor([t for c in chunks for t in c.tokens], dtype=torch.long, device=dev)
+        pos = torch.cat([torch.arange(c.start, c.start + len(c.tokens)) for c in chunks]).to(dev)
+        new_slots = torch.cat([c.slots[c.start:] for c in chunks])  # (N,)
+        groups = self._groups(chunks)
+        cos, sin = self.w.cos[pos].to(self.w.dtype), self.w.sin[pos].to(self.w.dtype)  # (N, hd)
+        masks = [self._mask(c) for c in chunks]
+        x = self.w.embed[tok]  # (N, d)
+        for i, lw in enumerate(self.w.layers):
+            x = x + self._attention(i, lw, x, cos, sin, chunks, new_slots, masks, groups)
+            h = F.rms_norm(x, (x.shape[-1],), lw.ln2, self.cfg.rms_norm_eps)
+            x = x + self._mlp(lw, h, groups)
+        return self._logits(x, chunks)
+
+    def _mask(self, c: Chunk) -> Tensor | None:
+        T = len(c.tokens)
+        if T == 1:
+            return None
+        q = torch.arange(T, device=self.device)[:, None] + c.start
+        k = torch.arange(c.start + T, device=self.device)[None, :]
+        return k <= q  # (T, S)
+
+    def _attention(self, layer: int, lw: LayerWeights, x: Tensor, cos: Tensor, sin: Tensor,
+                   chunks: list[Chunk], new_slots: Tensor, masks: list[Tensor | None],
+                   groups: list[slice]) -> Tensor:
+        N = x.shape[0]
+        H, Hkv, hd = self.H, self.Hkv, self.hd
+        h = F.rms_norm(x, (x.shape[-1],), lw.ln1, self.cfg.rms_norm_eps)
+        qkv = self._lin(h, lw.wqkv, groups)  # (N, (H + 2Hkv) * hd)
+        q = qkv[:, : H * hd].view(N, H, hd)
+        k = qkv[:, H * hd: (H + Hkv) * hd].view(N, Hkv, hd)
+        v = qkv[:, (H + Hkv) * hd:].view(N, Hkv, hd)
+        c, s = cos[:, None, :], sin[:, None, :]  # (N, 1, hd)
+        q = q * c + _rotate_half(q) * s
+        k = k * c + _rotate_half(k) * s
+        self.kv.write(layer, new_slots, k.transpose(0, 1), v.transpose(0, 1))
+        outs = []
+        for ch, mask in zip(chunks, masks, strict=True):
+            kk, vv = self.kv.read(layer, ch.slots)  # (Hkv, S, hd)
+            qq = q[ch.rows].transpose(0, 1)[None]  # (1, H, T, hd)
+            y = F.scaled_dot_product_attention(qq, kk[None], vv[None], attn_mask=mask,
+                                               enable_gqa=Hkv != H)  # (1, H, T, hd)
+            outs.append(y[0].transpose(0, 1).reshape(-1, H * hd))  # (T, H*hd)
+        att = outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, H*hd)
+        return self._lin(att, lw.wo, groups)
+
+    def _mlp(self, lw: LayerWeights, h: Tensor, groups: list[slice]) -> Tensor:
+        # h: (N, d) -> (N, d)
+        if lw.router is None:
+            return self._lin(_swiglu(self._lin(h, lw.w13[0], groups)), lw.w2[0], groups)
+        logits = self._lin(h, lw.router, groups).float()  # (N, E)
+        probs = logits.softmax(dim=-1)
+        wts, ids = probs.topk(self.cfg.num_experts_per_tok, dim=-1)  # (N, k)
+        if self.cfg.norm_topk_prob:
+            wts = wts / wts.sum(dim=-1, keepdim=True)
+        wts = wts.to(h.dtype)
+        if self.moe_path == "gather" and h.shape[0] <= 4:
+            y = self._moe_gather(lw, h, wts, ids)
+        elif len(groups) == 1:
+            y = self._moe_sorted(lw, h, wts, ids)
+        else:
+            y = torch.cat([self._moe_sorted(lw, h[g], wts[g], ids[g]) for g in groups])
+        if lw.shared13 is not None and lw.shared2 is not None and lw.shared_gate is not None:
+            gate = torch.sigmoid(self._lin(h, lw.shared_gate, groups))  # (N, 1)
+            y = y + gate * self._lin(_swiglu(self._lin(h, lw.shared13, groups)), lw.shared2, groups)
+        return y
+
+    def _moe_sorted(self, lw: LayerWeights, x: Tensor, wts: Tensor, ids: Tensor) -> Tensor:
+        # x: (n, d); wts, ids: (n, k) -> (n, d); experts read in place, one matmul per expert
+        n, k = ids.shape
+        if n == 1:  # one token: its k experts in slot order
+            y: Tensor | None = None
+            for j, e in enumerate(ids[0].tolist()):
+                out = lw.w2[e].mm(_swiglu(lw.w13[e].mm(x))) * wts[:, j: j + 1]  # (1, d)
+                y = out if y is None else y + out
+            assert y is not None
+            return y
+        flat = ids.flatten()  # (n*k,)
+        order = torch.argsort(flat, stable=True)  # (n*k,) assignments grouped by expert
+        counts = torch.bincount(flat, minlength=len(lw.w13)).tolist()
+        xs = x[order // k]  # (n*k, d)
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, cnt in enumerate(counts):
+            if cnt:
+                seg = slice(start, start + cnt)
+                ys[seg] = lw.w2[e].mm(_swiglu(lw.w13[e].mm(xs[seg])))
+                start += cnt
+        per_slot = torch.empty_like(ys)
+        per_slot[order] = ys  # (n*k, d) back in (token, slot) order
+        per_slot = per_slot.view(n, k, -1)
+        y = per_slot[:, 0] * wts[:, 0:1]
+        for j in range(1, k):
+            y = y + per_slot[:, j] * wts[:, j: j + 1]
+        return y
+
+    def _moe_gather(self, lw: LayerWeights, x: Tensor, wts: Tensor, ids: Tensor) -> Tensor:
+        # gpt-fast style: gather the selected experts' weights; no data-dependent shapes
+        assert lw.w13_stack is not None and lw.w2_stack is not None
+        w13 = lw.w13_stack[ids]  # (n, k, 2h, d)
+        w2 = lw.w2_stack[ids]  # (n, k, d, h)
+        gu = torch.einsum("nd,nkhd->nkh", x, w13)  # (n, k, 2h)
+        g, u = gu.chunk(2, dim=-1)
+        act = F.silu(g) * u  # (n, k, h)
+        ys = torch.einsum("nkh,nkdh->nkd", act, w2)  # (n, k, d)
+        return torch.einsum("nkd,nk->nd", ys, wts)
+
+    def _logits(self, x: Tensor, chunks: list[Chunk]) -> list[Tensor | None]:
+        sel: list[Tensor] = []
+        spans: list[tuple[int, int] | None] = []
+        n = 0
+        for c in chunks:
+            if c.logits == "none":
+                spans.append(None)
+                continue
+            rows = x[c.rows] if c.logits == "all" else x[c.rows.stop - 1: c.rows.stop]
+            sel.append(rows)
+            spans.append((n, n + rows.shape[0]))
+            n += rows.shape[0]
+        if not sel:
+            return [None] * len(chunks)
+        h = torch.cat(sel)
+        h = F.rms_norm(h, (h.shape[-1],), self.w.norm, self.cfg.rms_norm_eps)
+        if self.batch_invariant:  # each chunk's rows alone, single rows packed by G
+            sizes = [b - a for a, b in (s for s in spans if s)]
+            fake = [Chunk([0] * m, 0, torch.empty(0)) for m in sizes]
+            o = 0
+            for f in fake:
+                f.rows = slice(o, o + len(f.tokens))
+                o += len(f.tokens)
+            groups = self._groups(fake)
+        else:
+            groups = [slice(0, n)]
+        logits = self._lin(h, self.w.lm_head, groups).float()  # (n, V)
+        return [None if s is None else logits[s[0]: s[1]] for s in spans]
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _swiglu(gu: Tensor) -> Tensor:
+    # gu: (M, 2h) = [gate; up] -> (M, h)
+    g, u = gu.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+__all__ = ["Chunk", "FloatWeight", "ModelRunner", "RunnerWeights", "build_weights"]

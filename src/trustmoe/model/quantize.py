@@ -1,0 +1,185 @@
+"""Weights as the inference engine reads them: fp, int8 per-channel, int4 group-wise.
+
+Every weight is an object with `mm(x)` = `x @ W.T` (x: (M, K) -> (M, N)) and `nbytes`.
+
+- `FloatWeight` keeps W transposed (K, N) contiguous: MKL's small-M path on that layout gives
+  each row the same bits for M in 1..3, which the engine's batch-invariant mode relies on.
+- `Int8Weight`: symmetric per-output-channel int8, scale = absmax / 127. On CPU it runs through
+  fbgemm's int8 GEMM (`quantized::linear_dynamic`), which also quantizes the activations per
+  row group at run time (fast on AVX2, where torch's weight-only int8 kernel is slow); set
+  `exact=True` for weight-only numerics (dequantize then fp matmul). On CUDA it uses
+  `torch._weight_int8pack_mm`-free dequantize+matmul.
+- `Int4Weight`: asymmetric group-wise int4 (gpt-fast layout: w ~ (q - 8) * scale + zero per
+  group of `group_size` input channels), run with `_weight_int4pack_mm_for_cpu` on CPU.
+
+`quantize_state(...)`/`save_quantized`/`load_quantized` write and read the quantized weights
+as their own safetensors artifact (`model.quant.safetensors` + `quantization.json`).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+QUANT_MODES = ("int8", "int4")
+
+
+class Weight:
+    """x @ W.T for some stored form of W (N, K)."""
+
+    out_features: int
+    in_features: int
+
+    def mm(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def dequantize(self) -> Tensor:
+        """The (N, K) fp32 matrix this weight stands for."""
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+    def to(self, device: torch.device) -> Weight:
+        raise NotImplementedError
+
+
+class FloatWeight(Weight):
+    def __init__(self, w: Tensor) -> None:
+        # w: (N, K)
+        self.out_features, self.in_features = w.shape
+        self.wT = w.detach().t().contiguous()  # (K, N)
+
+    def mm(self, x: Tensor) -> Tensor:
+        return x @ self.wT  # (M, K) @ (K, N)
+
+    def dequantize(self) -> Tensor:
+        return self.wT.t().float()
+
+    @property
+    def nbytes(self) -> int:
+        return self.wT.numel() * self.wT.element_size()
+
+    def to(self, device: torch.device) -> FloatWeight:
+        self.wT = self.wT.to(device)
+        return self
+
+
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w (N, K) -> q int8 (N, K), scale fp32 (N,): symmetric per output channel."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (N,)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Weight(Weight):
+    def __init__(self, q: Tensor, scale: Tensor, exact: bool = False) -> None:
+        self.q, self.scale = q, scale.float()  # (N, K) int8, (N,)
+        self.out_features, self.in_features = q.shape
+        self.exact = exact
+        self._packed: object | None = None
+        if q.device.type == "cpu" and not exact:
+            self._packed = _fbgemm_pack(q, self.scale)
+
+    def mm(self, x: Tensor) -> Tensor:
+        if self._packed is not None and x.dtype == torch.float32:
+            return torch.ops.quantized.linear_dynamic(x, self._packed, True)
+        w = self.q.to(x.dtype)  # (N, K)
+        return (x @ w.t()) * self.scale.to(x.dtype)
+
+    def dequantize(self) -> Tensor:
+        return self.q.float() * self.scale[:, None]
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() + self.scale.numel() * 4
+
+    def to(self, device: torch.device) -> Int8Weight:
+        return Int8Weight(self.q.to(device), self.scale.to(device), self.exact)
+
+
+def _fbgemm_pack(q: Tensor, scale: Tensor) -> object | None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qw = torch._make_per_channel_quantized_tensor(
+                q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+            return torch.ops.quantized.linear_prepack(qw, None)
+    except (RuntimeError, AttributeError):  # no fbgemm/onednn in this build
+        return None
+
+
+def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """w (N, K) -> packed uint8 (N, K/2) [low nibble = even k], scale, zero (N, K/gs)."""
+    N, K = w.shape
+    if group_size <= 0 or K % group_size:
+        raise ValueError(f"int4 group size {group_size} must divide the input width {K}")
+    g = w.detach().float().view(N, K // group_size, group_size)
+    lo, hi = g.amin(-1), g.amax(-1)  # (N, G)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-8)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    q = q.view(N, K)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)  # (N, K/2)
+    zero = lo + 8.0 * scale  # so that w ~ (q - 8) * scale + zero
+    return packed.contiguous(), scale, zero
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """(N, K/2) uint8 -> (N, K) int32 in 0..15."""
+    lo = (packed & 0xF).to(torch.int32)
+    hi = (packed >> 4).to(torch.int32)
+    return torch.stack([lo, hi], dim=-1).flatten(1)
+
+
+class Int4Weight(Weight):
+    def __init__(self, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> None:
+        self.packed, self.scale, self.zero = packed, scale.float(), zero.float()
+        self.group_size = group_size
+        self.out_features = packed.shape[0]
+        self.in_features = packed.shape[1] * 2
+        self._kernel: tuple[Tensor, Tensor] | None = None
+        if packed.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            q = unpack_int4(packed)  # (N, K)
+            kp = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+            sz = torch.stack([self.scale.t(), self.zero.t()], dim=-1).contiguous()  # (G, N, 2)
+            self._kernel = (kp, sz)
+
+    def mm(self, x: Tensor) -> Tensor:
+        if self._kernel is not None and x.dtype in (torch.float32, torch.bfloat16):
+            kp, sz = self._kernel
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x, kp, self.group_size, sz.to(x.dtype))
+        return x @ self.dequantize().to(x.dtype).t()
+
+    def dequantize(self) -> Tensor:
+        N, K = self.out_features, self.in_features
+        q = unpack_int4(self.packed).float().view(N, K // self.group_size, self.group_size)
+        w = (q - 8.0) * self.scale[..., None] + self.zero[..., None]
+        return w.view(N, K)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() + (self.scale.numel() + self.zero.numel()) * 4
+
+    def to(self, device: torch.device) -> Int4Weight:
+        return Int4Weight(self.packed.to(device), self.scale.to(device), self.zero.to(device),
+                          self.group_size)
+
+
+def make_weight(w: Tensor, mode: str | None, group_size: int = 64,
+                exact_int8: bool = False) -> Weight:
+    """Wrap an (N, K) matrix as a Weight, quantizing it when `mode` says so."""
+    if mode is None:
+        return FloatWeight(w)
+    if mode == "int8":
+        q, s = quantize_int8(w)
+        return Int8Weight(q, s, exact=exact_int8)
+    if mode == "int4":
+        if w.shape[1] % group_size:
+            return FloatWeight(w)  # widths the group size does not divide stay in float
+        return Int4Weight(*quantize_int4(w, group_size), group_size=group_size)
+    raise ValueError(f"unknown quantization {mode!r}; choose int8 or int4")
