@@ -126,9 +126,9 @@ def _instance(obj: Any, where: str) -> Instance:
 def builtin_tasks(corpus: Corpus, n: int, seed: int = 0, n_choices: int = 4) -> list[Task]:
     """Tasks made from held-out documents, so nothing needs downloading.
 
-    next-line: given a document's first lines, pick its real next line among lines of other
-    documents. next-words: given a document's opening words, pick its real next 8 words among
-    8-word spans of other documents.
+    next-line: given up to 4 lines of a document, pick its real next line among lines of other
+    documents. next-words: given up to 48 words of a document, pick its real next 8 words
+    among 8-word spans of other documents.
     """
     texts = [corpus.text(d) for d in corpus.val]
     rng = random.Random(seed)
@@ -143,7 +143,7 @@ def builtin_tasks(corpus: Corpus, n: int, seed: int = 0, n_choices: int = 4) -> 
         wrong = [ln for j, ln in pool if j != i and ln != ls[k]]
         if len(set(wrong)) < n_choices - 1:
             continue
-        inst.append(_mc("\n".join(ls[:k]) + "\n", ls[k], rng.sample(sorted(set(wrong)),
+        inst.append(_mc("\n".join(ls[max(0, k - 4):k]) + "\n", ls[k], rng.sample(sorted(set(wrong)),
                                                                      n_choices - 1), rng, ""))
     if len(inst) >= 4:
         tasks.append(Task("next-line", inst))
@@ -159,7 +159,7 @@ def builtin_tasks(corpus: Corpus, n: int, seed: int = 0, n_choices: int = 4) -> 
         wrong = sorted({s for j, s in spans if j != i and s != gold})
         if len(wrong) < n_choices - 1:
             continue
-        inst.append(_mc(" ".join(w[:c]), gold, rng.sample(wrong, n_choices - 1), rng, " "))
+        inst.append(_mc(" ".join(w[max(0, c - 48):c]), gold, rng.sample(wrong, n_choices - 1), rng, " "))
     if len(inst) >= 4:
         tasks.append(Task("next-words", inst))
     return tasks
