@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 
 from trustmoe.data import licenses, rules, sources
+from trustmoe.data.dedup import NearDupOptions
+from trustmoe.data.poison import PoisonOptions
 from trustmoe.data.quality import QualityOptions
 from trustmoe.io import TrustmoeError, atomic_dir, atomic_write_json, read_json, sha256_file
 
@@ -50,6 +52,10 @@ class BuildOptions:
     tokenizer: str | None = None  # an existing tokenizer.json to use instead of training one
     tokenizer_train_bytes: int = 16_000_000  # train the tokenizer on at most this much text
     quality: QualityOptions = field(default_factory=QualityOptions)
+    near: NearDupOptions = field(default_factory=NearDupOptions)
+    ngram: int = 13  # contamination: word n-gram length
+    ngram_min_words: int = 8  # eval items shorter than this are not indexed (too generic)
+    poison: PoisonOptions = field(default_factory=PoisonOptions)
 
     def validate(self) -> BuildOptions:
         if self.pii not in PII_MODES:
@@ -63,6 +69,15 @@ class BuildOptions:
         q = self.quality
         if q.min_chars < 0 or q.max_chars < q.min_chars or not 0 < q.max_repetition <= 1:
             raise TrustmoeError("quality bounds are inconsistent (min/max chars, repetition)")
+        n = self.near
+        if n.shingle < 1 or not 16 <= n.num_perm <= 1024 or not 0 < n.threshold <= 1:
+            raise TrustmoeError("near-dup options: shingle >= 1, 16 <= perms <= 1024, "
+                                "0 < threshold <= 1")
+        if not 1 <= self.ngram <= 64 or self.ngram_min_words < 1:
+            raise TrustmoeError(f"contamination n-gram must be in [1, 64], not {self.ngram}")
+        for p in self.eval_sets:
+            if not Path(p).is_file():
+                raise TrustmoeError(f"eval set not found: {p}")
         return self
 
 

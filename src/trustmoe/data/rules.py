@@ -13,9 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from trustmoe.data import licenses, quality
 from trustmoe.data.sources import RawDoc
-from trustmoe.data.text import stable_hash
+from trustmoe.data.text import WordHasher, stable_hash
 
 
 @dataclass
@@ -120,9 +122,105 @@ def summarize(docs: list[Doc], audit: dict[str, Any], errors: Counter[str]) -> N
     }
 
 
+class WordCache:
+    """Word hashes of each document's current text, computed once and shared by the rules."""
+
+    def __init__(self) -> None:
+        self.hasher = WordHasher()
+        self._by_id: dict[str, np.ndarray] = {}
+
+    def get(self, d: Doc) -> np.ndarray:
+        wh = self._by_id.get(d.id)
+        if wh is None:
+            wh = self._by_id[d.id] = self.hasher.text(d.text or "")
+        return wh
+
+    def invalidate(self, d: Doc) -> None:
+        self._by_id.pop(d.id, None)
+
+
 def pipeline(opts: Any) -> list[tuple[str, Step]]:
     """The rule steps selected by the build options, in order."""
+    cache = WordCache()
     steps: list[tuple[str, Step]] = []
     if opts.dedup in ("exact", "near"):
         steps.append(("exact dedup", exact_dedup))
+    if opts.dedup == "near":
+        steps.append(("near dedup (MinHash LSH)", lambda docs, audit: near_dedup(
+            docs, audit, cache, opts.near)))
+    else:
+        steps.append(("near dedup: off", lambda docs, audit: audit.setdefault(
+            "near_duplicates", [])))
+    steps.append((f"PII and secrets ({opts.pii})", lambda docs, audit: pii_step(
+        docs, audit, cache, opts.pii)))
+    steps.append(("contamination", lambda docs, audit: contamination_step(
+        docs, audit, cache, opts)))
+    steps.append(("poisoning screen", lambda docs, audit: poison_step(
+        docs, audit, cache, opts.poison)))
     return steps
+
+
+def near_dedup(docs: list[Doc], audit: dict[str, Any], cache: WordCache, nopts: Any) -> None:
+    from trustmoe.data.dedup import near_duplicate_clusters
+
+    kept = [d for d in docs if d.kept]
+    clusters = near_duplicate_clusters([d.id for d in kept], [cache.get(d) for d in kept], nopts)
+    by_id = {d.id: d for d in kept}
+    for c in clusters:
+        members = c["documents"]
+        assert isinstance(members, list)
+        c["kept"] = members[0]
+        for m in members[1:]:
+            by_id[m].drop("near_duplicate")
+    audit["near_duplicates"] = clusters
+
+
+def pii_step(docs: list[Doc], audit: dict[str, Any], cache: WordCache, mode: str) -> None:
+    from trustmoe.data import pii
+
+    found: list[dict[str, Any]] = []
+    for d in docs:
+        if not d.kept or d.text is None:
+            continue
+        fs = pii.find(d.text)
+        if not fs:
+            continue
+        found.extend({"document": d.id, "type": f.type, "span": [f.start, f.end],
+                      "masked": f.masked(), "action": mode} for f in fs)
+        if mode == "drop":
+            d.drop("pii")
+        elif mode == "redact":
+            d.text = pii.redact(d.text, fs)
+            d.changes["pii_redacted"] = d.changes.get("pii_redacted", 0) + len(fs)
+            cache.invalidate(d)
+    audit["pii"] = found
+
+
+def contamination_step(docs: list[Doc], audit: dict[str, Any], cache: WordCache,
+                       opts: Any) -> None:
+    from trustmoe.data.contamination import NgramIndex, find_contamination, load_eval_set
+
+    audit["contamination"] = []
+    if not opts.eval_sets:
+        return
+    items = [it for p in opts.eval_sets for it in load_eval_set(p, opts.text_field)]
+    index = NgramIndex(n=opts.ngram, min_words=opts.ngram_min_words,
+                       hasher=cache.hasher).build(items)
+    kept = [d for d in docs if d.kept]
+    found = find_contamination([d.id for d in kept], [cache.get(d) for d in kept], index)
+    audit["contamination"] = found
+    audit["contamination_index"] = {"items": len(items), "indexed": len(index.items),
+                                    "too_short": len(index.skipped), "ngram": opts.ngram}
+    if opts.decontaminate:
+        hit = {doc for f in found for doc in f["documents"]}  # type: ignore[attr-defined]
+        for d in kept:
+            if d.id in hit:
+                d.drop("contaminated")
+
+
+def poison_step(docs: list[Doc], audit: dict[str, Any], cache: WordCache, popts: Any) -> None:
+    from trustmoe.data.poison import screen
+
+    kept = [d for d in docs if d.kept]
+    audit["poisoning"] = screen([d.id for d in kept], [d.text or "" for d in kept],
+                                [cache.get(d) for d in kept], popts)
