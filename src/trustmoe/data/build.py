@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 from collections.abc import Callable, Iterator
@@ -267,9 +268,19 @@ def _finalize(out_dir: Path, stage_dir: Path, specs: list[sources.SourceSpec],
         for split in ("train", "val"):
             shutil.copyfile(stage_dir / f"{split}.bin", tmp / f"{split}.bin")
         _, stats = mf.write_outputs(tmp, specs, files, audit, shard_info, opts, declared)
+        _normal_permissions(tmp)
     sha = sha256_file(out_dir / "manifest.json")
     stats["manifest_sha256"] = sha
     return BuildResult(out_dir=out_dir, manifest_sha256=sha, stats=stats)
+
+
+def _normal_permissions(d: Path) -> None:
+    """Temp files are created private (0600); a dataset is readable like any other output."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(d, 0o777 & ~umask)
+    for p in d.iterdir():
+        os.chmod(p, 0o666 & ~umask)
 
 
 @contextmanager

@@ -177,10 +177,11 @@ def find(text: str) -> list[Finding]:
                 cands.append(Finding("IP_ADDRESS", s, e, v))
     for m in _CARD.finditer(text):
         s, e = m.span()
-        if _before(text, s) in _WORDISH or _before(text, s) in ".-" or _after(text, e) in _WORDISH:
+        if _before(text, s) in _WORDISH or _before(text, s) in (".", "-") or _after(
+                text, e) in _WORDISH:
             continue
         digits = re.sub(r"\D", "", m.group())
-        if 13 <= len(digits) <= 19 and len(set(digits)) > 2 and luhn_ok(digits):
+        if 13 <= len(digits) <= 19 and len(set(digits)) > 1 and luhn_ok(digits):
             cands.append(Finding("CREDIT_CARD", s, e, m.group()))
     for m in _IBAN.finditer(text):
         s, e = m.span()
@@ -189,10 +190,13 @@ def find(text: str) -> list[Finding]:
             cands.append(Finding("IBAN", s, e, m.group()))
     for m in _PHONE.finditer(text):
         s = m.start()
-        if _before(text, s) in _WORDISH or _before(text, s) in "+.-":
+        if _before(text, s) in _WORDISH or _before(text, s) in ("+", ".", "-"):
             continue
         sm = _PHONE_SHAPE.match(text, s, m.end())
-        if sm is None or _after(text, sm.end()) in _WORDISH or _after(text, sm.end()) in ".-":
+        if sm is None:
+            continue
+        nxt, nxt2 = _after(text, sm.end()), _after(text, sm.end() + 1)
+        if nxt in _WORDISH or nxt == "-" or (nxt == "." and nxt2.isdigit()):
             continue
         n = sum(c.isdigit() for c in sm.group())
         if 7 <= n <= 15:

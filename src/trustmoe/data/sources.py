@@ -77,7 +77,8 @@ def resolve_sources(
             excl = ("site-packages", "dist-packages", *DEFAULT_EXCLUDES)
             if not include_tests:
                 excl = (*excl, *sorted(STDLIB_TEST_DIRS))
-            spec = SourceSpec(_unique(STDLIB, used), "stdlib", root, ("*.py",), excl + exclude)
+            spec = SourceSpec(_unique(STDLIB, used), "stdlib", root, include or ("*.py",),
+                              excl + exclude)
         else:
             p = Path(s).expanduser()
             if not p.exists():
