@@ -74,25 +74,23 @@ class _ExpertFFN(torch.autograd.Function):
             gu = x.new_empty(M, 2 * h)  # (M, 2h) gate|up pre-activations
             for e, (s, n) in enumerate(_blocks(counts)):
                 torch.mm(x[s:s + n], a13[e].t(), out=gu[s:s + n])
-            g, u = gu[:, :h], gu[:, h:]
-            act = F.silu(g) * u  # (M, h)
+            silu = F.silu(gu[:, :h])  # (M, h)
+            act = silu * gu[:, h:]  # (M, h)
             y = x.new_empty(M, w2.shape[1])  # (M, d)
             for e, (s, n) in enumerate(_blocks(counts)):
                 torch.mm(act[s:s + n], a2[e].t(), out=y[s:s + n])
         ctx.counts = counts
-        ctx.save_for_backward(x, a13, a2, gu)
+        ctx.save_for_backward(x, a13, a2, gu, silu)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, a13, a2, gu = ctx.saved_tensors
+        x, a13, a2, gu, silu = ctx.saved_tensors
         counts: list[int] = ctx.counts
         gy = gy.to(x.dtype).contiguous()  # (M, d)
         h = a2.shape[-1]
         g, u = gu[:, :h], gu[:, h:]
-        sg = torch.sigmoid(g)  # (M, h)
-        silu = g * sg
         need_x, need_w13, need_w2 = ctx.needs_input_grad[:3]
         act = silu * u  # (M, h), recomputed rather than saved
         gact = torch.empty_like(silu)  # (M, h)
@@ -102,9 +100,8 @@ class _ExpertFFN(torch.autograd.Function):
             torch.mm(gy[s:s + n], a2[e], out=gact[s:s + n])
             if gw2 is not None:
                 torch.mm(gy[s:s + n].t(), act[s:s + n], out=gw2[e])  # n == 0 -> zeros
-        ggu = torch.empty_like(gu)  # (M, 2h)
-        # d silu(g)/dg = sg * (1 + g * (1 - sg))
-        torch.mul(gact * u, sg * (1 + g * (1 - sg)), out=ggu[:, :h])
+        ggu = torch.empty_like(gu)  # (M, 2h) = [d gate; d up]
+        ggu[:, :h] = torch.ops.aten.silu_backward(gact * u, g)
         torch.mul(gact, silu, out=ggu[:, h:])
         gx = torch.empty_like(x) if need_x else None  # (M, d)
         gw13 = torch.empty_like(a13) if need_w13 else None  # (E, 2h, d)

@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trustmoe.config import ModelConfig
 from trustmoe.model.attention import Attention, KVCacheLike, RMSNorm, RotaryEmbedding
+from trustmoe.model.fast import cross_entropy
 from trustmoe.model.moe import (
     MoE,
     RouterOutput,
@@ -73,6 +73,9 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.head_size, cfg.max_position_embeddings, cfg.rope_theta)
+        # set by trustmoe.model.fast.optimize_for_training: chunked lm_head + CE when targets
+        # are given (out.logits then carries no gradient); numerics equal up to fp32 round-off
+        self.fused_loss = False
         self.apply(self._init_weights)
         # GPT-2 style: scale residual output projections by 1/sqrt(2L)
         scale = 0.02 / (2 * cfg.num_hidden_layers) ** 0.5
@@ -116,15 +119,19 @@ class Transformer(nn.Module):
             if r is not None:
                 routers.append(r)
         x = self.norm(x)
-        logits = self.lm_head(x)  # (B, T, V)
+        ce: Tensor | None = None
+        if targets is None:
+            logits = self.lm_head(x)  # (B, T, V)
+        else:
+            ce, flat_logits = cross_entropy(  # (N, V); no grad through it when fused
+                x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), ignore_index,
+                fused=self.fused_loss,
+            )
+            logits = flat_logits.view(B, T, -1)  # (B, T, V)
         out = ModelOutput(logits=logits, hidden_states=x if return_hidden else None)
         if return_stats:
             out.routing = [routing_stats(r) for r in routers]
-        if targets is not None:
-            ce = F.cross_entropy(
-                logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                ignore_index=ignore_index,
-            )
+        if ce is not None:
             loss = ce
             if routers:
                 aux = torch.stack([load_balancing_loss(r) for r in routers]).mean()
