@@ -273,6 +273,7 @@ async def _stream_completion(state: ServerState, req: CompletionRequest, lease: 
                              created: int) -> AsyncIterator[str]:
     by_id = {s.request_id: s for s in lease.subs}
     n_gen, offsets = 0, {s.request_id: 0 for s in lease.subs}
+    pending: dict[str, tuple[list[int], list[Any]]] = {}
     usage_null = {"usage": None} if req.include_usage() else {}
     try:
         if req.echo:
@@ -285,14 +286,17 @@ async def _stream_completion(state: ServerState, req: CompletionRequest, lease: 
                                         "finish_reason": None}]})
         async for o in lease.outputs():
             s = by_id[o.request_id]
+            held = pending.setdefault(o.request_id, ([], []))
+            held[0].extend(o.new_token_ids)
+            held[1].extend(o.logprobs)
+            if o.finished:
+                n_gen += min(len(o.token_ids), s.max_tokens)
             if not o.new_text and not o.finished:
-                continue
-            n_new = len(o.new_token_ids) if s.max_tokens else 0
-            n_gen += n_new
+                continue  # text held back (a possible stop string or half a character)
+            ids, lps = pending.pop(o.request_id)
             logprobs = None
-            if req.logprobs is not None and n_new:
-                logprobs = completion_logprobs(state, o.new_token_ids, o.logprobs, None, None,
-                                               offsets[o.request_id])
+            if req.logprobs is not None and ids and s.max_tokens:
+                logprobs = completion_logprobs(state, ids, lps, None, None, offsets[o.request_id])
             text = o.new_text if s.max_tokens else ""
             offsets[o.request_id] += len(text)
             reason = (o.finish_reason if s.max_tokens else "length") if o.finished else None
@@ -367,6 +371,7 @@ async def _stream_chat(state: ServerState, req: ChatCompletionRequest, lease: Le
     head = {"id": rid, "object": "chat.completion.chunk", "created": created,
             "model": state.model_name, **({"usage": None} if req.include_usage() else {})}
     n_gen = 0
+    pending: dict[str, tuple[list[int], list[Any]]] = {}
     try:
         for s in lease.subs:
             yield sse({**head, "choices": [{"index": s.index, "delta": {"role": "assistant",
@@ -374,11 +379,15 @@ async def _stream_chat(state: ServerState, req: ChatCompletionRequest, lease: Le
                                             "logprobs": None, "finish_reason": None}]})
         async for o in lease.outputs():
             s = by_id[o.request_id]
+            held = pending.setdefault(o.request_id, ([], []))
+            held[0].extend(o.new_token_ids)
+            held[1].extend(o.logprobs)
+            if o.finished:
+                n_gen += min(len(o.token_ids), s.max_tokens)
             if not o.new_text and not o.finished:
                 continue
-            n_new = len(o.new_token_ids) if s.max_tokens else 0
-            n_gen += n_new
-            lp = chat_logprobs(state, o.logprobs, o.new_token_ids) if req.logprobs else None
+            ids, lps = pending.pop(o.request_id)
+            lp = chat_logprobs(state, lps, ids) if req.logprobs else None
             delta = {"content": o.new_text} if o.new_text and s.max_tokens else {}
             yield sse({**head, "choices": [{
                 "index": s.index, "delta": delta, "logprobs": lp,
