@@ -20,6 +20,7 @@ from trustmoe.config import ModelConfig, TrainConfig, get_preset
 from trustmoe.data.shards import open_tokens
 from trustmoe.data.tokenizer import eos_id, load_tokenizer
 from trustmoe.io import TrustmoeError, sha256_file
+from trustmoe.model.fast import optimize_for_training
 from trustmoe.model.hf import load as load_model
 from trustmoe.model.transformer import Transformer
 from trustmoe.train import distributed as D
@@ -157,6 +158,7 @@ def train(
                 "another --out (nothing was overwritten)"
             )
         model = Transformer(mcfg).to(dev).train()
+    optimize_for_training(model)  # fused lm_head + cross-entropy; same numerics, same names
     opt = make_optimizer(model, tcfg, dev.type)
     if resume:
         load_optimizer_tensors(opt, opt_tensors)
