@@ -71,7 +71,7 @@ def demo_cmd(
     console.rule(f"[bold green]demo finished in {time.perf_counter() - t0:.0f}s")
     if serve:
         console.rule(f"[bold]5. serve on http://127.0.0.1:{port}/v1 (Ctrl-C to stop)")
-        from trustmoe.serve import serve as serve_model
+        from trustmoe.serve.app import serve as serve_model
 
         serve_model(model_dir, host="127.0.0.1", port=port)
 
@@ -84,6 +84,6 @@ def _build_data(data_dir: Path) -> dict[str, Any]:
 
 
 def _evaluate(model_dir: Path, data_dir: Path, eval_dir: Path) -> dict[str, Any]:
-    from trustmoe.eval import run_eval
+    from trustmoe.eval.runner import run_eval
 
     return run_eval(model_dir, data_dir, eval_dir, quick=True)
