@@ -30,13 +30,14 @@ _PRIORITY = {"KEY": 0, "EMAIL": 1, "CREDIT_CARD": 2, "IBAN": 3, "IP_ADDRESS": 4,
 # context checks a look-behind would do are made in Python on the (few) candidates.
 _EMAIL_DOMAIN = re.compile(r"@((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24})\b")
 _EMAIL_LOCAL = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
-_IPV4 = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}")
+_IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\w|\.\d)")
 _IPV6_HINT = re.compile(r":[0-9A-Fa-f]{1,4}:")
 _IPV6 = re.compile(r"[0-9A-Fa-f]{0,4}:(?:[0-9A-Fa-f]{0,4}:){1,6}[0-9A-Fa-f]{0,4}")
-_PHONE = re.compile(r"[+(\d][\d ().-]{5,22}\d")
-_PHONE_SHAPE = re.compile(r"\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]\d{2,4}){1,4}"
-                          r"|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}|\d{3}[.-]\d{3}[.-]\d{4}")
-_CARD = re.compile(r"\d(?:[ -]?\d){12,18}")
+_PHONE = re.compile(r"(?:\+(?<![\w+.\-]\+)\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}"
+                    r"(?:[ .-]\d{2,4}){1,4}"
+                    r"|\((?<![\w+.\-]\()\d{3}\)[ .-]?\d{3}[ .-]\d{4}"
+                    r"|\d(?<![\w+.\-]\d)\d{2}[.-]\d{3}[.-]\d{4})(?![\w-]|\.\d)")
+_CARD = re.compile(r"\d(?<![\w+.\-]\d)(?:[ -]?\d){12,18}(?![\w-])")
 _IBAN = re.compile(r"[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?")
 _PEM = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----.*?-----END [A-Z0-9 ]*PRIVATE "
                   r"KEY( BLOCK)?-----", re.S)
@@ -128,8 +129,12 @@ def _keys(text: str) -> list[Finding]:
         line = text[s:e]
         for rx in regexes:
             for m in rx.finditer(line):
-                g = next((i for i in range(1, (rx.groups or 0) + 1) if m.group(i)), 0)
-                a, b = m.span(g)
+                # the secret is the longest capture group (some groups only hold a prefix
+                # such as "ghp"), or the whole match when no group is long enough
+                spans = [m.span(i) for i in range(1, (rx.groups or 0) + 1) if m.group(i)]
+                a, b = max(spans, key=lambda sp: sp[1] - sp[0], default=m.span())
+                if b - a < 8:
+                    a, b = m.span()
                 if b - a >= 8:
                     found.append(Finding("KEY", s + a, s + b, line[a:b]))
     return found
@@ -163,12 +168,9 @@ def find(text: str) -> list[Finding]:
     if "@" in text:
         cands += _emails(text)
     for m in _IPV4.finditer(text):
-        v, (s, e) = m.group(), m.span()
-        if (_before(text, s) in _WORDISH or _before(text, s) == "." or _after(text, e) in _WORDISH
-                or (_after(text, e) == "." and _after(text, e + 1).isdigit())):
-            continue
+        v = m.group()
         if all(int(p) <= 255 for p in v.split(".")) and _is_ip(v):
-            cands.append(Finding("IP_ADDRESS", s, e, v))
+            cands.append(Finding("IP_ADDRESS", *m.span(), v))
     if _IPV6_HINT.search(text):
         for m in _IPV6.finditer(text):
             v, (s, e) = m.group(), m.span()
@@ -176,31 +178,17 @@ def find(text: str) -> list[Finding]:
                     and _before(text, s) not in _WORDISH and _after(text, e) not in _WORDISH):
                 cands.append(Finding("IP_ADDRESS", s, e, v))
     for m in _CARD.finditer(text):
-        s, e = m.span()
-        if _before(text, s) in _WORDISH or _before(text, s) in (".", "-") or _after(
-                text, e) in _WORDISH:
-            continue
         digits = re.sub(r"\D", "", m.group())
         if 13 <= len(digits) <= 19 and len(set(digits)) > 1 and luhn_ok(digits):
-            cands.append(Finding("CREDIT_CARD", s, e, m.group()))
+            cands.append(Finding("CREDIT_CARD", *m.span(), m.group()))
     for m in _IBAN.finditer(text):
         s, e = m.span()
         if _before(text, s) not in _WORDISH and _after(text, e) not in _WORDISH and iban_ok(
                 m.group()):
             cands.append(Finding("IBAN", s, e, m.group()))
     for m in _PHONE.finditer(text):
-        s = m.start()
-        if _before(text, s) in _WORDISH or _before(text, s) in ("+", ".", "-"):
-            continue
-        sm = _PHONE_SHAPE.match(text, s, m.end())
-        if sm is None:
-            continue
-        nxt, nxt2 = _after(text, sm.end()), _after(text, sm.end() + 1)
-        if nxt in _WORDISH or nxt == "-" or (nxt == "." and nxt2.isdigit()):
-            continue
-        n = sum(c.isdigit() for c in sm.group())
-        if 7 <= n <= 15:
-            cands.append(Finding("PHONE", s, sm.end(), sm.group()))
+        if 7 <= sum(c.isdigit() for c in m.group()) <= 15:
+            cands.append(Finding("PHONE", *m.span(), m.group()))
     cands.sort(key=lambda f: (f.start, _PRIORITY[f.type], -f.end))
     out: list[Finding] = []
     for f in cands:
