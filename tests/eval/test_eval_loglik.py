@@ -46,6 +46,10 @@ def test_batch_size_invariance(tiny_model, tokenizer, corpus_docs) -> None:  # t
     a = loglik(tiny_model, texts, tokenizer, batch_size=1, return_hidden=True)
     b = loglik(tiny_model, texts, tokenizer, batch_size=4, return_hidden=True)
     c = loglik(tiny_model, texts, tokenizer, batch_size=9, return_hidden=True)
+    again = loglik(tiny_model, texts, tokenizer, batch_size=4, return_hidden=True)
+    for x, y in zip(b, again, strict=True):  # deterministic: bit-identical on a rerun
+        np.testing.assert_array_equal(x.logprobs, y.logprobs)
+        np.testing.assert_array_equal(x.hidden, y.hidden)
     for x, y, z in zip(a, b, c, strict=True):
         for other in (y, z):
             np.testing.assert_allclose(x.logprobs, other.logprobs, atol=1e-5, rtol=0)

@@ -158,11 +158,14 @@ def _routing_plot(res: dict[str, Any]) -> Any | None:
     layers = idr["layers"]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     im = axes[0].imshow([x["load"] for x in layers], aspect="auto", cmap="viridis")
-    axes[0].set(title="ID load per expert", xlabel="expert", ylabel="MoE layer")
+    axes[0].set(title="ID load per expert", xlabel="expert", ylabel="MoE layer",
+                yticks=range(len(layers)), yticklabels=[str(x["layer"]) for x in layers],
+                xticks=range(idr["num_experts"]))
     fig.colorbar(im, ax=axes[0])
     im = axes[1].imshow(layers[0]["coactivation"], cmap="magma")
-    axes[1].set(title=f"co-activation, layer {layers[0]['layer']}", xlabel="expert",
-                ylabel="P(col | row)")
+    axes[1].set(title=f"co-activation P(col | row), layer {layers[0]['layer']}",
+                xlabel="expert", ylabel="expert", xticks=range(idr["num_experts"]),
+                yticks=range(idr["num_experts"]))
     fig.colorbar(im, ax=axes[1])
     for name, c in res["moe"].get("id_vs_ood", {}).items():
         if c:

@@ -102,7 +102,7 @@ def run_eval(
     model_dir: Path, data_dir: Path, out_dir: Path, *, quick: bool = False,
     progress: bool = True, task_files: Sequence[Path] = (), ood_sets: Sequence[Path] = (),
     compare: Path | None = None, seed: int = 0, batch_size: int = 16,
-    store_temperature: bool = True, device: str | None = None,
+    store_temperature: bool = True, device: str | None = None, sizes: Sizes | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model; write `out_dir/eval.json` + `report.html`; return a short summary."""
     from trustmoe.model.hf import load
@@ -121,7 +121,7 @@ def run_eval(
         if not tok_path.exists():
             raise TrustmoeError(f"no tokenizer.json in {model_dir} or {data_dir}")
     torch.manual_seed(seed)
-    sz = Sizes.for_mode(quick)
+    sz = sizes or Sizes.for_mode(quick)
     window = model.config.max_position_embeddings
     stages = _Stages(["load data", "held-out pass", "training pass", "calibration", "tasks",
                       "robustness", "attack", "ood", "membership", "report"], progress)

@@ -1,0 +1,136 @@
+"""End to end: eval.json + report.html, determinism, batch-size invariance, bad input, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from trustmoe.eval.report import compare_rows, flatten
+from trustmoe.eval.runner import Sizes, run_eval
+from trustmoe.io import TrustmoeError
+
+SMALL = Sizes(n_val=16, n_train=10, max_tokens=64, n_task=6, n_robust=4, n_attack=2,
+              attack_subs=1, attack_candidates=4, n_calib_docs=4, calib_tokens=32)
+
+
+def _numbers(path: Path) -> dict[str, float]:
+    res = json.loads((path / "eval.json").read_text())
+    return {k: v for k, v in flatten(res).items()}
+
+
+@pytest.fixture(scope="module")
+def model_copy(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Path:
+    d = tmp_path_factory.mktemp("m") / "model"
+    shutil.copytree(model_dir, d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory: pytest.TempPathFactory, model_copy: Path, data_dir: Path
+              ) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("e") / "eval1"
+    summary = run_eval(model_copy, data_dir, out, progress=False, sizes=SMALL, batch_size=8)
+    return out, summary
+
+
+def test_writes_every_section(first_run: tuple[Path, dict[str, Any]], model_copy: Path) -> None:
+    out, summary = first_run
+    res = json.loads((out / "eval.json").read_text())
+    for key in ("perplexity", "tasks", "calibration", "ood", "robustness", "attack",
+                "membership", "moe", "model", "data", "settings", "timing_s"):
+        assert key in res, key
+    assert set(res["tasks"]) == {"next-line", "next-words"}
+    assert set(res["ood"]) == {"shuffled-tokens", "char-noise"}
+    assert res["membership"]["n_members"] == 10 and res["membership"]["n_nonmembers"] == 16
+    layers = res["moe"]["id"]["layers"]
+    assert len(layers) == 2 and len(layers[0]["tokens_per_expert"]) == 4
+    assert res["moe"]["id_vs_ood"]["char-noise"]["layers"][0]["load_js_divergence"] >= 0
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 5 and "Reliability" in html
+    assert summary["report"] == str(out / "report.html")
+    meta = json.loads((model_copy / "trustmoe.json").read_text())
+    assert meta["training"] == {"steps": 0}  # other keys kept
+    assert meta["calibration"]["temperature"] == pytest.approx(summary["temperature"], abs=1e-3)
+    assert "NaN" not in (out / "eval.json").read_text()
+
+
+def test_rerun_with_other_batch_size_same_numbers_and_compare(
+    first_run: tuple[Path, dict[str, Any]], model_copy: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    out1, _ = first_run
+    run_eval(model_copy, data_dir, tmp_path / "e2", progress=False, sizes=SMALL, batch_size=3,
+             compare=out1, store_temperature=False)
+    a, b = _numbers(out1), _numbers(tmp_path / "e2")
+    assert set(a) == set(b)
+    for k in a:
+        if k.startswith(("timing_s", "settings.batch_size")):
+            continue
+        assert b[k] == pytest.approx(a[k], abs=1e-5, rel=1e-5), k
+    html = (tmp_path / "e2" / "report.html").read_text()
+    assert "Comparison with" in html and "perplexity.perplexity" in html
+    rows = compare_rows(json.loads((tmp_path / "e2" / "eval.json").read_text()),
+                        json.loads((out1 / "eval.json").read_text()))
+    row = next(r for r in rows if r[0] == "perplexity.bits_per_byte")
+    assert abs(float(row[3])) < 1e-5
+
+
+def test_bad_inputs(model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    bad_task = tmp_path / "t.jsonl"
+    bad_task.write_text(json.dumps({"context": "a", "choices": ["b", "c"], "gold": 5}) + "\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    cases = [
+        (dict(model_dir=tmp_path, data_dir=data_dir), "config"),
+        (dict(model_dir=model_dir, data_dir=tmp_path / "nodata"), "not found"),
+        (dict(model_dir=model_dir, data_dir=data_dir, task_files=[bad_task]), "gold"),
+        (dict(model_dir=model_dir, data_dir=data_dir, ood_sets=[empty]), "empty"),
+        (dict(model_dir=model_dir, data_dir=data_dir, compare=tmp_path), "eval.json"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(TrustmoeError, match=msg):
+            run_eval(out_dir=tmp_path / "out", progress=False, sizes=SMALL, **kw)  # type: ignore[arg-type]
+    with pytest.raises(TrustmoeError, match="input directory"):
+        run_eval(model_dir, data_dir, model_dir, progress=False, sizes=SMALL)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "keep.txt").write_text("x")
+    with pytest.raises(TrustmoeError, match="refusing"):
+        run_eval(model_dir, data_dir, tmp_path / "foreign", progress=False, sizes=SMALL)
+    assert (tmp_path / "foreign" / "keep.txt").read_text() == "x"
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_errors_are_one_line(model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "t.jsonl"
+    bad.write_text('{"context": "a"}\n')
+    cmd = [sys.executable, "-m", "trustmoe.cli", "eval", str(model_dir), "--data",
+           str(data_dir), "--out", str(tmp_path / "o"), "--tasks", str(bad)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "missing field(s) choices, gold" in p.stderr and "Traceback" not in p.stderr
+    from trustmoe.cli import app
+
+    r = CliRunner().invoke(app, ["eval", "--help"])
+    assert r.exit_code == 0 and "--ood" in r.output and "--compare" in r.output
+
+
+@pytest.mark.slow
+def test_cli_quick_json(model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    from trustmoe.cli import app
+
+    ood = tmp_path / "code.txt"
+    ood.write_text("def f(x):\n    return x + 1\n\nfor i in range(10):\n    print(i)\n")
+    r = CliRunner().invoke(app, ["eval", str(model_dir), "--data", str(data_dir), "--out",
+                                 str(tmp_path / "ev"), "--quick", "--json", "--ood", str(ood),
+                                 "--no-store-temperature"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output)
+    assert set(summary["ood_best_auroc"]) == {"shuffled-tokens", "char-noise", "ood:code"}
+    assert (tmp_path / "ev" / "report.html").exists()
