@@ -1,0 +1,124 @@
+"""Log-likelihood requests/s: trustmoe.eval's batched primitive vs a one-request-at-a-time loop.
+
+Requests look like multiple-choice scoring: a context of 16..192 tokens and a continuation of
+1..12 tokens (random ids; speed does not depend on the weights). Both paths run on the same
+model and requests, interleaved round by round in one process, so machine noise hits both;
+the JSON reports medians, the ratio, and the largest difference between the two paths' summed
+log-likelihoods (they must agree). If `lm_eval` is importable, its HF backend (`HFLM`) scores
+the same token requests too; it is not installed by this project (its dependencies are heavy),
+and the field says so when absent.
+
+    python benchmarks/eval_throughput.py                 # ~1-2 min on 2 cores
+    python benchmarks/eval_throughput.py --quick         # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trustmoe.config import get_preset
+from trustmoe.eval.loglik import Request, continuation_requests, score_requests
+from trustmoe.model.transformer import Transformer
+
+
+def make_requests(n: int, vocab: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        ctx = rng.integers(3, vocab, int(rng.integers(16, 193))).tolist()
+        cont = rng.integers(3, vocab, int(rng.integers(1, 13))).tolist()
+        out.append((ctx, cont))
+    return out
+
+
+@torch.no_grad()
+def one_at_a_time(model: Transformer, reqs: list[Request]) -> list[float]:
+    """The naive loop: one forward per request, full log-softmax, gather the continuation."""
+    out = []
+    for r in reqs:
+        ids = torch.tensor([r.ids])
+        logp = model(ids)[0].float().log_softmax(-1)  # (T, V)
+        tgt = ids[0, r.start:]
+        out.append(float(logp[r.start - 1:-1].gather(1, tgt[:, None]).sum()))
+    return out
+
+
+def lm_eval_peer(model: Transformer, pairs: list[tuple[list[int], list[int]]],
+                 batch_size: int) -> dict[str, Any]:
+    """lm-evaluation-harness's HF backend on the same token requests, when installed."""
+    try:
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        return {"available": False, "note": "lm_eval is not installed; not compared"}
+    from trustmoe.data.tokenizer import save_tokenizer, train_tokenizer
+    from trustmoe.model.hf import save_model
+
+    with tempfile.TemporaryDirectory() as d:
+        save_model(model, d)  # requests are token ids; the tokenizer only satisfies HFLM's init
+        save_tokenizer(train_tokenizer(["a b c d e f g"] * 10, 300), Path(d))
+        lm = HFLM(pretrained=d, batch_size=batch_size, device="cpu")
+        reqs = [(("", ""), [0, *ctx], cont) for ctx, cont in pairs]
+        t0 = time.perf_counter()
+        lm._loglikelihood_tokens(reqs, disable_tqdm=True)
+        dt = time.perf_counter() - t0
+    return {"available": True, "requests_per_s": len(pairs) / dt}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--requests", type=int, default=96)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="tiny preset, 24 requests, 2 rounds")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    if args.quick:
+        args.preset, args.requests, args.rounds = "tiny", 24, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = get_preset(args.preset).model
+    model = Transformer(cfg).to(args.device).eval()
+    pairs = make_requests(args.requests, cfg.vocab_size, 0)
+    reqs = continuation_requests(pairs, cfg.max_position_embeddings)
+    ours_t, naive_t = [], []
+    score_requests(model, reqs[:4], batch_size=args.batch_size)  # warm-up
+    one_at_a_time(model, reqs[:2])
+    max_diff = 0.0
+    for _ in range(args.rounds):
+        t0 = time.perf_counter()
+        ours = score_requests(model, reqs, batch_size=args.batch_size)
+        ours_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        naive = one_at_a_time(model, reqs)
+        naive_t.append(time.perf_counter() - t0)
+        max_diff = max(max_diff, max(abs(a.total - b) for a, b in zip(ours, naive, strict=True)))
+    ours_rps = args.requests / statistics.median(ours_t)
+    naive_rps = args.requests / statistics.median(naive_t)
+    tokens = sum(len(r.ids) for r in reqs)
+    print(json.dumps({
+        "benchmark": "eval_throughput",
+        "preset": args.preset, "device": args.device, "threads": torch.get_num_threads(),
+        "requests": args.requests, "tokens": tokens, "batch_size": args.batch_size,
+        "rounds": args.rounds,
+        "trustmoe_requests_per_s": round(ours_rps, 2),
+        "one_at_a_time_requests_per_s": round(naive_rps, 2),
+        "speedup_vs_one_at_a_time": round(ours_rps / naive_rps, 3),
+        "max_abs_loglik_diff": max_diff,
+        "lm_eval_hf": lm_eval_peer(model, pairs, args.batch_size),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
