@@ -80,3 +80,13 @@ def test_short_and_empty_documents() -> None:
     hashes = [hasher(["x", "y"]), hasher(["x", "y"]), hasher([])]
     clusters = dedup.near_duplicate_clusters(ids, hashes, dedup.NearDupOptions())
     assert [c["documents"] for c in clusters] == [["a", "b"]]
+
+
+def test_batched_signatures_equal_one_by_one() -> None:
+    rng = np.random.default_rng(0)
+    a, b = dedup.permutations(64, 3)
+    sizes = [0, 1, 5, 300, 4095, 4096, 9000, 2, 0, 17]
+    sets = [np.unique(rng.integers(0, 2**63, size=n, dtype=np.uint64)) for n in sizes]
+    batched = dedup.signatures(sets, a, b)
+    for s, row in zip(sets, batched, strict=True):
+        assert np.array_equal(row, dedup.signature(s, a, b))

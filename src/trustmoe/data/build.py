@@ -87,6 +87,7 @@ class BuildResult:
     out_dir: Path
     manifest_sha256: str
     stats: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per step (not in files)
 
     def summary(self) -> dict[str, Any]:
         """A short printable dict: documents kept/dropped, tokens per split, audit counts."""
@@ -109,7 +110,8 @@ def build_dataset(
     allow = frozenset(licenses.canonical(a) for a in opts.allow_licenses)
     stage_dir = out_dir.parent / f".{out_dir.name}.build"
     stage_dir.mkdir(parents=True, exist_ok=True)
-    with _progress(progress) as step:
+    timings: dict[str, float] = {}
+    with _progress(progress, timings) as step:
         step("listing and hashing sources")
         files = {s.name: sources.list_files(s) for s in specs}
         if not any(files.values()):
@@ -131,6 +133,7 @@ def build_dataset(
         step("writing the dataset directory")
         result = _finalize(out_dir, stage_dir, specs, files, audit, shard_info, opts, declared)
     shutil.rmtree(stage_dir, ignore_errors=True)
+    result.timings = timings
     return result
 
 
@@ -284,17 +287,31 @@ def _normal_permissions(d: Path) -> None:
 
 
 @contextmanager
-def _progress(enabled: bool) -> Iterator[Callable[[str], None]]:
-    """Yield `step(description)`: a rich status line per stage when enabled."""
+def _progress(enabled: bool, timings: dict[str, float]) -> Iterator[Callable[[str], None]]:
+    """Yield `step(description)`: records each step's duration; a rich status line per step
+    when enabled."""
+    import time
+
+    state = {"name": "", "t": time.perf_counter()}
+
+    def record(msg: str) -> None:
+        now = time.perf_counter()
+        if state["name"]:
+            timings[str(state["name"])] = round(now - float(state["t"]), 3)
+        state["name"], state["t"] = msg, now
+
     if not enabled:
-        yield lambda _msg: None
+        yield record
+        record("")
         return
     from rich.console import Console
 
     console = Console(stderr=True)
     with console.status("building dataset") as status:
         def step(msg: str) -> None:
+            record(msg)
             status.update(f"[bold]data build[/]: {msg}")
             console.log(msg, highlight=False)
 
         yield step
+    record("")

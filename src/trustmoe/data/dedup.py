@@ -64,6 +64,35 @@ def signature(shingle_set: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarr
     return sig
 
 
+def signatures(sets: list[np.ndarray], a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(sets), num_perm) signatures, computed for many small sets per numpy call.
+
+    Sets are packed into blocks of about `_CHUNK` shingles; each block is hashed with every
+    permutation at once and reduced per set with `np.minimum.reduceat`. Empty sets get the
+    all-max signature (they never match anything).
+    """
+    out = np.full((len(sets), len(a)), _MASK32, dtype=np.uint64)
+    i = 0
+    with np.errstate(over="ignore"):
+        while i < len(sets):
+            if len(sets[i]) >= _CHUNK:
+                out[i] = signature(sets[i], a, b)
+                i += 1
+                continue
+            j, total = i, 0
+            while j < len(sets) and len(sets[j]) < _CHUNK and total + len(sets[j]) <= _CHUNK:
+                total += len(sets[j])
+                j += 1
+            members = [k for k in range(i, j) if len(sets[k])]
+            if members:
+                x = np.concatenate([sets[k] for k in members])[:, None]  # (total, 1)
+                hv = (x * a[None, :] + b[None, :]) >> np.uint64(32)  # (total, P)
+                starts = np.cumsum([0] + [len(sets[k]) for k in members[:-1]])
+                out[members] = np.minimum.reduceat(hv, starts, axis=0)
+            i = j
+    return out
+
+
 def estimate_jaccard(s1: np.ndarray, s2: np.ndarray) -> float:
     return float(np.mean(s1 == s2))
 
@@ -90,12 +119,13 @@ def near_duplicate_clusters(
             i = parent[i]
         return i
 
-    for i, wh in enumerate(word_hashes):
-        sh = shingles(wh, opts.shingle)
-        if len(sh) == 0:
+    sets = [shingles(wh, opts.shingle) for wh in word_hashes]
+    all_sigs = signatures(sets, a, b)  # (N, P)
+    for i in range(len(ids)):
+        if len(sets[i]) == 0:
             sigs.append(None)
             continue
-        sig = signature(sh, a, b)
+        sig = all_sigs[i]
         sigs.append(sig)
         mh = LeanMinHash(seed=opts.seed, hashvalues=sig, scheme="affine32")
         for j in lsh.query(mh):
