@@ -3,6 +3,7 @@ backpressure answers 429 with Retry-After; a client that goes away frees its slo
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import pytest
 from trustmoe.serve.app import create_app
 
 JSON = {"content-type": "application/json"}
+HTTP = httpx.Client(timeout=30)  # one pool: a client per call would rebuild its TLS context
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +32,8 @@ def srv(tiny_model_dir: Path, live_server: Any) -> Iterator[Any]:
 
 def _post(srv: Any, path: str, body: bytes | dict[str, Any]) -> httpx.Response:
     if isinstance(body, dict):
-        return httpx.post(srv.url + path, json=body, timeout=30)
-    return httpx.post(srv.url + path, content=body, headers=JSON, timeout=30)
+        return HTTP.post(srv.url + path, json=body)
+    return HTTP.post(srv.url + path, content=body, headers=JSON)
 
 
 def _ok(srv: Any) -> None:
@@ -82,14 +84,14 @@ def test_bad_request(srv: Any, path: str, body: Any, status: int, needle: str) -
 
 
 def test_unknown_route_and_method(srv: Any) -> None:
-    r = httpx.get(srv.url + "/v1/nope")
+    r = HTTP.get(srv.url + "/v1/nope")
     assert r.status_code == 404 and "error" in r.json()
-    r = httpx.get(srv.url + "/v1/completions")
+    r = HTTP.get(srv.url + "/v1/completions")
     assert r.status_code == 405 and "error" in r.json()
 
 
 def test_body_too_large_is_413(srv: Any) -> None:
-    r = httpx.post(srv.url + "/v1/completions", content=b"x" * (5 << 20), headers=JSON)
+    r = HTTP.post(srv.url + "/v1/completions", content=b"x" * (5 << 20), headers=JSON)
     assert r.status_code == 413
     _ok(srv)
 
@@ -103,10 +105,26 @@ def _wait(pred: Any, timeout: float = 5.0) -> bool:
     return pred()
 
 
+@contextlib.contextmanager
+def slow_engine(engine: Any, delay: float = 0.02) -> Iterator[None]:
+    """Make each engine step take a while, so long requests are surely still running."""
+    step = engine.step
+
+    def slow() -> Any:
+        time.sleep(delay)
+        return step()
+
+    engine.step = slow
+    try:
+        yield
+    finally:
+        del engine.step  # back to the class method
+
+
 def _long_stream(srv: Any, stop: threading.Event, started: list[int]) -> None:
     body = {"prompt": "def", "max_tokens": 200, "ignore_eos": True, "stream": True,
             "temperature": 0}
-    with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=30) as r:
+    with HTTP.stream("POST", srv.url + "/v1/completions", json=body) as r:
         started.append(r.status_code)
         for _ in r.iter_lines():
             if stop.is_set():
@@ -116,18 +134,19 @@ def _long_stream(srv: Any, stop: threading.Event, started: list[int]) -> None:
 def test_over_concurrency_gets_429_then_recovers(srv: Any) -> None:
     stop, started = threading.Event(), []
     threads = [threading.Thread(target=_long_stream, args=(srv, stop, started)) for _ in range(6)]
-    for t in threads:
-        t.start()
-    try:
-        assert _wait(lambda: srv.state.active == 6), srv.state.active
-        r = _post(srv, "/v1/completions", {"prompt": "x", "max_tokens": 2})
-        assert r.status_code == 429, r.text
-        assert r.headers["retry-after"] == "1"
-        assert r.json()["error"]["type"] == "rate_limit_error"
-    finally:
-        stop.set()
+    with slow_engine(srv.engine):
         for t in threads:
-            t.join(30)
+            t.start()
+        try:
+            assert _wait(lambda: srv.state.active == 6), srv.state.active
+            r = _post(srv, "/v1/completions", {"prompt": "x", "max_tokens": 2})
+            assert r.status_code == 429, r.text
+            assert r.headers["retry-after"] == "1"
+            assert r.json()["error"]["type"] == "rate_limit_error"
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
     assert started == [200] * 6
     # disconnects freed every slot, batch entry and KV block
     assert _wait(lambda: srv.state.active == 0 and srv.state.bridge.in_flight == 0)
@@ -139,7 +158,7 @@ def test_full_engine_queue_gets_429(tiny_model_dir: Path, live_server: Any) -> N
     from trustmoe.engine import Engine
 
     engine = Engine(tiny_model_dir, kv_cache_mb=8, max_num_seqs=1, max_queue=1)
-    with live_server(create_app(engine, max_concurrency=64)) as s:
+    with live_server(create_app(engine, max_concurrency=64)) as s, slow_engine(engine):
         stop, started = threading.Event(), []
         threads = [threading.Thread(target=_long_stream, args=(s, stop, started))
                    for _ in range(2)]
@@ -156,10 +175,21 @@ def test_full_engine_queue_gets_429(tiny_model_dir: Path, live_server: Any) -> N
                 t.join(30)
 
 
+def aborted(srv: Any) -> float:
+    text = HTTP.get(srv.url + "/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("trustmoe:request_success_total") and '"abort"' in line)
+
+
 def test_disconnect_frees_slot_and_kv_blocks(srv: Any) -> None:
-    base = srv.engine.stats()
+    with slow_engine(srv.engine):
+        _disconnects(srv)
+
+
+def _disconnects(srv: Any) -> None:
+    base, n_abort = srv.engine.stats(), aborted(srv)
     body = {"prompt": "def", "max_tokens": 200, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=30) as r:
+    with HTTP.stream("POST", srv.url + "/v1/completions", json=body) as r:
         lines = r.iter_lines()
         for _ in range(3):
             next(lines)
@@ -169,8 +199,10 @@ def test_disconnect_frees_slot_and_kv_blocks(srv: Any) -> None:
                  timeout=2.0)
     assert time.monotonic() - t0 < 2.0
     assert srv.engine.stats().kv_blocks_used <= base.kv_blocks_used + 1  # prefix cache may keep 1
+    assert aborted(srv) == n_abort + 1
     # a non-streamed request whose client gives up is aborted too
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(srv.url + "/v1/completions", timeout=0.3,
+        HTTP.post(srv.url + "/v1/completions", timeout=0.3,
                    json={"prompt": "def", "max_tokens": 240, "ignore_eos": True})
     assert _wait(lambda: srv.state.bridge.in_flight == 0 and srv.state.active == 0, timeout=3.0)
+    assert aborted(srv) == n_abort + 2

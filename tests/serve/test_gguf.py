@@ -8,8 +8,6 @@ missing q/k permutation or a swapped gate/up stack makes the logits disagree wit
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -165,15 +163,20 @@ def test_gguf_bad_input(tmp_path: Path, tiny_model_dir: Path) -> None:
 
 
 def test_cli_export_gguf(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from trustmoe.cli import app
+
     out = tmp_path / "cli.gguf"
-    r = subprocess.run([sys.executable, "-m", "trustmoe.cli", "export", "gguf", str(tiny_model_dir),
-                        str(out), "--json"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout.strip().splitlines()[-1])["path"] == str(out)
-    r = subprocess.run([sys.executable, "-m", "trustmoe.cli", "export", "gguf",
-                        str(tmp_path / "nope"), str(out)], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+    r = CliRunner().invoke(app, ["export", "gguf", str(tiny_model_dir), str(out), "--json",
+                                 "--quantize", "f16"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output.strip().splitlines()[-1])
+    assert info["path"] == str(out) and info["quantize"] == "f16" and out.exists()
+    r = CliRunner().invoke(app, ["export", "gguf", str(tmp_path / "nope"), str(out)])
+    assert isinstance(r.exception, TrustmoeError) and "not found" in str(r.exception)
+    r = CliRunner().invoke(app, ["export", "gguf", "--help"])
+    assert r.exit_code == 0 and "llama.cpp" in r.output
 
 
 def test_llama_cpp_greedy_tokens_match(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ def _dump(v: Any) -> bytes:
     return json.dumps(v, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.dictionaries(st.text(max_size=5), values, max_size=5))
 def test_accepts_every_compact_json_object(obj: dict[str, Any]) -> None:
     data = _dump(obj)
@@ -47,7 +47,7 @@ def test_accepts_every_compact_json_object(obj: dict[str, Any]) -> None:
     assert accepts(compile_schema(None), data)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.dictionaries(st.text(max_size=3), values, max_size=3), st.integers(0, 200),
        st.sampled_from(list(b'{}[]",:0123456789.eE+-tfnaulrs\\ ')))
 def test_never_accepts_invalid_json(obj: dict[str, Any], pos: int, byte: int) -> None:

@@ -24,12 +24,12 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-async def _client(url: str, i: int, max_tokens: int) -> tuple[int, str, str | None]:
+async def _client(c: httpx.AsyncClient, url: str, i: int,
+                  max_tokens: int) -> tuple[int, str, str | None]:
     body = {"prompt": f"def func_{i}(x):", "max_tokens": max_tokens, "stream": True,
             "temperature": 0.8, "seed": i, "ignore_eos": i % 2 == 0}
     text, reason, done = [], None, False
-    async with httpx.AsyncClient(timeout=60) as c, \
-            c.stream("POST", url + "/v1/completions", json=body) as r:
+    async with c.stream("POST", url + "/v1/completions", json=body) as r:
         assert r.status_code == 200, await r.aread()
         async for line in r.aiter_lines():
             if not line.startswith("data: "):
@@ -46,8 +46,10 @@ async def _client(url: str, i: int, max_tokens: int) -> tuple[int, str, str | No
 
 
 async def _round(url: str, max_tokens: int) -> list[tuple[int, str, str | None]]:
-    tasks = [_client(url, i, max_tokens) for i in range(CLIENTS)]
-    return await asyncio.wait_for(asyncio.gather(*tasks), timeout=90)
+    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as c:  # 64 connections, one pool
+        tasks = [_client(c, url, i, max_tokens) for i in range(CLIENTS)]
+        return await asyncio.wait_for(asyncio.gather(*tasks), timeout=90)
 
 
 def test_soak_64_streaming_clients(tiny_model_dir: Path, live_server: Any) -> None:
@@ -57,12 +59,12 @@ def test_soak_64_streaming_clients(tiny_model_dir: Path, live_server: Any) -> No
     app = create_app(engine, max_concurrency=CLIENTS)
     state = app.state.trustmoe
     with live_server(app) as srv:
-        asyncio.run(_round(srv.url, 2))  # warm up allocator, tokenizer, threads
+        asyncio.run(_round(srv.url, 1))  # warm up allocator, tokenizer, threads
         gc.collect()
         base_rss, base_kv = rss_mb(), engine.stats().kv_blocks_used
         t0 = time.monotonic()
         for _ in range(ROUNDS):
-            results = asyncio.run(_round(srv.url, 16))
+            results = asyncio.run(_round(srv.url, 8))
             assert sorted(i for i, _, _ in results) == list(range(CLIENTS))  # none lost
             for i, text, reason in results:
                 assert reason in ("stop", "length"), (i, reason)
