@@ -98,12 +98,14 @@ def estimate_jaccard(s1: np.ndarray, s2: np.ndarray) -> float:
 
 
 def near_duplicate_clusters(
-    ids: list[str], word_hashes: list[np.ndarray], opts: NearDupOptions
+    ids: list[str], word_hashes: list[np.ndarray], opts: NearDupOptions,
+    sig_store: dict[str, np.ndarray] | None = None,
 ) -> list[dict[str, object]]:
     """Clusters of near-duplicate documents, each {"documents": [...], "similarity": min est.}.
 
     `ids` must be in keep-priority order (the first of each cluster is the one to keep).
-    Empty documents never join a cluster.
+    Empty documents never join a cluster. `sig_store`, when given, receives each document's
+    signature (the poisoning screen reuses them).
     """
     from datasketch import LeanMinHash, MinHashLSH
 
@@ -121,6 +123,8 @@ def near_duplicate_clusters(
 
     sets = [shingles(wh, opts.shingle) for wh in word_hashes]
     all_sigs = signatures(sets, a, b)  # (N, P)
+    if sig_store is not None:
+        sig_store.update(zip(ids, all_sigs, strict=True))
     for i in range(len(ids)):
         if len(sets[i]) == 0:
             sigs.append(None)

@@ -10,7 +10,8 @@
    bidirectional-control characters (Trojan-Source style).
 
 "Rare": the trigger bigram occurs in at most `max_df_fraction` of the documents. "Unrelated":
-documents whose 5-word-shingle Jaccard similarity is below `related_jaccard` pairwise (so
+documents whose 5-word-shingle Jaccard similarity (MinHash estimate) is below
+`related_jaccard` pairwise (so
 copies of one file do not count as an attack across files).
 
 Scores (higher = more suspicious):
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,25 +47,34 @@ class PoisonOptions:
     max_findings: int = 200
 
 
-def _unrelated(docs: list[int], sets: dict[int, np.ndarray], hashes: list[np.ndarray],
-               limit: float) -> list[int]:
-    """Greedy subset of docs whose pairwise 5-word-shingle Jaccard is below `limit`."""
-    chosen: list[tuple[int, np.ndarray]] = []
+SigFn = Callable[[int], np.ndarray]
+
+
+def minhash_signer(hashes: list[np.ndarray], num_perm: int = 64) -> SigFn:
+    """Signatures of documents on demand (cached), for the relatedness check."""
+    from trustmoe.data.dedup import permutations, shingles, signature
+
+    a, b = permutations(num_perm, 1)
+    cache: dict[int, np.ndarray] = {}
+
+    def sig(d: int) -> np.ndarray:
+        if d not in cache:
+            cache[d] = signature(shingles(hashes[d], 5), a, b)
+        return cache[d]
+
+    return sig
+
+
+def _unrelated(docs: list[int], sig: SigFn, limit: float) -> list[int]:
+    """Greedy subset of docs whose pairwise (MinHash-estimated) Jaccard is below `limit`."""
+    chosen: list[np.ndarray] = []
+    out: list[int] = []
     for d in docs:
-        if d not in sets:
-            wh = hashes[d]
-            sets[d] = np.unique(ngram_hashes(wh, min(5, len(wh)))) if len(wh) else wh
-        s = sets[d]
-        ok = True
-        for _, t in chosen:
-            inter = len(np.intersect1d(s, t, assume_unique=True))
-            union = len(s) + len(t) - inter
-            if union and inter / union >= limit:
-                ok = False
-                break
-        if ok:
-            chosen.append((d, s))
-    return [d for d, _ in chosen]
+        s = sig(d)
+        if all(float(np.mean(s == t)) < limit for t in chosen):
+            chosen.append(s)
+            out.append(d)
+    return out
 
 
 def _consistent_pairs(hashes: list[np.ndarray], opts: PoisonOptions
@@ -114,13 +125,14 @@ def _consistent_pairs(hashes: list[np.ndarray], opts: PoisonOptions
 
 
 def sequence_patterns(ids: list[str], texts: list[str], hashes: list[np.ndarray],
-                      opts: PoisonOptions) -> list[dict[str, Any]]:
+                      opts: PoisonOptions, sig: SigFn | None = None) -> list[dict[str, Any]]:
     """trigger_payload and identical_insertion findings (one per set of documents)."""
     n_docs, L = len(ids), opts.payload_words
-    sets: dict[int, np.ndarray] = {}
+    sig = sig or minhash_signer(hashes)
+    doc_words: dict[int, list[str]] = {}
     findings = []
     for docs_key, hits in _consistent_pairs(hashes, opts).items():
-        unrelated = _unrelated(list(docs_key), sets, hashes, opts.related_jaccard)
+        unrelated = _unrelated(list(docs_key), sig, opts.related_jaccard)
         if len(unrelated) < opts.min_docs:
             continue
         hits.sort()
@@ -132,7 +144,9 @@ def sequence_patterns(ids: list[str], texts: list[str], hashes: list[np.ndarray]
         run = max(runs, key=len)  # the longest shared run names the finding
         start, span = run[0][0], run[-1][0] - run[0][0] + 2 + L
         rarity = math.log((n_docs + 1) / (min(h[1] for h in run) + 1))
-        first_words = words(normalize(texts[docs_key[0]]))
+        if docs_key[0] not in doc_words:
+            doc_words[docs_key[0]] = words(normalize(texts[docs_key[0]]))
+        first_words = doc_words[docs_key[0]]
         if span <= 2 * (2 + L) and len(runs) == 1:
             kind = "trigger_payload"
             score = len(unrelated) * max(h[2] for h in run) * rarity
@@ -192,9 +206,11 @@ def _byte_name(b: int) -> str:
     return chr(b) if 33 <= b < 127 else f"0x{b:02x}"
 
 
-def screen(ids: list[str], texts: list[str], hashes: list[np.ndarray], opts: PoisonOptions
-           ) -> list[dict[str, Any]]:
-    """All findings, most suspicious first (at most `max_findings`)."""
-    found = sequence_patterns(ids, texts, hashes, opts) + character_anomalies(ids, texts, opts)
+def screen(ids: list[str], texts: list[str], hashes: list[np.ndarray], opts: PoisonOptions,
+           sig: SigFn | None = None) -> list[dict[str, Any]]:
+    """All findings, most suspicious first (at most `max_findings`). `sig(i)` gives document
+    i's MinHash signature (the near-dup step's, when it ran)."""
+    found = sequence_patterns(ids, texts, hashes, opts, sig) + character_anomalies(
+        ids, texts, opts)
     found.sort(key=lambda f: (-f["score"], f["kind"], f["documents"], f["pattern"]))
     return found[: opts.max_findings]

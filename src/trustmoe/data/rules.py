@@ -128,6 +128,7 @@ class WordCache:
     def __init__(self) -> None:
         self.hasher = WordHasher()
         self._by_id: dict[str, np.ndarray] = {}
+        self.signatures: dict[str, np.ndarray] = {}  # MinHash, from the near-dup step
 
     def get(self, d: Doc) -> np.ndarray:
         wh = self._by_id.get(d.id)
@@ -164,7 +165,8 @@ def near_dedup(docs: list[Doc], audit: dict[str, Any], cache: WordCache, nopts: 
     from trustmoe.data.dedup import near_duplicate_clusters
 
     kept = [d for d in docs if d.kept]
-    clusters = near_duplicate_clusters([d.id for d in kept], [cache.get(d) for d in kept], nopts)
+    clusters = near_duplicate_clusters([d.id for d in kept], [cache.get(d) for d in kept], nopts,
+                                       sig_store=cache.signatures)
     by_id = {d.id: d for d in kept}
     for c in clusters:
         members = c["documents"]
@@ -192,7 +194,7 @@ def pii_step(docs: list[Doc], audit: dict[str, Any], cache: WordCache, mode: str
         elif mode == "redact":
             d.text = pii.redact(d.text, fs)
             d.changes["pii_redacted"] = d.changes.get("pii_redacted", 0) + len(fs)
-            cache.invalidate(d)
+            cache.invalidate(d)  # its signature is kept: a few redactions do not change it
     audit["pii"] = found
 
 
@@ -219,8 +221,15 @@ def contamination_step(docs: list[Doc], audit: dict[str, Any], cache: WordCache,
 
 
 def poison_step(docs: list[Doc], audit: dict[str, Any], cache: WordCache, popts: Any) -> None:
-    from trustmoe.data.poison import screen
+    from trustmoe.data.poison import minhash_signer, screen
 
     kept = [d for d in docs if d.kept]
-    audit["poisoning"] = screen([d.id for d in kept], [d.text or "" for d in kept],
-                                [cache.get(d) for d in kept], popts)
+    hashes = [cache.get(d) for d in kept]
+    fallback = minhash_signer(hashes)
+
+    def sig(i: int) -> np.ndarray:
+        s = cache.signatures.get(kept[i].id)
+        return s if s is not None else fallback(i)
+
+    audit["poisoning"] = screen([d.id for d in kept], [d.text or "" for d in kept], hashes,
+                                popts, sig)
