@@ -61,7 +61,8 @@ class _Scorer:
         for j, cont in enumerate(self.conts):
             ids[:, j, 1 + Tc:1 + Tc + len(cont)] = torch.tensor(cont)
             mask[:, j, Tc:Tc + len(cont)] = True  # logits at p predict ids[p + 1]
-        return ids.view(C * n, T), mask.view(C * n, T - 1)
+        dev = self.model.device
+        return ids.view(C * n, T).to(dev), mask.view(C * n, T - 1).to(dev)
 
     def lls(self, logits: Tensor, ids: Tensor, mask: Tensor, C: int) -> Tensor:
         # logits: (C*n, T, V) -> summed continuation log-likelihoods (C, n)
@@ -102,10 +103,10 @@ def attack_instance(
         return Outcome("skipped", 0, len(ctx), queries, ctx, before, before)
     Tc = len(ctx)
     for _ in range(max_subs):
-        grad = _one_hot_grad(model, scorer, cur, inst.gold, target)  # (Tc, V)
+        grad = _one_hot_grad(model, scorer, cur, inst.gold, target).cpu()  # (Tc, V)
         grad[:, BOS_ID] = float("inf")  # never insert document separators
         grad[torch.arange(Tc), cur] = float("inf")
-        top = (-grad).topk(min(top_k, V - 2), dim=1).indices  # (Tc, k) most promising swaps
+        top = (-grad).topk(min(top_k, V - 2), dim=1).indices.cpu()  # (Tc, k) best swaps
         pairs = [(p, int(top[p, j])) for p in range(Tc) for j in range(top.shape[1])]
         cands = rng.sample(pairs, min(n_candidates, len(pairs)))
         batch = cur.repeat(len(cands), 1)  # (C, Tc)
@@ -135,7 +136,7 @@ def _one_hot_grad(model: Transformer, scorer: _Scorer, cur: Tensor, gold: int,
     W = emb.weight  # (V, d)
     Tc = cur.shape[0]
     one_hot = torch.zeros(Tc, W.shape[0], dtype=W.dtype, device=W.device)
-    one_hot[torch.arange(Tc), cur] = 1.0
+    one_hot[torch.arange(Tc, device=W.device), cur.to(W.device)] = 1.0
     one_hot.requires_grad_(True)
     ids, mask = scorer.batch(cur[None])
 
