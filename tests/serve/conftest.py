@@ -78,3 +78,20 @@ class LiveServer:
 def live_server() -> type[LiveServer]:
     """`with live_server(app) as srv:` runs `app` on a free 127.0.0.1 port (srv.url)."""
     return LiveServer
+
+
+@pytest.fixture(scope="session")
+def shared_engine(tiny_model_dir: Path) -> Any:
+    """One engine for the server tests (building one costs seconds). Only one server at a
+    time may drive it: each test module's server is shut down before the next starts."""
+    from trustmoe.engine import Engine
+
+    return Engine(tiny_model_dir, kv_cache_mb=32, max_num_seqs=32, max_queue=64)
+
+
+@pytest.fixture(scope="session")
+def small_engine(tiny_model_dir: Path) -> Any:
+    """One running sequence and one waiting: the engine's own queue fills at the third."""
+    from trustmoe.engine import Engine
+
+    return Engine(tiny_model_dir, kv_cache_mb=8, max_num_seqs=1, max_queue=1)

@@ -7,7 +7,6 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,10 +19,8 @@ HTTP = httpx.Client(timeout=30)  # one pool: a client per call would rebuild its
 
 
 @pytest.fixture(scope="module")
-def srv(tiny_model_dir: Path, live_server: Any) -> Iterator[Any]:
-    from trustmoe.engine import Engine
-
-    engine = Engine(tiny_model_dir, kv_cache_mb=16, max_num_seqs=4, max_queue=8)
+def srv(live_server: Any, shared_engine: Any) -> Iterator[Any]:
+    engine = shared_engine
     app = create_app(engine, max_concurrency=6)
     with live_server(app) as s:
         s.engine, s.state = engine, app.state.trustmoe
@@ -154,18 +151,17 @@ def test_over_concurrency_gets_429_then_recovers(srv: Any) -> None:
     _ok(srv)
 
 
-def test_full_engine_queue_gets_429(tiny_model_dir: Path, live_server: Any) -> None:
-    from trustmoe.engine import Engine
-
-    engine = Engine(tiny_model_dir, kv_cache_mb=8, max_num_seqs=1, max_queue=1)
+def test_full_engine_queue_gets_429(live_server: Any, small_engine: Any) -> None:
+    engine = small_engine
     with live_server(create_app(engine, max_concurrency=64)) as s, slow_engine(engine):
         stop, started = threading.Event(), []
         threads = [threading.Thread(target=_long_stream, args=(s, stop, started))
                    for _ in range(2)]
-        for t in threads:
-            t.start()
         try:
-            assert _wait(lambda: s.app.state.trustmoe.bridge.in_flight == 2)
+            for n, t in enumerate(threads, 1):  # one running, then one waiting: queue full
+                t.start()
+                assert _wait(lambda n=n: s.app.state.trustmoe.bridge.in_flight == n
+                             and engine.stats().running == 1)
             r = _post(s, "/v1/completions", {"prompt": "x", "max_tokens": 2})
             assert r.status_code == 429 and "queue" in r.json()["error"]["message"]
             assert r.headers["retry-after"] == "1"
@@ -173,6 +169,7 @@ def test_full_engine_queue_gets_429(tiny_model_dir: Path, live_server: Any) -> N
             stop.set()
             for t in threads:
                 t.join(30)
+    assert started == [200, 200]
 
 
 def aborted(srv: Any) -> float:

@@ -26,11 +26,8 @@ PROMPT = "def func_1(x, y):\n    return"
 
 
 @pytest.fixture(scope="module")
-def live(tiny_model_dir: Path, live_server: Any) -> Iterator[Any]:
-    from trustmoe.engine import Engine
-
-    engine = Engine(tiny_model_dir, kv_cache_mb=16, max_num_seqs=16, max_queue=64)
-    app = create_app(engine, chat_template=ChatTemplate.from_model_dir(tiny_model_dir))
+def live(tiny_model_dir: Path, live_server: Any, shared_engine: Any) -> Iterator[Any]:
+    app = create_app(shared_engine, chat_template=ChatTemplate.from_model_dir(tiny_model_dir))
     with live_server(app) as srv:
         yield srv
 
@@ -213,11 +210,9 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
     assert "no-such-model" in str(e.value)
 
 
-def test_api_key_guards_all_but_health(tiny_model_dir: Path, live_server: Any) -> None:
-    from trustmoe.engine import Engine
-
-    engine = Engine(tiny_model_dir, kv_cache_mb=8, max_num_seqs=4)
-    with live_server(create_app(engine, api_key="s3cret")) as srv:
+def test_api_key_guards_all_but_health(tiny_model_dir: Path, live_server: Any,
+                                       small_engine: Any) -> None:
+    with live_server(create_app(small_engine, api_key="s3cret")) as srv:
         assert httpx.get(srv.url + "/health").status_code == 200
         assert httpx.get(srv.url + "/v1/models").status_code == 401
         assert httpx.get(srv.url + "/metrics").status_code == 401

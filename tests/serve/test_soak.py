@@ -8,7 +8,6 @@ import gc
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -52,10 +51,8 @@ async def _round(url: str, max_tokens: int) -> list[tuple[int, str, str | None]]
         return await asyncio.wait_for(asyncio.gather(*tasks), timeout=90)
 
 
-def test_soak_64_streaming_clients(tiny_model_dir: Path, live_server: Any) -> None:
-    from trustmoe.engine import Engine
-
-    engine = Engine(tiny_model_dir, kv_cache_mb=32, max_num_seqs=32, max_queue=64)
+def test_soak_64_streaming_clients(live_server: Any, shared_engine: Any) -> None:
+    engine = shared_engine
     app = create_app(engine, max_concurrency=CLIENTS)
     state = app.state.trustmoe
     with live_server(app) as srv:
