@@ -223,7 +223,11 @@ class Engine:
                 want = "all"
             elif end >= len(s.prompt_ids):
                 want = "last"
-            chunks.append(Chunk(s.all_ids[w.start:end], w.start, s.slots[:end], want))
+            n_prompt = len(s.prompt_ids)
+            toks = s.output_ids[w.start - n_prompt: end - n_prompt] if w.start >= n_prompt \
+                else s.all_ids[w.start:end]
+            chunks.append(Chunk(toks, w.start, s.slots[:end], want,
+                                first_slot=self.scheduler.first_slot(s)))
         logits = self.runner.forward(chunks)
         to_sample: list[tuple[Sequence, torch.Tensor]] = []
         finished_now: list[Sequence] = []

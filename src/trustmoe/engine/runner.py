@@ -79,7 +79,10 @@ def rope_tables(cfg: ModelConfig, device: torch.device) -> tuple[Tensor, Tensor]
     t = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
     freqs = torch.outer(t, inv)  # (P, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (P, hd)
-    return emb.cos().to(device), emb.sin().to(device)
+    # sin with the first half negated: rotate_half(x) * sin == x.roll(hd/2) * signed_sin
+    sin = emb.sin()
+    sin[:, : hd // 2] = -sin[:, : hd // 2]
+    return emb.cos().to(device), sin.to(device)
 
 
 @torch.no_grad()
@@ -126,7 +129,7 @@ def build_weights(model: Transformer, quantize: str | None = None, group_size: i
     return RunnerWeights(
         cfg=cfg, embed=model.embed_tokens.weight.detach().to(device, dtype), layers=layers,
         norm=model.norm.weight.detach().to(device, dtype), lm_head=W(model.lm_head.weight),
-        cos=cos, sin=sin, dtype=dtype, quantize=quantize,
+        cos=cos.to(dtype), sin=sin.to(dtype), dtype=dtype, quantize=quantize,
     )
 
 
@@ -161,6 +164,7 @@ class Chunk:
     slots: Tensor  # (start + T,) KV slots of positions 0..start+T-1
     logits: str = "last"  # "last" | "all" | "none"
     rows: slice = field(default_factory=lambda: slice(0, 0))
+    first_slot: int | None = None  # set when slots are one contiguous run (no gather needed)
 
 
 class ModelRunner:
@@ -224,10 +228,17 @@ class ModelRunner:
             off += len(c.tokens)
         dev = self.device
         tok = torch.tensor([t for c in chunks for t in c.tokens], dtype=torch.long, device=dev)
-        pos = torch.cat([torch.arange(c.start, c.start + len(c.tokens)) for c in chunks]).to(dev)
-        new_slots = torch.cat([c.slots[c.start:] for c in chunks])  # (N,)
+        if len(chunks) == 1:
+            c0 = chunks[0]
+            new_slots = c0.slots[c0.start:]  # (N,)
+            cos = self.w.cos[c0.start: c0.start + len(c0.tokens)]  # (N, hd)
+            sin = self.w.sin[c0.start: c0.start + len(c0.tokens)]
+        else:
+            pos = torch.cat([torch.arange(c.start, c.start + len(c.tokens)) for c in chunks])
+            pos = pos.to(dev)
+            new_slots = torch.cat([c.slots[c.start:] for c in chunks])  # (N,)
+            cos, sin = self.w.cos[pos], self.w.sin[pos]  # (N, hd)
         groups = self._groups(chunks)
-        cos, sin = self.w.cos[pos].to(self.w.dtype), self.w.sin[pos].to(self.w.dtype)  # (N, hd)
         masks = [self._mask(c) for c in chunks]
         x = self.w.embed[tok]  # (N, d)
         for i, lw in enumerate(self.w.layers):
@@ -251,16 +262,19 @@ class ModelRunner:
         H, Hkv, hd = self.H, self.Hkv, self.hd
         h = F.rms_norm(x, (x.shape[-1],), lw.ln1, self.cfg.rms_norm_eps)
         qkv = self._lin(h, lw.wqkv, groups)  # (N, (H + 2Hkv) * hd)
-        q = qkv[:, : H * hd].view(N, H, hd)
-        k = qkv[:, H * hd: (H + Hkv) * hd].view(N, Hkv, hd)
+        qk = qkv[:, : (H + Hkv) * hd].view(N, H + Hkv, hd)  # RoPE on q and k at once
+        qk = torch.addcmul(qk * cos[:, None, :], qk.roll(hd // 2, -1), sin[:, None, :])
+        q, k = qk[:, :H], qk[:, H:]  # (N, H, hd), (N, Hkv, hd)
         v = qkv[:, (H + Hkv) * hd:].view(N, Hkv, hd)
-        c, s = cos[:, None, :], sin[:, None, :]  # (N, 1, hd)
-        q = q * c + _rotate_half(q) * s
-        k = k * c + _rotate_half(k) * s
         self.kv.write(layer, new_slots, k.transpose(0, 1), v.transpose(0, 1))
         outs = []
         for ch, mask in zip(chunks, masks, strict=True):
-            kk, vv = self.kv.read(layer, ch.slots)  # (Hkv, S, hd)
+            if ch.first_slot is not None:  # one contiguous run of slots: a view, no copy
+                S = ch.slots.shape[0]
+                kk = self.kv.k[layer, :, ch.first_slot: ch.first_slot + S]  # (Hkv, S, hd)
+                vv = self.kv.v[layer, :, ch.first_slot: ch.first_slot + S]
+            else:
+                kk, vv = self.kv.read(layer, ch.slots)  # (Hkv, S, hd)
             qq = q[ch.rows].transpose(0, 1)[None]  # (1, H, T, hd)
             y = F.scaled_dot_product_attention(qq, kk[None], vv[None], attn_mask=mask,
                                                enable_gqa=Hkv != H)  # (1, H, T, hd)
@@ -273,10 +287,11 @@ class ModelRunner:
         if lw.router is None:
             return self._lin(_swiglu(self._lin(h, lw.w13[0], groups)), lw.w2[0], groups)
         logits = self._lin(h, lw.router, groups).float()  # (N, E)
-        probs = logits.softmax(dim=-1)
-        wts, ids = probs.topk(self.cfg.num_experts_per_tok, dim=-1)  # (N, k)
-        if self.cfg.norm_topk_prob:
-            wts = wts / wts.sum(dim=-1, keepdim=True)
+        if self.cfg.norm_topk_prob:  # softmax over the top-k logits == renormalised top-k probs
+            top, ids = logits.topk(self.cfg.num_experts_per_tok, dim=-1)  # (N, k)
+            wts = top.softmax(dim=-1)
+        else:
+            wts, ids = logits.softmax(dim=-1).topk(self.cfg.num_experts_per_tok, dim=-1)
         wts = wts.to(h.dtype)
         if self.moe_path == "gather" and h.shape[0] <= 4:
             y = self._moe_gather(lw, h, wts, ids)
@@ -292,10 +307,10 @@ class ModelRunner:
     def _moe_sorted(self, lw: LayerWeights, x: Tensor, wts: Tensor, ids: Tensor) -> Tensor:
         # x: (n, d); wts, ids: (n, k) -> (n, d); experts read in place, one matmul per expert
         n, k = ids.shape
-        if n == 1:  # one token: its k experts in slot order
+        if n == 1:  # one token: its k experts in slot order (same arithmetic as below)
             y: Tensor | None = None
-            for j, e in enumerate(ids[0].tolist()):
-                out = lw.w2[e].mm(_swiglu(lw.w13[e].mm(x))) * wts[:, j: j + 1]  # (1, d)
+            for e, wt in zip(ids[0].tolist(), wts[0].tolist(), strict=True):
+                out = lw.w2[e].mm(_swiglu(lw.w13[e].mm(x))) * wt  # (1, d)
                 y = out if y is None else y + out
             assert y is not None
             return y
@@ -357,11 +372,6 @@ class ModelRunner:
             groups = [slice(0, n)]
         logits = self._lin(h, self.w.lm_head, groups).float()  # (n, V)
         return [None if s is None else logits[s[0]: s[1]] for s in spans]
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def _swiglu(gu: Tensor) -> Tensor:

@@ -162,6 +162,13 @@ class Scheduler:
             seq.reserved -= 1
             self.outstanding -= 1
 
+    def first_slot(self, seq: Sequence) -> int | None:
+        """The first slot when the sequence's blocks are consecutive (attention reads a view)."""
+        t = seq.block_table
+        if t and t[-1] - t[0] == len(t) - 1 and all(b == t[0] + i for i, b in enumerate(t)):
+            return t[0] * self.bs
+        return None
+
     def after_forward(self, seq: Sequence, computed_to: int) -> None:
         """K/V of positions < computed_to are written: offer newly full blocks to the cache."""
         seq.num_computed = computed_to
