@@ -91,7 +91,7 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
     try:
         return model.model_validate(obj)
     except ValidationError as e:
-        raise pydantic_error_to_api(e.errors(include_url=False)) from None
+        raise pydantic_error_to_api([dict(x) for x in e.errors(include_url=False)]) from None
 
 
 def create_app(engine: Any, *, model_name: str | None = None, api_key: str | None = None,
