@@ -89,7 +89,7 @@ def encode_texts(texts: Sequence[str] | Sequence[Sequence[int]], tokenizer: Toke
                 raise TrustmoeError("loglik got strings but no tokenizer: pass tokenizer=")
             out.append(tokenizer.encode(t).ids)
         else:
-            ids = [int(x) for x in t]
+            ids = [int(x) for x in t]  # type: ignore[call-overload]
             if any(x < 0 or x >= vocab_size for x in ids):
                 raise TrustmoeError(
                     f"text {i} has token ids outside the vocabulary [0, {vocab_size})"

@@ -135,7 +135,7 @@ def builtin_tasks(corpus: Corpus, n: int, seed: int = 0, n_choices: int = 4) -> 
     tasks = []
     lines = [[ln for ln in t.split("\n") if ln.strip()] for t in texts]
     pool = [(i, ln) for i, ls in enumerate(lines) for ln in ls[1:]]
-    inst = []
+    inst: list[Instance] = []
     for i, ls in enumerate(lines):
         if len(ls) < 2 or len(inst) >= n:
             continue
