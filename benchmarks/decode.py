@@ -52,10 +52,17 @@ def read_bandwidth(buf: torch.Tensor) -> float:
     """Bytes/s of one full read of `buf` (a sum; the best of three)."""
     best = float("inf")
     for _ in range(3):
+        _sync(buf.device)
         t = time.perf_counter()
         buf.sum()
+        _sync(buf.device)
         best = min(best, time.perf_counter() - t)
     return buf.numel() * buf.element_size() / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def time_engine(eng: Engine, prompt: list[int], n: int) -> float:
@@ -72,7 +79,7 @@ def time_engine(eng: Engine, prompt: list[int], n: int) -> float:
 
 
 def time_hf(hf: Any, prompt: list[int], n: int) -> float:
-    x = torch.tensor([prompt])
+    x = torch.tensor([prompt], device=hf.device)
     kw = dict(do_sample=False, use_cache=True, pad_token_id=0)
     with torch.inference_mode():
         t = time.perf_counter()
@@ -94,13 +101,13 @@ def bench_shape(name: str, shape: dict[str, Any], args: argparse.Namespace) -> d
                            generator=torch.Generator().manual_seed(1)).tolist()
     with tempfile.TemporaryDirectory() as d:
         save_model(model, d)
-        hf = AutoModelForCausalLM.from_pretrained(d).eval()
-        engines = {"fp32": Engine(d, kv_cache_mb=64), "int8": Engine(d, quantize="int8",
-                                                                       kv_cache_mb=64)}
+        hf = AutoModelForCausalLM.from_pretrained(d).eval().to(args.device)
+        kw: dict[str, Any] = {"kv_cache_mb": 64, "device": args.device}
+        engines = {"fp32": Engine(d, **kw), "int8": Engine(d, quantize="int8", **kw)}
         if args.int4:
-            engines["int4"] = Engine(d, quantize="int4", kv_cache_mb=64)
+            engines["int4"] = Engine(d, quantize="int4", **kw)
     del model
-    buf = torch.ones(args.bw_mb * 2**20 // 4)
+    buf = torch.ones(args.bw_mb * 2**20 // 4, device=args.device)
     res: dict[str, list[float]] = {k: [] for k in [*engines, "transformers", "read_bw"]}
     for _ in range(args.rounds):  # interleaved: every contender once per round
         res["read_bw"].append(read_bandwidth(buf))
@@ -115,7 +122,7 @@ def bench_shape(name: str, shape: dict[str, Any], args: argparse.Namespace) -> d
     out: dict[str, Any] = {
         "shape": name,
         "tokens": args.tokens, "prompt": args.prompt, "rounds": args.rounds,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "device": args.device,
         "tok_s": {k: round(v, 1) for k, v in med.items() if k != "read_bw"},
         "tok_s_all_rounds": {k: [round(x, 1) for x in v] for k, v in res.items()
                              if k != "read_bw"},
@@ -127,7 +134,7 @@ def bench_shape(name: str, shape: dict[str, Any], args: argparse.Namespace) -> d
         "ratio_fp32_vs_transformers": round(med["fp32"] / med["transformers"], 2),
         "ratio_int8_vs_fp32": round(med["int8"] / med["fp32"], 2),
         "int8_kernel": "fbgemm int8 GEMM, activations quantized per row group at run time"
-        if not args.exact_int8 else "dequantize + fp32 matmul",
+        if args.device == "cpu" else "dequantize + matmul",
         "batch_invariant_group_rows": engines["fp32"].runner.group_rows,
     }
     if "int4" in med:
@@ -154,8 +161,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median taken)")
     ap.add_argument("--bw-mb", type=int, default=512, help="buffer size for the bandwidth probe")
     ap.add_argument("--int4", action="store_true", help="also time int4 weights")
-    ap.add_argument("--exact-int8", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--device", default="cpu", help="cpu (the target) or cuda")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -32,6 +32,8 @@ from trustmoe.model.moe import MoE
 from trustmoe.model.quantize import FloatWeight, Weight, make_weight
 from trustmoe.model.transformer import Transformer
 
+GATHER_MAX_ROWS = 8  # decode-sized row groups take the gather path when it is on
+
 
 @dataclass
 class LayerWeights:
@@ -293,12 +295,10 @@ class ModelRunner:
         else:
             wts, ids = logits.softmax(dim=-1).topk(self.cfg.num_experts_per_tok, dim=-1)
         wts = wts.to(h.dtype)
-        if self.moe_path == "gather" and h.shape[0] <= 4:
-            y = self._moe_gather(lw, h, wts, ids)
-        elif len(groups) == 1:
-            y = self._moe_sorted(lw, h, wts, ids)
-        else:
-            y = torch.cat([self._moe_sorted(lw, h[g], wts[g], ids[g]) for g in groups])
+        parts = [self._moe_gather(lw, h[g], wts[g], ids[g])
+                 if self.moe_path == "gather" and g.stop - g.start <= GATHER_MAX_ROWS
+                 else self._moe_sorted(lw, h[g], wts[g], ids[g]) for g in groups]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts)
         if lw.shared13 is not None and lw.shared2 is not None and lw.shared_gate is not None:
             gate = torch.sigmoid(self._lin(h, lw.shared_gate, groups))  # (N, 1)
             y = y + gate * self._lin(_swiglu(self._lin(h, lw.shared13, groups)), lw.shared2, groups)
