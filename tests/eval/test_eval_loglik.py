@@ -88,6 +88,7 @@ def test_continuation_requests_match_full_text(tiny_model) -> None:  # type: ign
     np.testing.assert_allclose(s.logprobs, full.logprobs[-3:], atol=1e-5)
     (short,) = continuation_requests([(list(range(3, 300)), cont)], 64)
     assert len(short.ids) == 64 and short.ids[-3:] == cont
+    assert short.ids[0] == 0 and short.ids[1:4] == [240, 241, 242]  # BOS kept, left-truncated
 
 
 def test_temperature_and_logits(tiny_model) -> None:  # type: ignore[no-untyped-def]
@@ -121,3 +122,33 @@ def test_bad_inputs(tiny_model, bad) -> None:  # type: ignore[no-untyped-def]
 def test_strings_need_tokenizer(tiny_model) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(TrustmoeError, match="tokenizer"):
         loglik(tiny_model, ["hello"])
+
+
+def test_packed_groups_equal_separate_requests(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    from trustmoe.eval.packed import score_groups
+
+    groups = [
+        ([5, 6, 7, 8, 9, 10], [[11, 12], [13], [14, 15, 16]]),
+        ([20, 21], [[22], [23, 24]]),
+        (list(range(30, 80)), [[81, 82, 83], [84]]),
+    ]
+    with RoutingCollector(tiny_model) as rc:
+        packed = score_groups(tiny_model, groups, batch_size=2, routing=rc)
+    for (ctx, conts), got in zip(groups, packed, strict=True):
+        ref = score_requests(tiny_model, continuation_requests([(ctx, c) for c in conts], 256))
+        assert len(got) == len(conts)
+        for g, r in zip(got, ref, strict=True):
+            np.testing.assert_array_equal(g.targets, r.targets)
+            np.testing.assert_allclose(g.logprobs, r.logprobs, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(g.entropy, r.entropy, atol=1e-5, rtol=0)
+            np.testing.assert_array_equal(g.greedy, r.greedy)
+    # routing counts each real packed token once: BOS + context + all continuations
+    n_real = sum(1 + len(c) + sum(len(x) for x in cs) for c, cs in groups)
+    assert summarize_routing(rc)["layers"][0]["tokens"] == n_real
+    # long contexts are cut from the left so the longest continuation still fits
+    (long_got,) = score_groups(tiny_model, [(list(range(3, 400)), [[5, 6], [7, 8]])])
+    (long_ref,) = [score_requests(tiny_model, continuation_requests(
+        [(list(range(3, 400)), [5, 6])], 256))]
+    np.testing.assert_allclose(long_got[0].logprobs, long_ref[0].logprobs, atol=1e-5)
+    with pytest.raises(TrustmoeError):
+        score_groups(tiny_model, [([1, 2], [[]])])

@@ -300,15 +300,19 @@ def loglik(
 
 def continuation_requests(pairs: Sequence[tuple[list[int], list[int]]], max_len: int
                           ) -> list[Request]:
-    """lm-eval's loglikelihood requests: score `cont` after [BOS] + `ctx`, left-truncated."""
+    """lm-eval's loglikelihood requests: score `cont` after [BOS] + `ctx`.
+
+    Too-long contexts lose tokens from the left; unlike lm-eval, BOS is kept, since every
+    training document started after one.
+    """
     reqs = []
     for i, (ctx, cont) in enumerate(pairs):
         if not cont:
             raise TrustmoeError(f"request {i} has an empty continuation")
-        seq = [BOS_ID, *ctx, *cont]
-        if len(cont) >= max_len:
+        if len(cont) + 2 > max_len:
             raise TrustmoeError(f"request {i}: continuation of {len(cont)} tokens exceeds context")
-        seq = seq[-max_len:]
+        keep = max_len - 1 - len(cont)
+        seq = [BOS_ID, *(ctx[-keep:] if len(ctx) > keep else ctx), *cont]
         reqs.append(Request(seq, len(seq) - len(cont)))
     return reqs
 

@@ -4,8 +4,9 @@ Multiple choice follows lm-evaluation-harness exactly: each choice is the contin
 `delimiter + choice` of the context (trailing context whitespace moves to the continuation,
 and the continuation's tokens are those of `context + continuation` after the context's);
 `acc` is the argmax of the summed log-likelihood and `acc_norm` the argmax of the summed
-log-likelihood divided by the choice's length in characters. Standard errors are the
-sample standard deviation over sqrt(n), as lm-eval reports.
+log-likelihood divided by the choice's length in characters. Each item runs as one packed
+forward pass (`packed.score_groups`), its context computed once for all choices. Standard
+errors are the sample standard deviation over sqrt(n), as lm-eval reports.
 
 Task file: JSONL, one object per line: {"context": str, "choices": [str, ...], "gold": int}
 (optional "delimiter", default " ").
@@ -24,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from trustmoe.eval.loglik import Scored, continuation_requests, score_requests
+from trustmoe.eval.loglik import Scored
+from trustmoe.eval.packed import score_groups
 from trustmoe.io import TrustmoeError
 
 if TYPE_CHECKING:
@@ -190,16 +192,13 @@ def score_task(
     model: Transformer, encode: Callable[[str], list[int]], task: Task, *,
     batch_size: int = 8, routing: RoutingCollector | None = None,
 ) -> TaskResult:
-    pairs, owners = [], []
-    for i, inst in enumerate(task.instances):
-        for ch in inst.choices:
-            pairs.append(encode_pair(encode, inst.context, inst.delimiter + ch))
-            owners.append(i)
-    reqs = continuation_requests(pairs, model.config.max_position_embeddings)
-    scored: list[Scored] = score_requests(model, reqs, batch_size=batch_size, routing=routing)
-    lls: list[list[float]] = [[] for _ in task.instances]
-    for o, s in zip(owners, scored, strict=True):
-        lls[o].append(s.total)
+    groups = []
+    for inst in task.instances:
+        pairs = [encode_pair(encode, inst.context, inst.delimiter + ch) for ch in inst.choices]
+        groups.append((pairs[0][0], [cont for _ctx, cont in pairs]))
+    # one packed forward per instance: the context is computed once for all its choices
+    scored = score_groups(model, groups, batch_size=batch_size, routing=routing)
+    lls = [[s.total for s in per] for per in scored]
     res = TaskResult(
         name=task.name, lls=[np.array(x) for x in lls], golds=[x.gold for x in task.instances],
         choice_chars=[np.array([float(len(c)) for c in x.choices]) for x in task.instances],

@@ -1,0 +1,125 @@
+"""Shared-context scoring: one forward pass per context, however many continuations it has.
+
+Multiple-choice items score several continuations after the same context. Instead of running
+the context once per choice, the item is packed into one sequence
+
+    [BOS] ctx_1 .. ctx_m | cont_1 tokens | cont_2 tokens | ... | cont_n tokens
+
+with positions restarting at m + 1 for every continuation and an attention mask in which each
+continuation token sees the context and the earlier tokens of its own continuation only (a
+small tree-attention mask). Every scored log-probability is then exactly the one a separate
+request would give (up to float noise, tested), at roughly 1/n of the context cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from trustmoe.eval.loglik import BOS_ID, Scored, _stats
+from trustmoe.io import TrustmoeError
+
+if TYPE_CHECKING:
+    from trustmoe.eval.moe_diag import RoutingCollector
+    from trustmoe.model.transformer import Transformer
+
+Group = tuple[list[int], list[list[int]]]  # (context ids without BOS, continuations)
+
+
+def _layout(ctx: list[int], conts: list[list[int]]) -> tuple[list[int], list[int], list[int]]:
+    """Packed ids, positions and the owner of each token (-1 = context, j = continuation j)."""
+    ids, pos, owner = [BOS_ID, *ctx], list(range(len(ctx) + 1)), [-1] * (len(ctx) + 1)
+    for j, c in enumerate(conts):
+        ids += c
+        pos += list(range(len(ctx) + 1, len(ctx) + 1 + len(c)))
+        owner += [j] * len(c)
+    return ids, pos, owner
+
+
+def _truncate(ctx: list[int], conts: list[list[int]], max_len: int) -> list[int]:
+    """Drop context tokens from the left so that BOS + context + longest continuation fits."""
+    longest = max(len(c) for c in conts)
+    if longest + 2 > max_len:
+        raise TrustmoeError(f"a continuation of {longest} tokens does not fit the context")
+    keep = max_len - 1 - longest
+    return ctx[-keep:] if len(ctx) > keep else ctx
+
+
+@torch.no_grad()
+def score_groups(
+    model: Transformer, groups: Sequence[Group], *, batch_size: int = 8,
+    routing: RoutingCollector | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[list[Scored]]:
+    """For each (context, continuations) group, one `Scored` per continuation."""
+    max_pos = model.config.max_position_embeddings
+    prepared = []
+    for i, (ctx, conts) in enumerate(groups):
+        if not conts or any(len(c) == 0 for c in conts):
+            raise TrustmoeError(f"group {i} has an empty continuation")
+        prepared.append(_layout(_truncate(ctx, conts, max_pos), conts))
+    order = sorted(range(len(groups)), key=lambda i: (-len(prepared[i][0]), i))
+    out: list[list[Scored]] = [[] for _ in groups]
+    was_training = model.training
+    model.eval()
+    try:
+        for b0 in range(0, len(order), batch_size):
+            idxs = order[b0:b0 + batch_size]
+            _batch(model, [prepared[i] for i in idxs], [groups[i][1] for i in idxs],
+                   idxs, out, routing)
+            if on_batch is not None:
+                on_batch(len(idxs))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _batch(model: Transformer, packs: list[tuple[list[int], list[int], list[int]]],
+           conts: list[list[list[int]]], idxs: list[int], out: list[list[Scored]],
+           routing: RoutingCollector | None) -> None:
+    dev = model.device
+    B, T = len(packs), max(len(p[0]) for p in packs)
+    ids = torch.full((B, T), BOS_ID, dtype=torch.long)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    owner = torch.full((B, T), -2, dtype=torch.long)  # -2 = padding
+    for b, (i, p, o) in enumerate(packs):
+        n = len(i)
+        ids[b, :n], pos[b, :n], owner[b, :n] = torch.tensor(i), torch.tensor(p), torch.tensor(o)
+    q_own, k_own = owner[:, :, None], owner[:, None, :]  # (B, T, 1), (B, 1, T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()[None]  # (1, T, T)
+    # a real token sees the context and its own continuation (causally); padding sees itself
+    mask = causal & (k_own >= -1) & ((k_own == -1) | (k_own == q_own))
+    mask |= torch.eye(T, dtype=torch.bool)[None]
+    real = owner >= -1
+    if routing is not None:
+        routing.set_mask(real.flatten().to(dev))
+    logits = model.run(ids.to(dev), positions=pos.to(dev), attn_mask=mask[:, None].to(dev)).logits
+    if routing is not None:
+        routing.set_mask(None)
+    rows, src, spans = [], [], []
+    for b, (_i, _p, o) in enumerate(packs):
+        ctx_end = o.count(-1) - 1  # index of the last context token
+        start = ctx_end + 1
+        for cont in conts[b]:
+            prev = [ctx_end, *range(start, start + len(cont) - 1)]  # who predicts each token
+            rows += [b] * len(cont)
+            src += prev
+            spans.append((b, start, len(cont)))
+            start += len(cont)
+    rr, ss = torch.tensor(rows, device=dev), torch.tensor(src, device=dev)
+    tgt_pos = torch.tensor([s + k for (_b, s, n) in spans for k in range(n)], device=dev)
+    z = logits[rr, ss]  # (n_scored, V)
+    targets = ids.to(dev)[rr, tgt_pos]
+    st = {k: v.cpu().numpy() if k == "greedy" else v.double().cpu().numpy()
+          for k, v in _stats(z, targets, 1.0).items()}
+    tg = targets.cpu().numpy()
+    off = 0
+    for (b, _s, n) in spans:
+        sl = slice(off, off + n)
+        out[idxs[b]].append(Scored(
+            targets=tg[sl], logprobs=st["logprobs"][sl], greedy=st["greedy"][sl],
+            entropy=st["entropy"][sl], logp_var=st["logp_var"][sl], max_prob=st["max_prob"][sl],
+            max_logit=st["max_logit"][sl], lse=st["lse"][sl], sum_p2=st["sum_p2"][sl]))
+        off += n
