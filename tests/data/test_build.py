@@ -200,3 +200,20 @@ def test_stdlib_subset_build(tmp_path: Path) -> None:
     assert "json/decoder.py" in paths and all(p.startswith("json/") for p in paths)
     assert {e["license"] for e in man["files"]} == {"PSF-2.0"}
     assert res.summary()["tokens"]["train"] > 10_000
+
+
+def test_licence_sources_recorded(corpus: Path, tmp_path: Path) -> None:
+    (corpus / "LICENSE").write_text("Permission is hereby granted, free of charge, to any "
+                                    "person obtaining a copy of this software")
+    (corpus / "docs/doc005.txt").write_text(
+        "SPDX-License-Identifier: Apache-2.0\n" + (corpus / "docs/doc005.txt").read_text())
+    out = tmp_path / "ds"
+    build_dataset([str(corpus)], out, small_options(), progress=False)
+    files = {e["path"]: e for e in json.loads((out / "manifest.json").read_text())["files"]}
+    assert (files["docs/doc001.txt"]["license"], files["docs/doc001.txt"]["license_source"]) == (
+        "MIT", "license_file")
+    assert (files["docs/doc005.txt"]["license"], files["docs/doc005.txt"]["license_source"]) == (
+        "Apache-2.0", "header")
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["licenses"]["undetermined"] == []
+    assert audit["licenses"]["counts"]["MIT"] == len(files) - 1

@@ -73,10 +73,11 @@ def build(
     if as_json:
         typer.echo(json.dumps(summary, indent=2, sort_keys=True))
         return
-    _print_summary(out, summary)
+    print_summary(out, summary)
 
 
-def _print_summary(out: Path, s: dict[str, object]) -> None:
+def print_summary(out: Path, s: dict[str, object]) -> None:
+    """Print a `BuildResult.summary()` as a table (also used by `trustmoe demo`)."""
     from rich.console import Console
     from rich.table import Table
 

@@ -16,11 +16,11 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from trustmoe.data.poison import PoisonOptions
 from trustmoe.data.quality import QualityOptions
 from trustmoe.io import TrustmoeError, atomic_dir, atomic_write_json, read_json, sha256_file
 
+T = TypeVar("T")
 FORMAT = "trustmoe-dataset/1"
 PII_MODES = ("redact", "drop", "keep")
 DEDUP_MODES = ("exact", "near", "off")
@@ -111,7 +112,7 @@ def build_dataset(
     stage_dir = out_dir.parent / f".{out_dir.name}.build"
     stage_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    with _progress(progress, timings) as step:
+    with _progress(progress, timings) as step:  # step(msg): one timed step (bar if enabled)
         step("listing and hashing sources")
         files = {s.name: sources.list_files(s) for s in specs}
         if not any(files.values()):
@@ -129,7 +130,7 @@ def build_dataset(
         _stage(stage_dir, "tokenizer", tkey, lambda d: _tokenizer_stage(d, kept, opts))
         skey = _key([tkey, opts.seed, opts.val_fraction])
         step("tokenizing and splitting")
-        shard_info = _stage(stage_dir, "shards", skey, lambda d: _shard_stage(d, kept, opts))
+        shard_info = _stage(stage_dir, "shards", skey, lambda d: _shard_stage(d, kept, opts, step))
         step("writing the dataset directory")
         result = _finalize(out_dir, stage_dir, specs, files, audit, shard_info, opts, declared)
     shutil.rmtree(stage_dir, ignore_errors=True)
@@ -166,19 +167,17 @@ def _stage(stage_dir: Path, name: str, key: str, run: Callable[[Path], Any]) -> 
 
 def _rules_stage(stage_dir: Path, specs: list[sources.SourceSpec],
                  files: dict[str, list[sources.InputFile]], declared: str | None,
-                 allow: frozenset[str], opts: BuildOptions, step: Callable[[str], None]
+                 allow: frozenset[str], opts: BuildOptions, step: _Reporter
                  ) -> dict[str, Any]:
     step("reading documents")
     raws = []
     for spec in specs:
         lic_files = licenses.LicenseFiles(spec.root)
         src_decl = declared or (sources.STDLIB_LICENSE if spec.kind == "stdlib" else None)
-        for f in files[spec.name]:
+        for f in step.track(files[spec.name], len(files[spec.name])):
             for raw in sources.read_documents(spec, f):
                 data = raw.data if isinstance(raw.data, bytes) else b""
-                lic = (licenses.from_header(data) or src_decl or lic_files.for_path(f.path)
-                       or licenses.UNDETERMINED)
-                raws.append((raw, lic))
+                raws.append((raw, *licenses.resolve(data, src_decl, lic_files, f.path)))
     step("licence and quality rules")
     docs, errors = rules.decode_docs(raws, opts.quality, allow)
     del raws
@@ -186,7 +185,8 @@ def _rules_stage(stage_dir: Path, specs: list[sources.SourceSpec],
     steps = rules.pipeline(opts)
     rules.run_steps(docs, steps, audit, on_step=step)
     rules.summarize(docs, audit, errors)
-    audit["_docs"] = [[d.id, d.license, d.fate, d.rule, d.changes] for d in docs]
+    audit["_docs"] = [[d.id, d.license, d.fate, d.rule, d.changes, d.license_source]
+                      for d in docs]
     audit["_kept"] = [[d.id, d.text] for d in docs if d.kept]
     return audit
 
@@ -231,15 +231,22 @@ def split_docs(ids: list[str], seed: int, val_fraction: float) -> set[str]:
     return set(order[:n_val])
 
 
-def _shard_stage(stage_dir: Path, kept: list[tuple[str, str]], opts: BuildOptions
-                 ) -> dict[str, Any]:
+def _shard_stage(stage_dir: Path, kept: list[tuple[str, str]], opts: BuildOptions,
+                 step: _Reporter | None = None) -> dict[str, Any]:
     from trustmoe.data.shards import write_shard
     from trustmoe.data.tokenizer import eos_id, load_tokenizer
 
     tok = load_tokenizer(stage_dir / "tokenizer.json")
     eos = eos_id(tok)
     val_ids = split_docs([i for i, _ in kept], opts.seed, opts.val_fraction)
-    encs = tok.encode_batch_fast([t for _, t in kept])
+    chunks, start, size = [], 0, 0  # ~1 MB per batch: parallel inside, a bar between
+    for i, (_, t) in enumerate(kept):
+        size += len(t)
+        if size >= 1_000_000 or i == len(kept) - 1:
+            chunks.append((start, i + 1))
+            start, size = i + 1, 0
+    batches = step.track(chunks, len(chunks)) if step is not None else chunks
+    encs = [e for a, b in batches for e in tok.encode_batch_fast([t for _, t in kept[a:b]])]
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     split_of: dict[str, str] = {}
     for (doc_id, _), enc in zip(kept, encs, strict=True):
@@ -286,32 +293,58 @@ def _normal_permissions(d: Path) -> None:
         os.chmod(p, 0o666 & ~umask)
 
 
+class _Reporter:
+    """`step(description)` starts a timed step; `step.track(items, total)` shows a progress bar
+    for the current step. Silent (timings only) when progress is off."""
+
+    def __init__(self, timings: dict[str, float], progress: Any = None) -> None:
+        import time
+
+        self._clock = time.perf_counter
+        self.timings, self.progress = timings, progress
+        self._name, self._t = "", self._clock()
+        self._task: Any = None
+
+    def __call__(self, msg: str) -> None:
+        now = self._clock()
+        if self._name:
+            self.timings[self._name] = round(now - self._t, 3)
+            if self.progress is not None and self._task is not None:
+                self.progress.update(self._task, completed=1, total=1)
+        self._name, self._t = msg, now
+        if self.progress is not None and msg:
+            self._task = self.progress.add_task(msg, total=None)
+
+    def track(self, items: Iterable[T], total: int) -> Iterator[T]:
+        if self.progress is not None and self._task is not None:
+            self.progress.update(self._task, total=total, completed=0)
+        for item in items:
+            yield item
+            if self.progress is not None and self._task is not None:
+                self.progress.advance(self._task)
+
+
 @contextmanager
-def _progress(enabled: bool, timings: dict[str, float]) -> Iterator[Callable[[str], None]]:
-    """Yield `step(description)`: records each step's duration; a rich status line per step
-    when enabled."""
-    import time
-
-    state = {"name": "", "t": time.perf_counter()}
-
-    def record(msg: str) -> None:
-        now = time.perf_counter()
-        if state["name"]:
-            timings[str(state["name"])] = round(now - float(state["t"]), 3)
-        state["name"], state["t"] = msg, now
-
+def _progress(enabled: bool, timings: dict[str, float]) -> Iterator[_Reporter]:
+    """A `_Reporter` that draws rich progress bars on stderr when enabled."""
     if not enabled:
-        yield record
-        record("")
+        rep = _Reporter(timings)
+        yield rep
+        rep("")
         return
     from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
-    console = Console(stderr=True)
-    with console.status("building dataset") as status:
-        def step(msg: str) -> None:
-            record(msg)
-            status.update(f"[bold]data build[/]: {msg}")
-            console.log(msg, highlight=False)
-
-        yield step
-    record("")
+    columns = (SpinnerColumn(), TextColumn("[bold]data build[/] {task.description}"),
+               BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        rep = _Reporter(timings, bar)
+        yield rep
+        rep("")

@@ -110,6 +110,18 @@ class LicenseFiles:
         return self._cache[d]
 
 
+def resolve(data: bytes, declared: str | None, files: LicenseFiles, rel: str
+            ) -> tuple[str, str]:
+    """(licence, where it came from: header | declared | license_file | undetermined)."""
+    if (lic := from_header(data)) is not None:
+        return lic, "header"
+    if declared:
+        return declared, "declared"
+    if (lic := files.for_path(rel)) is not None:
+        return lic, "license_file"
+    return UNDETERMINED, "undetermined"
+
+
 def _ids(expr: str) -> list[str]:
     words = re.split(r"[()\s]+", expr)
     out, skip = [], False

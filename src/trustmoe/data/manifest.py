@@ -35,10 +35,11 @@ def _file_entries(files: dict[str, list[sources.InputFile]], docs: list[list[Any
                 "source": src, "path": f.path, "bytes": f.bytes,
                 "sha256": f.sha256 if f.bytes >= 0 else None,
                 "license": recs[0][1] if recs else None,
+                "license_source": recs[0][5] if recs else None,
                 "declared_license": declared[src],
             }
             if len(recs) == 1 and "#" not in recs[0][0]:
-                _, _, fate, rule, changes = recs[0]
+                _, _, fate, rule, changes, _ = recs[0]
                 entry.update(fate=fate, rule=rule, split=splits.get(fid))
                 if changes:
                     entry["changes"] = changes

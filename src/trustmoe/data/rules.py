@@ -27,6 +27,7 @@ class Doc:
     path: str
     text: str | None
     license: str
+    license_source: str = "declared"  # header | declared | license_file | undetermined
     fate: str = "kept"
     rule: str | None = None
     changes: dict[str, int] = field(default_factory=dict)
@@ -43,22 +44,22 @@ Step = Callable[[list["Doc"], dict[str, Any]], None]
 
 
 def decode_docs(
-    raws: list[tuple[RawDoc, str]], qopts: quality.QualityOptions, allow: frozenset[str]
+    raws: list[tuple[RawDoc, str, str]], qopts: quality.QualityOptions, allow: frozenset[str]
 ) -> tuple[list[Doc], Counter[str]]:
     """Decode raw documents and apply the licence and quality rules."""
     docs: list[Doc] = []
     errors: Counter[str] = Counter()
-    for raw, lic in raws:
+    for raw, lic, lic_src in raws:
         if "error" in raw.notes:
             err = raw.notes["error"]
             rule = "invalid_utf8" if err == "invalid_utf8" else "unreadable"
             errors[rule] += 1
-            d = Doc(raw.id, raw.source, raw.path, None, lic)
+            d = Doc(raw.id, raw.source, raw.path, None, lic, lic_src)
             d.drop(rule)
             docs.append(d)
             continue
         text, rule = quality.decode(raw.data, qopts.max_control_fraction)
-        d = Doc(raw.id, raw.source, raw.path, text, lic)
+        d = Doc(raw.id, raw.source, raw.path, text, lic, lic_src)
         if rule is not None:
             errors[rule] += 1
             d.drop(rule)
