@@ -55,9 +55,8 @@ def test_worst_case_is_per_instance(tiny_model, tokenizer, corpus_docs) -> None:
 def test_scorer_matches_loglik(tiny_model) -> None:  # type: ignore[no-untyped-def]
     ctx, conts = [5, 6, 7, 8, 9], [[10, 11], [12], [13, 14, 15]]
     sc = _Scorer(tiny_model, conts)
-    ids, mask = sc.batch(torch.tensor([ctx]))
     with torch.no_grad():
-        lls = sc.lls(tiny_model(ids), ids, mask, 1)[0]
+        lls = sc.forward(torch.tensor([ctx, ctx]))[1]
     ref = [s.total for s in score_requests(tiny_model, continuation_requests(
         [(ctx, c) for c in conts], 256))]
     np.testing.assert_allclose(lls.numpy(), ref, atol=1e-4)
@@ -84,9 +83,8 @@ def test_one_hot_gradient_is_first_order_change(tiny_model) -> None:  # type: ig
 
         h = tiny_model.embed_tokens.register_forward_hook(hook)
         try:
-            ids, mask = sc.batch(cur[None])
             with torch.no_grad():
-                return float(_loss(sc.lls(tiny_model(ids), ids, mask, 1), 0, None)[0])
+                return float(_loss(sc.forward(cur[None]), 0, None)[0])
         finally:
             h.remove()
 

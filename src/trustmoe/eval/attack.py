@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from trustmoe.eval.loglik import BOS_ID
+from trustmoe.eval.packed import _layout, pack, predictor_positions
 from trustmoe.eval.tasks import Instance, Task, encode_pair
 from trustmoe.io import TrustmoeError
 
@@ -45,29 +46,37 @@ class Outcome:
 
 
 class _Scorer:
-    """Scores all choices of one instance for a batch of candidate contexts in one forward."""
+    """Scores all choices of one instance for a batch of candidate contexts.
+
+    Each candidate is one packed sequence (`packed`): [BOS] context cont_1 .. cont_n with a
+    tree attention mask, so the context runs once for all choices.
+    """
 
     def __init__(self, model: Transformer, conts: list[list[int]]) -> None:
         self.model, self.conts = model, conts
 
-    def batch(self, ctxs: Tensor) -> tuple[Tensor, Tensor]:
-        # ctxs: (C, Tc) -> ids (C*n, T) and the per-row continuation mask (C*n, T-1)
-        C, Tc = ctxs.shape
-        n, Lmax = len(self.conts), max(len(c) for c in self.conts)
-        T = 1 + Tc + Lmax
-        ids = torch.full((C, n, T), BOS_ID, dtype=torch.long)
-        mask = torch.zeros(C, n, T - 1, dtype=torch.bool)
-        ids[:, :, 1:1 + Tc] = ctxs[:, None, :]
-        for j, cont in enumerate(self.conts):
-            ids[:, j, 1 + Tc:1 + Tc + len(cont)] = torch.tensor(cont)
-            mask[:, j, Tc:Tc + len(cont)] = True  # logits at p predict ids[p + 1]
+    def batch(self, ctxs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # ctxs: (C, Tc) -> ids, positions (C, T) and attention mask (C, 1, T, T)
+        layouts = [_layout(c.tolist(), self.conts) for c in ctxs]
+        ids, pos, mask, _owner = pack(layouts)
         dev = self.model.device
-        return ids.view(C * n, T).to(dev), mask.view(C * n, T - 1).to(dev)
+        return ids.to(dev), pos.to(dev), mask[:, None].to(dev)
 
-    def lls(self, logits: Tensor, ids: Tensor, mask: Tensor, C: int) -> Tensor:
-        # logits: (C*n, T, V) -> summed continuation log-likelihoods (C, n)
-        logp = logits[:, :-1].float().log_softmax(-1).gather(2, ids[:, 1:, None]).squeeze(2)
-        return (logp * mask).sum(-1).view(C, len(self.conts))
+    def forward(self, ctxs: Tensor) -> Tensor:
+        """Summed log-likelihood of every choice for every candidate context: (C, n)."""
+        ids, pos, mask = self.batch(ctxs)
+        return self.lls(self.model.run(ids, positions=pos, attn_mask=mask).logits, ids)
+
+    def lls(self, logits: Tensor, ids: Tensor) -> Tensor:
+        # logits: (C, T, V) -> (C, n)
+        n_ctx = ids.shape[1] - sum(len(c) for c in self.conts)
+        logp = logits.float().log_softmax(-1)  # (C, T, V)
+        out, start = [], n_ctx
+        for cont, prev in zip(self.conts, predictor_positions(n_ctx, self.conts), strict=True):
+            tgt = ids[:, start:start + len(cont)]  # (C, len)
+            out.append(logp[:, prev].gather(2, tgt[:, :, None]).squeeze(2).sum(1))
+            start += len(cont)
+        return torch.stack(out, 1)
 
 
 def _loss(lls: Tensor, gold: int, target: int | None) -> Tensor:
@@ -94,8 +103,7 @@ def attack_instance(
     cur = torch.tensor(ctx)  # (Tc,)
     rng = random.Random(seed)
     with torch.no_grad():
-        ids, mask = scorer.batch(cur[None])
-        lls0 = scorer.lls(model(ids), ids, mask, 1)  # (1, n)
+        lls0 = scorer.forward(cur[None])  # (1, n)
     loss0 = float(_loss(lls0, inst.gold, target)[0])
     before = int(lls0[0].argmax()) == inst.gold
     queries = 1
@@ -113,16 +121,14 @@ def attack_instance(
         for row, (p, tok) in enumerate(cands):
             batch[row, p] = tok
         with torch.no_grad():
-            ids, mask = scorer.batch(batch)
-            losses = _loss(scorer.lls(model(ids), ids, mask, len(cands)), inst.gold, target)
+            losses = _loss(scorer.forward(batch), inst.gold, target)
         queries += len(cands)
         best = int(losses.argmin())
         cur = batch[best]
         if float(losses[best]) < 0:
             break
     with torch.no_grad():
-        ids, mask = scorer.batch(cur[None])
-        lls = scorer.lls(model(ids), ids, mask, 1)  # (1, n)
+        lls = scorer.forward(cur[None])  # (1, n)
     status = "successful" if float(_loss(lls, inst.gold, target)[0]) < 0 else "failed"
     subs = int((cur != torch.tensor(ctx)).sum())
     return Outcome(status, subs, Tc, queries, cur.tolist(), before,
@@ -138,10 +144,9 @@ def _one_hot_grad(model: Transformer, scorer: _Scorer, cur: Tensor, gold: int,
     one_hot = torch.zeros(Tc, W.shape[0], dtype=W.dtype, device=W.device)
     one_hot[torch.arange(Tc, device=W.device), cur.to(W.device)] = 1.0
     one_hot.requires_grad_(True)
-    ids, mask = scorer.batch(cur[None])
 
     def hook(module: torch.nn.Module, args: Any, out: Tensor) -> Tensor:
-        out = out.clone()  # (n, T, d)
+        out = out.clone()  # (1, T, d)
         out[:, 1:1 + Tc] = (one_hot @ W)[None]
         return out
 
@@ -151,7 +156,7 @@ def _one_hot_grad(model: Transformer, scorer: _Scorer, cur: Tensor, gold: int,
     handle = emb.register_forward_hook(hook)
     try:
         with torch.enable_grad():
-            loss = _loss(scorer.lls(model(ids), ids, mask, 1), gold, target)[0]
+            loss = _loss(scorer.forward(cur[None]), gold, target)[0]
             (grad,) = torch.autograd.grad(loss, one_hot)
     finally:
         handle.remove()

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 from trustmoe.eval.loglik import BOS_ID, Scored, _stats
 from trustmoe.io import TrustmoeError
@@ -45,6 +46,37 @@ def _truncate(ctx: list[int], conts: list[list[int]], max_len: int) -> list[int]
         raise TrustmoeError(f"a continuation of {longest} tokens does not fit the context")
     keep = max_len - 1 - longest
     return ctx[-keep:] if len(ctx) > keep else ctx
+
+
+def pack(packs: Sequence[tuple[list[int], list[int], list[int]]]
+         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Right-pad packed layouts: ids, positions (B, T), mask (B, T, T), owner (B, T)."""
+    B, T = len(packs), max(len(p[0]) for p in packs)
+    ids = torch.full((B, T), BOS_ID, dtype=torch.long)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    owner = torch.full((B, T), -2, dtype=torch.long)  # -2 = padding
+    for b, (i, p, o) in enumerate(packs):
+        n = len(i)
+        ids[b, :n], pos[b, :n], owner[b, :n] = torch.tensor(i), torch.tensor(p), torch.tensor(o)
+    q_own, k_own = owner[:, :, None], owner[:, None, :]  # (B, T, 1), (B, 1, T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()[None]  # (1, T, T)
+    # a real token sees the context and its own continuation (causally); padding sees itself
+    mask = causal & (k_own >= -1) & ((k_own == -1) | (k_own == q_own))
+    mask |= torch.eye(T, dtype=torch.bool)[None]
+    return ids, pos, mask, owner
+
+
+def predictor_positions(n_ctx: int, conts: Sequence[Sequence[int]]) -> list[list[int]]:
+    """For continuation j, the packed index whose logits predict each of its tokens.
+
+    n_ctx counts BOS + context; the first token is predicted by the last context token,
+    the others by the previous token of the same continuation.
+    """
+    out, start = [], n_ctx
+    for c in conts:
+        out.append([n_ctx - 1, *range(start, start + len(c) - 1)])
+        start += len(c)
+    return out
 
 
 @torch.no_grad()
@@ -80,18 +112,7 @@ def _batch(model: Transformer, packs: list[tuple[list[int], list[int], list[int]
            conts: list[list[list[int]]], idxs: list[int], out: list[list[Scored]],
            routing: RoutingCollector | None) -> None:
     dev = model.device
-    B, T = len(packs), max(len(p[0]) for p in packs)
-    ids = torch.full((B, T), BOS_ID, dtype=torch.long)
-    pos = torch.zeros(B, T, dtype=torch.long)
-    owner = torch.full((B, T), -2, dtype=torch.long)  # -2 = padding
-    for b, (i, p, o) in enumerate(packs):
-        n = len(i)
-        ids[b, :n], pos[b, :n], owner[b, :n] = torch.tensor(i), torch.tensor(p), torch.tensor(o)
-    q_own, k_own = owner[:, :, None], owner[:, None, :]  # (B, T, 1), (B, 1, T)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()[None]  # (1, T, T)
-    # a real token sees the context and its own continuation (causally); padding sees itself
-    mask = causal & (k_own >= -1) & ((k_own == -1) | (k_own == q_own))
-    mask |= torch.eye(T, dtype=torch.bool)[None]
+    ids, pos, mask, owner = pack(packs)
     real = owner >= -1
     if routing is not None:
         routing.set_mask(real.flatten().to(dev))
@@ -100,10 +121,9 @@ def _batch(model: Transformer, packs: list[tuple[list[int], list[int], list[int]
         routing.set_mask(None)
     rows, src, spans = [], [], []
     for b, (_i, _p, o) in enumerate(packs):
-        ctx_end = o.count(-1) - 1  # index of the last context token
-        start = ctx_end + 1
-        for cont in conts[b]:
-            prev = [ctx_end, *range(start, start + len(cont) - 1)]  # who predicts each token
+        n_ctx = o.count(-1)
+        start = n_ctx
+        for cont, prev in zip(conts[b], predictor_positions(n_ctx, conts[b]), strict=True):
             rows += [b] * len(cont)
             src += prev
             spans.append((b, start, len(cont)))

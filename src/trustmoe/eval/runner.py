@@ -46,7 +46,7 @@ class Sizes:
     def for_mode(cls, quick: bool) -> Sizes:
         if quick:
             return cls(48, 48, 192, 24, 16, 6, 2, 8, 12, 96)
-        return cls(256, 256, 1024, 200, 100, 32, 4, 32, 48, 192)
+        return cls(128, 128, 512, 200, 100, 16, 3, 16, 32, 192)
 
 
 def _json_safe(x: Any) -> Any:
