@@ -217,3 +217,29 @@ def test_licence_sources_recorded(corpus: Path, tmp_path: Path) -> None:
     audit = json.loads((out / "audit.json").read_text())
     assert audit["licenses"]["undetermined"] == []
     assert audit["licenses"]["counts"]["MIT"] == len(files) - 1
+
+
+def test_parquet_source_or_clear_error(tmp_path: Path) -> None:
+    src = tmp_path / "recs.parquet"
+    try:
+        import pyarrow as pa  # optional extra
+        import pyarrow.parquet as pq
+    except ImportError:
+        src.write_bytes(b"PAR1 not really")
+        with pytest.raises(TrustmoeError, match="needs pyarrow"):
+            build_dataset([str(src)], tmp_path / "ds", small_options(), progress=False)
+        return
+    pq.write_table(pa.table({"text": [f"parquet row {i} " * 6 for i in range(12)]}), src)
+    build_dataset([str(src)], tmp_path / "ds", small_options(dedup="off"), progress=False)
+    [entry] = json.loads((tmp_path / "ds" / "manifest.json").read_text())["files"]
+    assert [d["fate"] for d in entry["documents"]] == ["kept"] * 12
+
+
+def test_everything_dropped_is_a_clear_error(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"\x00\x01\x02" * 100)
+    (src / "b.txt").write_text("x")
+    with pytest.raises(TrustmoeError, match="no documents left"):
+        build_dataset([str(src)], tmp_path / "ds", small_options(), progress=False)
+    assert not (tmp_path / "ds").exists()

@@ -92,10 +92,11 @@ def _secret_regexes() -> tuple[re.Pattern[str], ...]:
     except ImportError:  # optional dependency: fall back to the PEM rule alone
         return ()
     out: list[re.Pattern[str]] = []
+    cls: type
     for name, cls in sorted(get_mapping_from_secret_type_to_class().items()):
-        if not issubclass(cls, RegexBasedDetector) or "IP" in name or cls.__name__ == "PrivateKeyDetector":
-            continue
-        out.extend(cls.denylist)
+        skip = "IP" in name or cls.__name__ == "PrivateKeyDetector"  # handled above, better
+        if issubclass(cls, RegexBasedDetector) and not skip:
+            out.extend(getattr(cls, "denylist", ()))
     return tuple(out)
 
 

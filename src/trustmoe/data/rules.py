@@ -58,11 +58,11 @@ def decode_docs(
             d.drop(rule)
             docs.append(d)
             continue
-        text, rule = quality.decode(raw.data, qopts.max_control_fraction)
+        text, bad = quality.decode(raw.data, qopts.max_control_fraction)
         d = Doc(raw.id, raw.source, raw.path, text, lic, lic_src)
-        if rule is not None:
-            errors[rule] += 1
-            d.drop(rule)
+        if bad is not None:
+            errors[bad] += 1
+            d.drop(bad)
         elif not licenses.allowed(lic, allow):
             d.drop("license_not_allowed")
         elif (qrule := quality.check(text or "", qopts)) is not None:

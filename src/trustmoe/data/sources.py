@@ -74,7 +74,7 @@ def resolve_sources(
     for s in sources or [STDLIB]:
         if s == STDLIB:
             root = Path(sysconfig.get_paths()["stdlib"])
-            excl = ("site-packages", "dist-packages", *DEFAULT_EXCLUDES)
+            excl: tuple[str, ...] = ("site-packages", "dist-packages", *DEFAULT_EXCLUDES)
             if not include_tests:
                 excl = (*excl, *sorted(STDLIB_TEST_DIRS))
             spec = SourceSpec(_unique(STDLIB, used), "stdlib", root, include or ("*.py",),
