@@ -123,7 +123,8 @@ Documents changed, by change:
 
 Exact-duplicate groups: {len(audit['exact_duplicates'])}; near-duplicate clusters:
 {len(audit['near_duplicates'])}; contaminated eval items: {len(audit['contamination'])};
-poisoning findings: {len(audit['poisoning'])}. The raw data is kept by its owner at the
+poisoning findings: {len(audit['poisoning'])} (leads for review, ranked by score; shared
+licence headers and generated tables also match). The raw data is kept by its owner at the
 paths above; `trustmoe data verify` checks it has not changed since this build.
 
 ## 5. Uses

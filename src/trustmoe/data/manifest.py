@@ -8,6 +8,7 @@ sources and outputs and reports every file that changed, appeared or vanished.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,7 @@ def summary_stats(audit: dict[str, Any], tokens: dict[str, Any]) -> dict[str, An
             "pii_findings": len(audit["pii"]),
             "contaminated_eval_items": len(audit["contamination"]),
             "poisoning_findings": len(audit["poisoning"]),
+            "poisoning_by_kind": dict(sorted(Counter(f["kind"] for f in audit["poisoning"]).items())),
             "undetermined_licenses": len(audit["licenses"].get("undetermined", [])),
             "decode_errors": sum(audit.get("decode_errors", {}).values()),
         },

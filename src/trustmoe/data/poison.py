@@ -44,7 +44,7 @@ class PoisonOptions:
     related_jaccard: float = 0.5
     char_z: float = 8.0
     char_min_js: float = 0.2
-    max_findings: int = 200
+    max_findings: int = 100  # per kind
 
 
 SigFn = Callable[[int], np.ndarray]
@@ -208,9 +208,15 @@ def _byte_name(b: int) -> str:
 
 def screen(ids: list[str], texts: list[str], hashes: list[np.ndarray], opts: PoisonOptions,
            sig: SigFn | None = None) -> list[dict[str, Any]]:
-    """All findings, most suspicious first (at most `max_findings`). `sig(i)` gives document
-    i's MinHash signature (the near-dup step's, when it ran)."""
+    """Findings, most suspicious first (at most `max_findings` of each kind). `sig(i)` gives
+    document i's MinHash signature (the near-dup step's, when it ran)."""
     found = sequence_patterns(ids, texts, hashes, opts, sig) + character_anomalies(
         ids, texts, opts)
     found.sort(key=lambda f: (-f["score"], f["kind"], f["documents"], f["pattern"]))
-    return found[: opts.max_findings]
+    per_kind: dict[str, int] = {}
+    out = []
+    for f in found:
+        per_kind[f["kind"]] = per_kind.get(f["kind"], 0) + 1
+        if per_kind[f["kind"]] <= opts.max_findings:
+            out.append(f)
+    return out
