@@ -87,6 +87,11 @@ def decode_tok_s(eng: Engine, prompt: list[int], n: int) -> float:
     return (len(r.token_ids) - 1) / max(time.perf_counter() - t - t_first, 1e-9)
 
 
+def _weights_file(d: Path) -> Path:
+    q = d / "model.quant.safetensors"
+    return q if q.exists() else d / "model.safetensors"
+
+
 def rss_bytes(model_dir: Path) -> int:
     out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(model_dir)], capture_output=True,
                          text=True, check=True)
@@ -99,7 +104,7 @@ def main() -> None:
     ap.add_argument("--model", help="trained model directory")
     ap.add_argument("--data", help="dataset directory with val.bin")
     ap.add_argument("--train-minutes", type=float, default=1.5)
-    ap.add_argument("--val-tokens", type=int, default=16384)
+    ap.add_argument("--val-tokens", type=int, default=4096)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=48, help="decode tokens per timing")
     ap.add_argument("--rounds", type=int, default=3)
@@ -124,8 +129,7 @@ def main() -> None:
             ppl, n = perplexity(eng, val, window, args.val_tokens)
             table[name] = {"val_perplexity": round(ppl, 4), "val_tokens_scored": n,
                            "weights_MB": round(eng.weights.nbytes / 1e6, 2),
-                           "artifact_MB": round(sum(f.stat().st_size for f in dirs[name].iterdir()
-                                                    if f.suffix == ".safetensors") / 1e6, 2),
+                           "artifact_MB": round(_weights_file(dirs[name]).stat().st_size / 1e6, 2),
                            "resident_MB": round(rss_bytes(dirs[name]) / 1e6, 1)}
         prompt = val[: 32].astype(np.int64).tolist()
         speeds: dict[str, list[float]] = {k: [] for k in engines}

@@ -124,3 +124,15 @@ def test_gather_moe_path_matches_sorted_path(tiny_model: Transformer) -> None:
         dec = r.forward([Chunk([7], 17, a[:18]), Chunk([9], 10, b[:11])])
         outs.append(torch.cat([d for d in dec if d is not None]))
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=0)
+
+
+def test_quantize_model_dir_writes_a_loadable_artifact(tiny_dir: Path, tmp_path: Path) -> None:
+    from trustmoe.engine.artifact import quantize_model_dir
+
+    info = quantize_model_dir(tiny_dir, tmp_path / "q8", "int8")
+    assert info["bytes"] < info["source_bytes"] / 2  # type: ignore[operator]
+    eng = Engine(tmp_path / "q8", kv_cache_mb=4)
+    assert eng.weights.quantize == "int8" and eng.tokenizer is not None
+    with pytest.raises(TrustmoeError, match="int8 or int4"):
+        quantize_model_dir(tiny_dir, tmp_path / "bad", "int2")
+    assert not (tmp_path / "bad").exists()

@@ -124,3 +124,20 @@ def load_quantized(path: Path, device: torch.device, exact_int8: bool = False) -
     return RunnerWeights(cfg=cfg, embed=st["embed"].to(device), layers=layers,
                          norm=st["norm"].to(device), lm_head=g("lm_head"), cos=cos, sin=sin,
                          dtype=torch.float32, quantize=method)
+
+
+def quantize_model_dir(model_dir: str | Path, out_dir: str | Path, method: str = "int8",
+                       group_size: int = 64) -> dict[str, object]:
+    """Quantize an HF-format model directory into its own artifact; returns a JSON summary."""
+    from trustmoe.engine.runner import build_weights
+    from trustmoe.model.hf import load
+
+    src = Path(model_dir)
+    if method not in ("int8", "int4"):
+        raise TrustmoeError(f"quantization method must be int8 or int4, got {method!r}")
+    fp = build_weights(load(src, device="cpu"), method, group_size, torch.device("cpu"))
+    out = save_quantized(fp, out_dir, src, group_size)
+    return {"path": str(out), "method": method, "group_size": group_size,
+            "bytes": (out / QUANT_FILE).stat().st_size,
+            "source_bytes": (src / "model.safetensors").stat().st_size
+            if (src / "model.safetensors").exists() else None}
