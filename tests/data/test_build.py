@@ -243,3 +243,16 @@ def test_everything_dropped_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(TrustmoeError, match="no documents left"):
         build_dataset([str(src)], tmp_path / "ds", small_options(), progress=False)
     assert not (tmp_path / "ds").exists()
+
+
+def test_given_tokenizer_is_used_as_is(corpus: Path, tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    build_dataset([str(corpus)], first, small_options(), progress=False)
+    second = tmp_path / "second"
+    build_dataset([str(corpus / "docs")], second, small_options(
+        tokenizer=str(first / "tokenizer.json"), vocab_size=4096), progress=False)
+    assert (second / "tokenizer.json").read_bytes() == (first / "tokenizer.json").read_bytes()
+    tok = load_tokenizer(second)
+    doc = (corpus / "docs/doc010.txt").read_text()
+    ids = open_tokens(second, "train").tolist() + open_tokens(second, "val").tolist()
+    assert tok.decode(ids).count(doc.strip()) == 1  # encoded with the given vocabulary

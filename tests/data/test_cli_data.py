@@ -73,3 +73,17 @@ def test_help_explains(monkeypatch: pytest.MonkeyPatch,
     for flag in ("--allow-license", "--eval-set", "--decontaminate", "--pii", "--dedup",
                  "--vocab-size", "--seed", "--json", "stdlib"):
         assert flag in out
+
+
+def test_rule_flags_reach_the_build(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "ds"
+    args = ["data", "build", str(corpus), "--out", str(out), "--vocab-size", "300", "--json",
+            "--near-threshold", "0.99", "--min-chars", "1", "--pii", "keep"]
+    code, stdout, err = _in_process(args, monkeypatch, capsys)
+    assert code == 0, err
+    dropped = json.loads(stdout)["dropped_by_rule"]
+    assert "near_duplicate" not in dropped and "too_short" not in dropped  # both loosened
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["near"]["threshold"] == 0.99
+    assert manifest["options"]["quality"]["min_chars"] == 1 and manifest["options"]["pii"] == "keep"

@@ -49,6 +49,18 @@ def build(
                                    help="Field holding the text in JSONL/Parquet sources."),
     tokenizer: Path = typer.Option(None, "--tokenizer",
                                    help="Use this tokenizer.json instead of training one."),
+    shingle: int = typer.Option(5, "--shingle", help="Near dedup: words per shingle (shorter "
+                                "finds more, but unrelated code starts to look alike)."),
+    num_perm: int = typer.Option(128, "--num-perm", help="Near dedup: MinHash permutations "
+                                 "(more: tighter Jaccard estimate, linear cost)."),
+    near_threshold: float = typer.Option(0.8, "--near-threshold", help="Near dedup: Jaccard "
+                                         "above which documents are duplicates."),
+    ngram: int = typer.Option(13, "--ngram", help="Contamination: words per n-gram."),
+    min_chars: int = typer.Option(16, "--min-chars", help="Quality: shortest document kept."),
+    max_chars: int = typer.Option(4_000_000, "--max-chars",
+                                  help="Quality: longest document kept."),
+    max_repetition: float = typer.Option(0.6, "--max-repetition", help="Quality: highest "
+                                         "share of non-blank lines repeating an earlier one."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
@@ -60,6 +72,8 @@ def build(
     interrupted build resumes from its finished stages.
     """
     from trustmoe.data.build import BuildOptions, build_dataset
+    from trustmoe.data.dedup import NearDupOptions
+    from trustmoe.data.quality import QualityOptions
 
     opts = BuildOptions(
         license=license, allow_licenses=_split_csv(allow_license),
@@ -67,6 +81,9 @@ def build(
         dedup=dedup, vocab_size=vocab_size, seed=seed, val_fraction=val_fraction,
         include_tests=include_tests, include=tuple(include), exclude=tuple(exclude),
         text_field=text_field, tokenizer=str(tokenizer) if tokenizer else None,
+        near=NearDupOptions(shingle=shingle, num_perm=num_perm, threshold=near_threshold),
+        ngram=ngram, quality=QualityOptions(min_chars=min_chars, max_chars=max_chars,
+                                            max_repetition=max_repetition),
     )
     result = build_dataset(sources or [], out, opts, progress=not (quiet or as_json))
     summary = result.summary()
