@@ -66,6 +66,11 @@ def build_pair(cfg: ModelConfig, seed: int) -> tuple[torch.nn.Module, torch.nn.M
     return ours, theirs, diff
 
 
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def train_flops(cfg: ModelConfig, batch: int, seq: int) -> float:
     """Matmul FLOPs of one fwd + bwd (3x forward) step; both models do exactly these."""
     d, hd, L = cfg.hidden_size, cfg.head_size, cfg.num_hidden_layers
@@ -87,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave default)")
     ap.add_argument("--plain", action="store_true",
                     help="ours without optimize_for_training (plain lm_head + cross-entropy)")
+    ap.add_argument("--device", default="cpu", help="cpu (the headline figure) or cuda")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.threads:
@@ -94,15 +100,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     cfg = bench_config(args.shape)
     ours, theirs, logit_diff = build_pair(cfg, args.seed)
+    dev = torch.device(args.device)
+    ours, theirs = ours.to(dev), theirs.to(dev)
     if not args.plain:
         ours = optimize_for_training(ours)
     tcfg = TrainConfig(lr=LR, beta1=BETAS[0], beta2=BETAS[1], weight_decay=WD, grad_clip=1.0)
-    opt_ours = make_optimizer(ours, tcfg, "cpu")
+    opt_ours = make_optimizer(ours, tcfg, dev.type)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=LR, betas=BETAS, weight_decay=WD,
                                    fused=True)
 
     g = torch.Generator().manual_seed(args.seed + 1)
-    batch = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
+    batch = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g).to(dev)
     idx, targets = batch[:, :-1], batch[:, 1:]
 
     def step_ours() -> float:
@@ -132,8 +140,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_theirs: list[float] = []
     for _ in range(args.steps):
         for fn, acc in ((step_ours, t_ours), (step_theirs, t_theirs)):
+            sync(dev)
             t = time.perf_counter()
             fn()
+            sync(dev)
             acc.append(time.perf_counter() - t)
     tokens = args.batch * args.seq
     flops = train_flops(cfg, args.batch, args.seq)
@@ -144,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch": args.batch,
         "seq": args.seq,
         "dtype": "float32",
+        "device": str(dev),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "fast_path": not args.plain,
