@@ -56,25 +56,23 @@ def one_at_a_time(model: Transformer, reqs: list[Request]) -> list[float]:
     return out
 
 
-def lm_eval_peer(model: Transformer, pairs: list[tuple[list[int], list[int]]],
-                 batch_size: int) -> dict[str, Any]:
-    """lm-evaluation-harness's HF backend on the same token requests, when installed."""
+def lm_eval_backend(model: Transformer, batch_size: int, workdir: str) -> Any:
+    """lm-evaluation-harness's HF backend (transformers' Mixtral) on a saved copy, if installed."""
     try:
         from lm_eval.models.huggingface import HFLM
     except ImportError:
-        return {"available": False, "note": "lm_eval is not installed; not compared"}
+        return None
     from trustmoe.data.tokenizer import save_tokenizer, train_tokenizer
     from trustmoe.model.hf import save_model
 
-    with tempfile.TemporaryDirectory() as d:
-        save_model(model, d)  # requests are token ids; the tokenizer only satisfies HFLM's init
-        save_tokenizer(train_tokenizer(["a b c d e f g"] * 10, 300), Path(d))
-        lm = HFLM(pretrained=d, batch_size=batch_size, device="cpu")
-        reqs = [(("", ""), [0, *ctx], cont) for ctx, cont in pairs]
-        t0 = time.perf_counter()
-        lm._loglikelihood_tokens(reqs, disable_tqdm=True)
-        dt = time.perf_counter() - t0
-    return {"available": True, "requests_per_s": len(pairs) / dt}
+    save_model(model, workdir)  # requests are token ids; the tokenizer only satisfies HFLM's init
+    save_tokenizer(train_tokenizer(["a b c d e f g"] * 10, 300), Path(workdir))
+    return HFLM(pretrained=workdir, batch_size=batch_size, device=str(model.device))
+
+
+def lm_eval_score(lm: Any, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+    reqs = [(("", ""), [0, *ctx], cont) for ctx, cont in pairs]
+    return [float(ll) for ll, _greedy in lm._loglikelihood_tokens(reqs, disable_tqdm=True)]
 
 
 def main() -> None:
@@ -105,6 +103,12 @@ def main() -> None:
     score_groups(model, groups[:2], batch_size=args.batch_size)
     one_at_a_time(model, reqs[:2])
     t: dict[str, list[float]] = {"ours": [], "naive": [], "packed": [], "mc_naive": []}
+    workdir = tempfile.mkdtemp()
+    lm = lm_eval_backend(model, args.batch_size, workdir)
+    lm_diff = 0.0
+    if lm is not None:
+        t.update(lm_eval=[], mc_lm_eval=[])
+        lm_eval_score(lm, pairs[:2])  # warm-up
     max_diff = 0.0
     for _ in range(args.rounds):
         t0 = time.perf_counter()
@@ -120,10 +124,29 @@ def main() -> None:
         t0 = time.perf_counter()
         mc_naive = one_at_a_time(model, mc_reqs)
         t["mc_naive"].append(time.perf_counter() - t0)
+        if lm is not None:
+            t0 = time.perf_counter()
+            lm_lls = lm_eval_score(lm, pairs)
+            t["lm_eval"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            lm_eval_score(lm, [(g[0], c) for g in groups for c in g[1]])
+            t["mc_lm_eval"].append(time.perf_counter() - t0)
+            lm_diff = max(lm_diff, *(abs(a.total - b) for a, b in zip(ours, lm_lls, strict=True)))
         max_diff = max(max_diff, *(abs(a.total - b) for a, b in zip(ours, naive, strict=True)),
                        *(abs(a.total - b) for a, b in zip(packed, mc_naive, strict=True)))
-    rps = {k: len(reqs if k in ("ours", "naive") else mc_reqs) / statistics.median(v)
+    rps = {k: len(reqs if k in ("ours", "naive", "lm_eval") else mc_reqs) / statistics.median(v)
            for k, v in t.items()}
+    peer: dict[str, Any] = {"available": False,
+                            "note": "lm_eval is not importable; not compared (not a dependency)"}
+    if lm is not None:
+        peer = {
+            "available": True,
+            "independent_requests_per_s": round(rps["lm_eval"], 2),
+            "multiple_choice_requests_per_s": round(rps["mc_lm_eval"], 2),
+            "trustmoe_speedup_independent": round(rps["ours"] / rps["lm_eval"], 3),
+            "trustmoe_speedup_multiple_choice": round(rps["packed"] / rps["mc_lm_eval"], 3),
+            "max_abs_loglik_diff_vs_trustmoe": lm_diff,
+        }
     print(json.dumps({
         "benchmark": "eval_throughput",
         "preset": args.preset, "device": args.device, "threads": torch.get_num_threads(),
@@ -141,7 +164,7 @@ def main() -> None:
             "speedup_vs_one_at_a_time": round(rps["packed"] / rps["mc_naive"], 3),
         },
         "max_abs_loglik_diff": max_diff,
-        "lm_eval_hf": lm_eval_peer(model, pairs, args.batch_size),
+        "lm_eval_hf": peer,
     }, indent=2))
 
 
