@@ -111,10 +111,24 @@ def build_dataset(
     allow = frozenset(licenses.canonical(a) for a in opts.allow_licenses)
     stage_dir = out_dir.parent / f".{out_dir.name}.build"
     stage_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        result = _build(specs, files_of=sources.list_files, out_dir=out_dir, stage_dir=stage_dir,
+                        opts=opts, declared=declared, allow=allow, progress=progress)
+    except BaseException:
+        if not any(stage_dir.glob("*.done")):  # nothing worth resuming: leave no trace
+            shutil.rmtree(stage_dir, ignore_errors=True)
+        raise
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    return result
+
+
+def _build(specs: list[sources.SourceSpec], files_of: Callable[[sources.SourceSpec],
+           list[sources.InputFile]], out_dir: Path, stage_dir: Path, opts: BuildOptions,
+           declared: str | None, allow: frozenset[str], progress: bool) -> BuildResult:
     timings: dict[str, float] = {}
     with _progress(progress, timings) as step:  # step(msg): one timed step (bar if enabled)
         step("listing and hashing sources")
-        files = {s.name: sources.list_files(s) for s in specs}
+        files = {s.name: files_of(s) for s in specs}
         if not any(files.values()):
             raise TrustmoeError(f"no input files in {', '.join(str(s.root) for s in specs)}")
         key = _key({"format": FORMAT, "options": _opts_key(opts), "sources": [
@@ -123,7 +137,8 @@ def build_dataset(
             d, specs, files, declared, allow, opts, step))
         kept = [(doc, text) for doc, text in audit.pop("_kept")]
         if not kept:
-            raise TrustmoeError("no documents left after the rules; see the build audit")
+            why = ", ".join(f"{r} {n}" for r, n in audit["counts"]["dropped_by_rule"].items())
+            raise TrustmoeError(f"no documents left after the rules (dropped: {why})")
         tkey = _key([key, opts.vocab_size, opts.tokenizer and sha256_file(opts.tokenizer),
                      opts.tokenizer_train_bytes, opts.seed])
         step("training the tokenizer")
@@ -133,7 +148,6 @@ def build_dataset(
         shard_info = _stage(stage_dir, "shards", skey, lambda d: _shard_stage(d, kept, opts, step))
         step("writing the dataset directory")
         result = _finalize(out_dir, stage_dir, specs, files, audit, shard_info, opts, declared)
-    shutil.rmtree(stage_dir, ignore_errors=True)
     result.timings = timings
     return result
 
