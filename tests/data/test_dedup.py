@@ -90,3 +90,16 @@ def test_batched_signatures_equal_one_by_one() -> None:
     batched = dedup.signatures(sets, a, b)
     for s, row in zip(sets, batched, strict=True):
         assert np.array_equal(row, dedup.signature(s, a, b))
+
+
+def test_estimate_is_unbiased_on_structured_shingles() -> None:
+    """Arithmetic-progression inputs defeat plain multiply-shift hashing (bias ~ -0.06)."""
+    a, b = dedup.permutations(128, 1)
+    errs = []
+    for t in range(200):
+        base = np.arange(300, dtype=np.uint64) * np.uint64(1000003) + np.uint64(t * 7919)
+        x = base
+        y = np.concatenate([base[:270], base[270:] + np.uint64(1)])
+        est = dedup.estimate_jaccard(dedup.signature(x, a, b), dedup.signature(y, a, b))
+        errs.append(est - 270 / 330)
+    assert abs(float(np.mean(errs))) < 0.01  # 200 trials: standard error ~0.0024

@@ -60,7 +60,7 @@ def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
     return _POW[:n], _POW_INV[:n]
 
 
-def _fmix64(x: np.ndarray) -> np.ndarray:
+def fmix64(x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         x = x ^ (x >> np.uint64(33))
         x = x * np.uint64(0xFF51AFD7ED558CCD)
@@ -85,7 +85,7 @@ def hash_words(norm_text: str) -> np.ndarray:
         c = np.cumsum(b.astype(np.uint64) * pw_inv, dtype=np.uint64)  # (n,)
         before = np.where(starts > 0, c[np.maximum(starts - 1, 0)], np.uint64(0))
         raw = pw[ends - 1] * (c[ends - 1] - before)
-    return _fmix64(raw)
+    return fmix64(raw)
 
 
 class WordHasher:
