@@ -32,6 +32,10 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """Precomputes cos/sin tables; `forward(positions)` indexes them."""
 
+    inv_freq: Tensor  # (hd/2,)
+    cos: Tensor  # (n, hd)
+    sin: Tensor  # (n, hd)
+
     def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))

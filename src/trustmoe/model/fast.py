@@ -92,7 +92,7 @@ def linear_cross_entropy(
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, x: Tensor, weight: Tensor, targets: Tensor, ignore_index: int
     ) -> tuple[Tensor, Tensor]:
         N, V = x.shape[0], weight.shape[0]
@@ -136,7 +136,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, g_loss: Tensor, _g_logits: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, g_loss: Tensor, _g_logits: Tensor | None) -> tuple[Tensor | None, ...]:
         has_x, has_w, need_grad = ctx.has
         saved = list(ctx.saved_tensors)
         gx = saved.pop(0) if has_x else None

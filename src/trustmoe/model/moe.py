@@ -63,7 +63,7 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 
 class _ExpertFFN(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, xs: Tensor, w13: Tensor, w2: Tensor, counts: list[int]
     ) -> Tensor:
         dt = _compute_dtype(xs)
@@ -85,7 +85,7 @@ class _ExpertFFN(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
         x, a13, a2, gu, silu = ctx.saved_tensors
         counts: list[int] = ctx.counts
         gy = gy.to(x.dtype).contiguous()  # (M, d)
