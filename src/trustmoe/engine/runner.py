@@ -245,7 +245,7 @@ class ModelRunner:
         x = self.w.embed[tok]  # (N, d)
         for i, lw in enumerate(self.w.layers):
             x = x + self._attention(i, lw, x, cos, sin, chunks, new_slots, masks, groups)
-            h = F.rms_norm(x, (x.shape[-1],), lw.ln2, self.cfg.rms_norm_eps)
+            h = _rms(x, lw.ln2, self.cfg.rms_norm_eps)
             x = x + self._mlp(lw, h, groups)
         return self._logits(x, chunks)
 
@@ -262,7 +262,7 @@ class ModelRunner:
                    groups: list[slice]) -> Tensor:
         N = x.shape[0]
         H, Hkv, hd = self.H, self.Hkv, self.hd
-        h = F.rms_norm(x, (x.shape[-1],), lw.ln1, self.cfg.rms_norm_eps)
+        h = _rms(x, lw.ln1, self.cfg.rms_norm_eps)
         qkv = self._lin(h, lw.wqkv, groups)  # (N, (H + 2Hkv) * hd)
         qk = qkv[:, : (H + Hkv) * hd].view(N, H + Hkv, hd)  # RoPE on q and k at once
         qk = torch.addcmul(qk * cos[:, None, :], qk.roll(hd // 2, -1), sin[:, None, :])
@@ -359,7 +359,7 @@ class ModelRunner:
         if not sel:
             return [None] * len(chunks)
         h = torch.cat(sel)
-        h = F.rms_norm(h, (h.shape[-1],), self.w.norm, self.cfg.rms_norm_eps)
+        h = _rms(h, self.w.norm, self.cfg.rms_norm_eps)
         if self.batch_invariant:  # each chunk's rows alone, single rows packed by G
             sizes = [b - a for a, b in (s for s in spans if s)]
             fake = [Chunk([0] * m, 0, torch.empty(0)) for m in sizes]
@@ -372,6 +372,13 @@ class ModelRunner:
             groups = [slice(0, n)]
         logits = self._lin(h, self.w.lm_head, groups).float()  # (n, V)
         return [None if s is None else logits[s[0]: s[1]] for s in spans]
+
+
+def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    # x: (N, d); RMSNorm in fp32 exactly as Hugging Face Llama/Mixtral compute it
+    h = x if x.dtype == torch.float32 else x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * (h if x.dtype == torch.float32 else h.to(x.dtype))
 
 
 def _swiglu(gu: Tensor) -> Tensor:

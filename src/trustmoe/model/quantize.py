@@ -54,7 +54,7 @@ class FloatWeight(Weight):
         self.wT = w.detach().t().contiguous()  # (K, N)
 
     def mm(self, x: Tensor) -> Tensor:
-        return x @ self.wT  # (M, K) @ (K, N)
+        return torch.mm(x, self.wT)  # (M, K) @ (K, N)
 
     def dequantize(self) -> Tensor:
         return self.wT.t().float()
