@@ -121,6 +121,24 @@ def test_cli_errors_are_one_line(model_dir: Path, data_dir: Path, tmp_path: Path
     assert r.exit_code == 0 and "--ood" in r.output and "--compare" in r.output
 
 
+def test_dense_model_has_no_routing_section(tmp_path: Path, data_dir: Path) -> None:
+    import torch
+
+    from trustmoe.config import get_preset
+    from trustmoe.model.hf import save_model
+    from trustmoe.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    save_model(Transformer(get_preset("tiny-dense").model), tmp_path / "dense",
+               tokenizer_file=data_dir / "tokenizer.json")
+    run_eval(tmp_path / "dense", data_dir, tmp_path / "ev", progress=False, sizes=SMALL,
+             store_temperature=False)
+    res = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert res["moe"]["id"] == {} and res["moe"]["id_vs_ood"]["char-noise"] == {}
+    assert "calibration" not in json.loads((tmp_path / "dense" / "trustmoe.json").read_text())
+    assert (tmp_path / "ev" / "report.html").read_text().count("data:image/png") == 4
+
+
 @pytest.mark.slow
 def test_cli_quick_json(model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
     from trustmoe.cli import app

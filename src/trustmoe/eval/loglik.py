@@ -55,7 +55,7 @@ class Scored:
     max_logit: np.ndarray  # (n,) max_v logit_v
     lse: np.ndarray  # (n,) logsumexp(logits) (negative energy)
     sum_p2: np.ndarray  # (n,) sum_v p_v^2 (Brier)
-    hidden: np.ndarray | None = None  # (d,) mean of final hidden states at scored positions
+    hidden: np.ndarray | None = None  # (d,) mean final hidden state over the predicting positions
     logits: Tensor | None = None  # (n, V) float32, only when asked for
 
     @property

@@ -142,7 +142,8 @@ def run_eval(
                                                              window))
         res["perplexity"] = perplexity(val, val_texts)
         res["calibration"] = stages.run("calibration", lambda: _calibration(
-            model, corpus, val, sz, batch_size, model_dir if store_temperature else None))
+            model, corpus, val, sz, batch_size))
+        res["calibration"]["next_token"]["stored_in_model_dir"] = store_temperature
         enc = corpus.encode
         tasks = builtin_tasks(corpus, sz.n_task, seed) + tasks_in
         if not tasks:
@@ -180,6 +181,14 @@ def run_eval(
         stages.run("report", lambda: _write(out_dir, res, other, stages.timing, write_report))
     finally:
         stages.close()
+    if store_temperature:  # only once everything else succeeded
+        nt = res["calibration"]["next_token"]
+        cal.store_temperature(model_dir, nt["temperature"], {
+            "method": "temperature scaling (min NLL on held-out tokens)",
+            "fit_tokens": nt["fit_tokens"], "test_tokens": nt["test_before"]["n"],
+            "ece_before": nt["test_before"]["ece_15_equal_width"],
+            "ece_after": nt["test_after"]["ece_15_equal_width"], "eval_dir": str(out_dir),
+        })
     return summary(res, out_dir)
 
 
@@ -226,8 +235,8 @@ def summary(res: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     }
 
 
-def _calibration(model: Any, corpus: Corpus, val: list[Scored], sz: Sizes, bs: int,
-                 store_in: Path | None) -> dict[str, Any]:
+def _calibration(model: Any, corpus: Corpus, val: list[Scored], sz: Sizes, bs: int
+                 ) -> dict[str, Any]:
     """All-token calibration from the stats; temperature fitted on half the docs, tested on the rest."""
     conf = np.concatenate([s.max_prob for s in val])
     correct = np.concatenate([s.greedy for s in val]).astype(np.float64)
@@ -247,15 +256,9 @@ def _calibration(model: Any, corpus: Corpus, val: list[Scored], sz: Sizes, bs: i
     tz, ty = cat(test)
     t = cal.fit_temperature(fz, fy)
     before, after = cal.from_logits(tz, ty, 1.0), cal.from_logits(tz, ty, t)
-    if store_in is not None:
-        cal.store_temperature(store_in, t, {
-            "method": "temperature scaling (min NLL on held-out tokens)",
-            "fit_tokens": int(fy.numel()), "test_tokens": int(ty.numel()),
-            "ece_before": before["ece_15_equal_width"], "ece_after": after["ece_15_equal_width"],
-        })
     return {"next_token": {"all_tokens": all_tokens, "temperature": t,
                            "fit_tokens": int(fy.numel()), "test_before": before,
-                           "test_after": after, "stored_in_model_dir": store_in is not None}}
+                           "test_after": after}}
 
 
 def _robustness(model: Any, enc: Any, tasks: list[Task], scored: dict[str, Any], sz: Sizes,
