@@ -177,8 +177,10 @@ def test_jsonl_source_records_and_split(tmp_path: Path) -> None:
     [entry] = json.loads((out / "manifest.json").read_text())["files"]
     fates = {d["doc"]: (d["fate"], d["rule"]) for d in entry["documents"]}
     assert fates["recs/recs.jsonl#1"] == ("kept", None)
-    assert fates["recs/recs.jsonl#21"] == ("dropped", "unreadable")
-    assert fates["recs/recs.jsonl#22"] == ("dropped", "unreadable")
+    assert fates["recs/recs.jsonl#21"] == ("dropped", "malformed_record")
+    assert fates["recs/recs.jsonl#22"] == ("dropped", "malformed_record")
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["decode_errors"] == {"malformed_record": 2}
     splits = [d["split"] for d in entry["documents"] if d["fate"] == "kept"]
     assert splits.count("val") == 1 and splits.count("train") == 19
 
@@ -256,3 +258,19 @@ def test_given_tokenizer_is_used_as_is(corpus: Path, tmp_path: Path) -> None:
     doc = (corpus / "docs/doc010.txt").read_text()
     ids = open_tokens(second, "train").tolist() + open_tokens(second, "val").tolist()
     assert tok.decode(ids).count(doc.strip()) == 1  # encoded with the given vocabulary
+
+
+def test_unreadable_file_is_counted_not_fatal(corpus: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    real = Path.read_bytes
+
+    def flaky(self: Path) -> bytes:
+        if self.name == "doc012.txt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", flaky)
+    out = tmp_path / "ds"
+    build_dataset([str(corpus)], out, small_options(), progress=False)
+    assert _fates(out)["docs/doc012.txt"] == ("dropped", "unreadable")
+    assert json.loads((out / "audit.json").read_text())["decode_errors"]["unreadable"] == 1

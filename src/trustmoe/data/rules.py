@@ -52,7 +52,8 @@ def decode_docs(
     for raw, lic, lic_src in raws:
         if "error" in raw.notes:
             err = raw.notes["error"]
-            rule = "invalid_utf8" if err == "invalid_utf8" else "unreadable"
+            rule = ("invalid_utf8" if err == "invalid_utf8"
+                    else "unreadable" if err.startswith("unreadable") else "malformed_record")
             errors[rule] += 1
             d = Doc(raw.id, raw.source, raw.path, None, lic, lic_src)
             d.drop(rule)
