@@ -13,7 +13,7 @@ import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tokenizers import Tokenizer
@@ -261,8 +261,8 @@ class Engine:
             idx = [i for i, wt in enumerate(want) if wt]
             got = token_logprobs(logits[idx], [ids[i] for i in idx],
                                  [seqs[i].params.logprobs or 0 for i in idx])
-            for i, lp in zip(idx, got, strict=True):
-                lps[i] = lp
+            for i, got_lp in zip(idx, got, strict=True):
+                lps[i] = got_lp
         now = time.monotonic()
         outs = []
         for s, t, lp in zip(seqs, ids, lps, strict=True):
@@ -301,7 +301,8 @@ class Engine:
                 raise ValueError("params must be one SamplingParams or one per prompt")
             plist = list(params)
         base = f"gen-{next(self._ids)}-"
-        todo = list(enumerate(prompts))[::-1]
+        todo: list[tuple[int, str | list[int]]] = [
+            (i, p) for i, p in enumerate(cast(list[str | list[int]], prompts))][::-1]
         results: dict[int, GenerationResult] = {}
         lps: dict[str, list[TokenLogprob]] = {}
         plps: dict[str, list[float | None]] = {}

@@ -21,6 +21,7 @@ shapes never depend on the routing).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from trustmoe.config import ModelConfig
 from trustmoe.engine.kv_cache import PagedKVCache
 from trustmoe.model.moe import MoE
 from trustmoe.model.quantize import FloatWeight, Weight, make_weight
-from trustmoe.model.transformer import Transformer
+from trustmoe.model.transformer import Block, Transformer
 
 GATHER_MAX_ROWS = 8  # decode-sized row groups take the gather path when it is on
 
@@ -102,7 +103,7 @@ def build_weights(model: Transformer, quantize: str | None = None, group_size: i
         return w
 
     layers: list[LayerWeights] = []
-    for blk in model.layers:
+    for blk in cast(list[Block], list(model.layers)):
         a = blk.self_attn
         wqkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], dim=0)
         mlp = blk.mlp
