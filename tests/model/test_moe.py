@@ -274,3 +274,17 @@ def test_model_loss_is_ce_plus_weighted_router_losses() -> None:
     torch.testing.assert_close(out.loss, ce + 0.3 * out.aux_loss + 0.05 * out.z_loss)
     assert len(out.routing) == cfg.num_hidden_layers
     assert all(sum(s.tokens_per_expert) == 32 * 2 for s in out.routing)
+
+
+def test_fast_path_under_bf16_autocast() -> None:
+    """The trainer's `--dtype bfloat16`: experts run in bf16, gradients land in fp32 params."""
+    moe = _moe(_cfg())
+    x = torch.randn(2, 9, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe(x)[0]
+        y_ref = reference_moe(moe, x)
+    assert not torch.equal(y.float(), moe(x)[0])  # bf16 rounding shows: the matmuls ran in bf16
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=0, atol=3e-2)
+    y.float().pow(2).sum().backward()
+    assert moe.w13.grad is not None and moe.w13.grad.dtype == torch.float32
+    assert bool(torch.isfinite(moe.w13.grad).all()) and bool((moe.w13.grad != 0).any())
