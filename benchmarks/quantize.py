@@ -7,7 +7,8 @@ briefly with `trustmoe.train` (a few minutes; pass --train-minutes to change it)
 Perplexity is computed through the Engine itself (prompt log-probs of non-overlapping windows
 of the validation shard), so it measures the quantized forward that serves requests.
 Resident memory is measured in a fresh subprocess per format that loads the saved artifact
-(fp32: the model dir; int8/int4: `save_quantized` output), as VmRSS growth over the baseline.
+(fp32: the model dir; int8/int4: `save_quantized` output), as VmRSS growth over a baseline
+taken after the libraries and kernels are paged in.
 Decode tokens/s is batch-1 greedy, interleaved across formats round by round.
 
     python benchmarks/quantize.py --model runs/demo/model --data runs/demo/data
@@ -40,6 +41,11 @@ RSS_PROBE = """
 import sys, torch
 torch.set_num_threads(1)
 from trustmoe.engine import Engine
+import trustmoe.data.tokenizer, trustmoe.engine.artifact, trustmoe.model.hf
+from trustmoe.model.quantize import make_weight
+x = torch.randn(2, 64)  # page in the BLAS / fbgemm / int4 kernels before the baseline
+for mode in (None, "int8", "int4"):
+    make_weight(torch.randn(64, 64), mode, 32).mm(x)
 def rss():
     for line in open('/proc/self/status'):
         if line.startswith('VmRSS:'):

@@ -76,6 +76,18 @@ class EngineStats:
     prefix_cache_queries: int
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise), so resident memory
+    reflects the weights actually kept."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -147,6 +159,8 @@ class Engine:
             return w, tok, path.resolve().name
         m = load(path, device="cpu")
         w = build_weights(m, quantize, group_size, device, dtype, exact_int8)
+        del m
+        _release_freed_memory()  # the float model we read from is garbage now
         return w, tok, path.resolve().name
 
     # ------------------------------------------------------------ text
