@@ -193,7 +193,6 @@ def test_split_is_seeded_and_by_document() -> None:
     assert split_docs(["only"], seed=0, val_fraction=0.05) == set()
 
 
-@pytest.mark.slow
 def test_stdlib_subset_build(tmp_path: Path) -> None:
     out = tmp_path / "ds"
     res = build_dataset(["stdlib"], out, small_options(include=("json/*.py",)), progress=False)
