@@ -84,6 +84,9 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the result normal permissions
     old = path.with_name(f".{path.name}.old")
     if old.exists():
         shutil.rmtree(old)
