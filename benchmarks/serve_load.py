@@ -87,18 +87,23 @@ def start_server(model_dir: Path, port: int, max_num_seqs: int) -> subprocess.Po
 async def one_request(c: httpx.AsyncClient, url: str, prompt: list[int],
                       max_tokens: int) -> dict[str, Any]:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True}
+            "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     stamps: list[float] = []
+    tokens = 0
     async with c.stream("POST", url + "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
         async for line in r.aiter_lines():
-            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["text"]:
                 stamps.append(time.perf_counter())
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]  # counted by the server
     return {"ttft": stamps[0] - t0 if stamps else float("nan"),
-            "itl": [b - a for a, b in itertools.pairwise(stamps)],
-            "tokens": max_tokens}
+            "itl": [b - a for a, b in itertools.pairwise(stamps)], "tokens": tokens}
 
 
 async def load_run(url: str, prompts: list[list[int]], clients: int,
@@ -183,6 +188,7 @@ def main() -> None:
         for c in clients:  # interleave: peer, ours, peer, ours
             result["peer_runs"].append(peer_run(hf, peer_prompts[: max(1, n_peer // 2)],
                                                 max_tokens))
+            asyncio.run(load_run(url, prompts(c), c, 8))  # warm this batch size (compile)
             result["runs"][str(c)] = asyncio.run(load_run(url, prompts(c * per_client), c,
                                                           max_tokens))
         peer_tps = statistics.mean(r["tokens_per_s"] for r in result["peer_runs"])
