@@ -4,13 +4,15 @@ Every weight is an object with `mm(x)` = `x @ W.T` (x: (M, K) -> (M, N)) and `nb
 
 - `FloatWeight` keeps W transposed (K, N) contiguous: MKL's small-M path on that layout gives
   each row the same bits for M in 1..3, which the engine's batch-invariant mode relies on.
-- `Int8Weight`: symmetric per-output-channel int8, scale = absmax / 127. On CPU it runs through
-  fbgemm's int8 GEMM (`quantized::linear_dynamic`), which also quantizes the activations per
-  row group at run time (fast on AVX2, where torch's weight-only int8 kernel is slow); set
-  `exact=True` for weight-only numerics (dequantize then fp matmul). On CUDA it uses
-  `torch._weight_int8pack_mm`-free dequantize+matmul.
+- `Int8Weight`: symmetric per-output-channel int8, scale = absmax / 127 (the stored artifact is
+  weight-only). On CPU it runs through fbgemm's int8 GEMM (`quantized::linear_dynamic`), which
+  also quantizes the activations of each call per tensor at run time: on AVX2 that is ~4x
+  faster than an fp32 GEMV, while torch's weight-only `_weight_int8pack_mm` measured 10x
+  *slower* than fp32 here. `exact=True` gives weight-only numerics (dequantize, then fp
+  matmul; no speed-up). On CUDA the weight is dequantized per call.
 - `Int4Weight`: asymmetric group-wise int4 (gpt-fast layout: w ~ (q - 8) * scale + zero per
-  group of `group_size` input channels), run with `_weight_int4pack_mm_for_cpu` on CPU.
+  group of `group_size` input channels), run with `_weight_int4pack_mm_for_cpu` on CPU (slow on
+  AVX2-only machines: int4 saves memory, not time, there).
 
 `quantize_state(...)`/`save_quantized`/`load_quantized` write and read the quantized weights
 as their own safetensors artifact (`model.quant.safetensors` + `quantization.json`).
