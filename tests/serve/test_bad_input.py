@@ -203,3 +203,24 @@ def _disconnects(srv: Any) -> None:
                    json={"prompt": "def", "max_tokens": 240, "ignore_eos": True})
     assert _wait(lambda: srv.state.bridge.in_flight == 0 and srv.state.active == 0, timeout=3.0)
     assert aborted(srv) == n_abort + 2
+
+
+def test_engine_failure_fails_in_flight_requests_only(srv: Any) -> None:
+    """A step that raises ends the requests in flight with a 500 body; the server goes on."""
+    step, calls = srv.engine.step, []
+
+    def broken() -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated kernel failure")
+        return step()
+
+    srv.engine.step = broken
+    try:
+        r = _post(srv, "/v1/completions", {"prompt": "def", "max_tokens": 4})
+    finally:
+        del srv.engine.step
+    assert r.status_code == 500 and "simulated kernel failure" in r.json()["error"]["message"]
+    assert _wait(lambda: srv.state.active == 0 and srv.state.bridge.in_flight == 0)
+    assert httpx.get(srv.url + "/health").status_code == 200
+    _ok(srv)

@@ -109,6 +109,9 @@ class ServerState:
         """Take slots and submit every choice; on any failure nothing stays behind."""
         from trustmoe.engine import PromptTooLongError, QueueFullError
 
+        if len(subs) > self.max_concurrency:
+            raise APIError(400, f"this request asks for {len(subs)} generations (prompts × n); "
+                           f"the server allows {self.max_concurrency} at once")
         if self.active + len(subs) > self.max_concurrency:
             raise self.reject(429, f"server busy: {self.active} requests in flight "
                               f"(--max-concurrency {self.max_concurrency}); retry shortly")
