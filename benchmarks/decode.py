@@ -11,12 +11,18 @@ llama.cpp is compared only where `llama_cpp` is importable (otherwise reported a
 
     python benchmarks/decode.py                       # both shapes, ~2-3 minutes
     python benchmarks/decode.py --shapes bench-small --tokens 32 --rounds 2   # quick
+    python benchmarks/decode.py --threads 1      # on a busy machine (see below)
+
+On a 2-core machine that is also running other work, OpenMP's spinning threads can make
+every contender (ours and transformers) ~5x slower with 2 threads; use --threads 1 or
+OMP_WAIT_POLICY=PASSIVE there, and compare only figures from the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -123,6 +129,7 @@ def bench_shape(name: str, shape: dict[str, Any], args: argparse.Namespace) -> d
         "shape": name,
         "tokens": args.tokens, "prompt": args.prompt, "rounds": args.rounds,
         "threads": torch.get_num_threads(), "device": args.device,
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
         "tok_s": {k: round(v, 1) for k, v in med.items() if k != "read_bw"},
         "tok_s_all_rounds": {k: [round(x, 1) for x in v] for k, v in res.items()
                              if k != "read_bw"},

@@ -99,8 +99,18 @@ class Engine:
         max_num_seqs: int = 32, max_queue: int = 256, prefill_chunk: int = 256,
         device: str | None = None, dtype: torch.dtype | None = None, tokenizer: Any = None,
         batch_invariant: bool = True, enable_prefix_caching: bool = True,
-        moe_path: str = "auto", exact_int8: bool = False,
+        moe_path: str = "auto", exact_int8: bool = False, num_threads: int | None = None,
     ) -> None:
+        """Extra options beyond the contract: `batch_invariant` (bit-identical results alone or
+        batched; False batches decode matmuls freely for more throughput),
+        `enable_prefix_caching`, `moe_path` ("auto" | "sorted" | "gather"), `exact_int8`
+        (weight-only int8 numerics instead of fbgemm's dynamic activation quantization) and
+        `num_threads` (sets torch's process-wide intra-op threads; on a busy 2-core machine 1
+        thread, or OMP_WAIT_POLICY=PASSIVE, avoids OpenMP spin-wait collapses of ~5x)."""
+        if num_threads is not None:
+            if not isinstance(num_threads, int) or num_threads < 1:
+                raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
+            torch.set_num_threads(num_threads)
         if quantize not in (None, "int8", "int4"):
             raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
         for name, v in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
