@@ -148,6 +148,7 @@ class PagedKVCache:
         shape = (n_layers, n_kv, num_blocks * block_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_layers, self.v_layers = list(self.k), list(self.v)  # per-layer views
 
     @staticmethod
     def bytes_per_block(n_layers: int, n_kv: int, head_dim: int, block_size: int,
@@ -164,9 +165,9 @@ class PagedKVCache:
 
     def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         # slots: (N,); k, v: (Hkv, N, hd)
-        self.k[layer].index_copy_(1, slots, k)
-        self.v[layer].index_copy_(1, slots, v)
+        self.k_layers[layer].index_copy_(1, slots, k)
+        self.v_layers[layer].index_copy_(1, slots, v)
 
     def read(self, layer: int, slots: Tensor) -> tuple[Tensor, Tensor]:
         # slots: (S,) -> k, v: (Hkv, S, hd)
-        return self.k[layer].index_select(1, slots), self.v[layer].index_select(1, slots)
+        return self.k_layers[layer].index_select(1, slots), self.v_layers[layer].index_select(1, slots)

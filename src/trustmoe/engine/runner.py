@@ -188,6 +188,8 @@ class ModelRunner:
                 lw.w13_stack = torch.stack([w.dequantize() for w in lw.w13]).to(device, weights.dtype)
                 lw.w2_stack = torch.stack([w.dequantize() for w in lw.w2]).to(device, weights.dtype)
         self.moe_path = moe_path
+        self.k4 = [kv.k[i].unsqueeze(0) for i in range(kv.k.shape[0])]  # (1, Hkv, slots, hd)
+        self.v4 = [kv.v[i].unsqueeze(0) for i in range(kv.v.shape[0])]
 
     # ------------------------------------------------------------ helpers
 
@@ -236,11 +238,12 @@ class ModelRunner:
             new_slots = c0.slots[c0.start:]  # (N,)
             cos = self.w.cos[c0.start: c0.start + len(c0.tokens)]  # (N, hd)
             sin = self.w.sin[c0.start: c0.start + len(c0.tokens)]
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (N, 1, hd)
         else:
             pos = torch.cat([torch.arange(c.start, c.start + len(c.tokens)) for c in chunks])
             pos = pos.to(dev)
             new_slots = torch.cat([c.slots[c.start:] for c in chunks])  # (N,)
-            cos, sin = self.w.cos[pos], self.w.sin[pos]  # (N, hd)
+            cos, sin = self.w.cos[pos].unsqueeze(1), self.w.sin[pos].unsqueeze(1)  # (N, 1, hd)
         groups = self._groups(chunks)
         masks = [self._mask(c) for c in chunks]
         x = self.w.embed[tok]  # (N, d)
@@ -265,23 +268,24 @@ class ModelRunner:
         H, Hkv, hd = self.H, self.Hkv, self.hd
         h = _rms(x, lw.ln1, self.cfg.rms_norm_eps)
         qkv = self._lin(h, lw.wqkv, groups)  # (N, (H + 2Hkv) * hd)
-        qk = qkv[:, : (H + Hkv) * hd].view(N, H + Hkv, hd)  # RoPE on q and k at once
-        qk = torch.addcmul(qk * cos[:, None, :], qk.roll(hd // 2, -1), sin[:, None, :])
-        q, k = qk[:, :H], qk[:, H:]  # (N, H, hd), (N, Hkv, hd)
-        v = qkv[:, (H + Hkv) * hd:].view(N, Hkv, hd)
+        qk = qkv.narrow(1, 0, (H + Hkv) * hd).view(N, H + Hkv, hd)  # RoPE on q and k at once
+        qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)  # cos, sin: (N, 1, hd)
+        q, k = qk.narrow(1, 0, H), qk.narrow(1, H, Hkv)  # (N, H, hd), (N, Hkv, hd)
+        v = qkv.narrow(1, (H + Hkv) * hd, Hkv * hd).view(N, Hkv, hd)
         self.kv.write(layer, new_slots, k.transpose(0, 1), v.transpose(0, 1))
         outs = []
         for ch, mask in zip(chunks, masks, strict=True):
             if ch.first_slot is not None:  # one contiguous run of slots: a view, no copy
                 S = ch.slots.shape[0]
-                kk = self.kv.k[layer, :, ch.first_slot: ch.first_slot + S]  # (Hkv, S, hd)
-                vv = self.kv.v[layer, :, ch.first_slot: ch.first_slot + S]
+                kk = self.k4[layer].narrow(2, ch.first_slot, S)  # (1, Hkv, S, hd)
+                vv = self.v4[layer].narrow(2, ch.first_slot, S)
             else:
-                kk, vv = self.kv.read(layer, ch.slots)  # (Hkv, S, hd)
-            qq = q[ch.rows].transpose(0, 1)[None]  # (1, H, T, hd)
-            y = F.scaled_dot_product_attention(qq, kk[None], vv[None], attn_mask=mask,
+                k3, v3 = self.kv.read(layer, ch.slots)  # (Hkv, S, hd)
+                kk, vv = k3.unsqueeze(0), v3.unsqueeze(0)
+            qq = (q if len(chunks) == 1 else q[ch.rows]).transpose(0, 1).unsqueeze(0)
+            y = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask,
                                                enable_gqa=Hkv != H)  # (1, H, T, hd)
-            outs.append(y[0].transpose(0, 1).reshape(-1, H * hd))  # (T, H*hd)
+            outs.append(y.transpose(1, 2).reshape(-1, H * hd))  # (T, H*hd)
         att = outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, H*hd)
         return self._lin(att, lw.wo, groups)
 
@@ -289,13 +293,16 @@ class ModelRunner:
         # h: (N, d) -> (N, d)
         if lw.router is None:
             return self._lin(_swiglu(self._lin(h, lw.w13[0], groups)), lw.w2[0], groups)
-        logits = self._lin(h, lw.router, groups).float()  # (N, E)
+        logits = self._lin(h, lw.router, groups)  # (N, E)
+        if logits.dtype != torch.float32:
+            logits = logits.float()
         if self.cfg.norm_topk_prob:  # softmax over the top-k logits == renormalised top-k probs
             top, ids = logits.topk(self.cfg.num_experts_per_tok, dim=-1)  # (N, k)
             wts = top.softmax(dim=-1)
         else:
             wts, ids = logits.softmax(dim=-1).topk(self.cfg.num_experts_per_tok, dim=-1)
-        wts = wts.to(h.dtype)
+        if wts.dtype != h.dtype:
+            wts = wts.to(h.dtype)
         parts = [self._moe_gather(lw, h[g], wts[g], ids[g])
                  if self.moe_path == "gather" and g.stop - g.start <= GATHER_MAX_ROWS
                  else self._moe_sorted(lw, h[g], wts[g], ids[g]) for g in groups]
@@ -310,7 +317,7 @@ class ModelRunner:
         n, k = ids.shape
         if n == 1:  # one token: its k experts in slot order (same arithmetic as below)
             y: Tensor | None = None
-            for e, wt in zip(ids[0].tolist(), wts[0].tolist(), strict=True):
+            for e, wt in zip(ids.tolist()[0], wts.tolist()[0], strict=True):
                 out = lw.w2[e].mm(_swiglu(lw.w13[e].mm(x))) * wt  # (1, d)
                 y = out if y is None else y + out
             assert y is not None
