@@ -40,6 +40,11 @@ class _Stream:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _put_all(items: list[tuple[_Stream, Any]]) -> None:
+    for s, o in items:
+        s.out.put_nowait(o)
+
+
 class AsyncEngine:
     def __init__(self, engine: Any, metrics: ServerMetrics | None = None) -> None:
         self.engine = engine
@@ -105,8 +110,14 @@ class AsyncEngine:
                     continue
                 self.steps += 1
                 now = time.monotonic()
+                batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Any]]] = {}
                 for o in outputs:
-                    self._deliver(o, now)
+                    s = self._deliver(o, now)
+                    if s is not None:
+                        batches.setdefault(s.loop, []).append((s, o))
+                for loop, items in batches.items():  # one wake-up per event loop per step
+                    with contextlib.suppress(RuntimeError):  # that loop already closed
+                        loop.call_soon_threadsafe(_put_all, items)
                 self._gauges()
             else:
                 self._gauges()
@@ -141,10 +152,11 @@ class AsyncEngine:
                         self.metrics.finished("abort")
                     self.in_flight = len(self._streams)
 
-    def _deliver(self, o: Any, now: float) -> None:
+    def _deliver(self, o: Any, now: float) -> _Stream | None:
+        """Record metrics for one output; the stream it belongs to (None if aborted)."""
         s = self._streams.get(o.request_id)
         if s is None:
-            return
+            return None
         m = self.metrics
         if m is not None:
             if not s.first_seen:
@@ -168,7 +180,7 @@ class AsyncEngine:
         if o.finished:
             del self._streams[o.request_id]
             self.in_flight = len(self._streams)
-        self._put(s, o)
+        return s
 
     def _put(self, s: _Stream, item: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the handler's loop already closed
