@@ -199,3 +199,16 @@ def test_llama_cpp_greedy_tokens_match(tiny_model_dir: Path, tmp_path: Path) -> 
         for _ in range(12):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert got == ids[len(prompt):]
+
+
+def test_gguf_refuses_sentencepiece_tokenizer(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    d = tmp_path / "sp"
+    shutil.copytree(tiny_model_dir, d)
+    tj = json.loads((d / "tokenizer.json").read_text())
+    tj["model"]["byte_fallback"] = True
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(TrustmoeError, match="SentencePiece"):
+        export_gguf(d, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()

@@ -107,3 +107,12 @@ def test_mask_allows_exactly_the_valid_tokens(tiny_data_dir: Path) -> None:
         generated.append(pick)
         prefix += trie.token_bytes(pick)
     assert json.loads(prefix) in ({"ok": True}, {"ok": False})
+
+
+def test_sentencepiece_style_token_bytes() -> None:
+    from tokenizers import Tokenizer, decoders, models
+
+    tok = Tokenizer(models.WordLevel({"\u2581hi": 0, "<0x0A>": 1, "x": 2}, unk_token="x"))
+    tok.decoder = decoders.Metaspace()
+    trie = TokenTrie(tok)
+    assert [trie.token_bytes(i) for i in range(3)] == [b" hi", b"\n", b"x"]

@@ -52,6 +52,9 @@ def _tokenizer_fields(model_dir: Path) -> dict[str, Any]:
     if model.get("type") != "BPE":
         raise TrustmoeError(
             f"GGUF export supports byte-level BPE tokenizers, got {model.get('type')!r}")
+    if model.get("byte_fallback") or (tj.get("decoder") or {}).get("type") != "ByteLevel":
+        raise TrustmoeError("GGUF export writes byte-level BPE (\"gpt2\") tokenizers; this "
+                            "tokenizer is SentencePiece-style (Metaspace / byte fallback)")
     vocab: dict[str, int] = dict(model.get("vocab") or {})
     added = {t["content"]: t for t in tj.get("added_tokens") or []}
     for content, t in added.items():

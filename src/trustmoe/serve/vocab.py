@@ -51,6 +51,10 @@ class TokenTrie:
                 data = b""
             elif byte_level and all(c in inv for c in s):
                 data = bytes(inv[c] for c in s)
+            elif len(s) == 6 and s.startswith("<0x") and s.endswith(">"):  # SentencePiece byte
+                data = bytes([int(s[3:5], 16)])
+            elif "\u2581" in s:  # SentencePiece marks a leading space with U+2581
+                data = s.replace("\u2581", " ").encode("utf-8")
             else:
                 data = tok.decode([i], skip_special_tokens=False).encode("utf-8")
             self._bytes.append(data)
