@@ -179,8 +179,13 @@ def _finite(x: float | None) -> float | None:
 
 def completion_logprobs(state: ServerState, token_ids: list[int], lps: list[Any],
                         prompt_ids: list[int] | None, prompt_lps: list[float | None] | None,
-                        start_offset: int = 0) -> dict[str, Any]:
-    """OpenAI legacy logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+                        start_offset: int = 0,
+                        prompt_tops: list[dict[int, float] | None] | None = None) -> dict[str, Any]:
+    """OpenAI legacy logprobs: tokens, token_logprobs, top_logprobs, text_offset.
+
+    Echoed prompt positions list the prompt token itself in `top_logprobs`, plus the engine's
+    top-k alternatives when it reports them (`RequestOutput.prompt_top_logprobs`, optional).
+    """
     dec = state.tokenizer.decode
     tokens: list[str] = []
     token_lps: list[float | None] = []
@@ -190,7 +195,12 @@ def completion_logprobs(state: ServerState, token_ids: list[int], lps: list[Any]
             tokens.append(dec([t], skip_special_tokens=False))
             lp = prompt_lps[i] if prompt_lps and i < len(prompt_lps) else None
             token_lps.append(_finite(lp))
-            tops.append(None if lp is None else {tokens[-1]: _finite(lp) or 0.0})
+            top = None if lp is None else {tokens[-1]: _finite(lp) or 0.0}
+            alts = prompt_tops[i] if prompt_tops and i < len(prompt_tops) else None
+            if top is not None and alts:
+                for k, v in alts.items():
+                    top.setdefault(dec([k], skip_special_tokens=False), _finite(v) or 0.0)
+            tops.append(top)
     for t, lp in zip(token_ids, lps, strict=False):
         s = dec([t], skip_special_tokens=False)
         tokens.append(s)
@@ -258,9 +268,11 @@ async def create_completion(state: ServerState, req: CompletionRequest,
             prompt_text = state.tokenizer.decode(s.prompt_ids, skip_special_tokens=False)
         logprobs = None
         if req.logprobs is not None:
-            plps = next((o.prompt_logprobs for o in got[s.request_id] if o.prompt_logprobs), None)
+            first = next((o for o in got[s.request_id] if o.prompt_logprobs), None)
+            plps = first.prompt_logprobs if first else None
+            ptops = getattr(first, "prompt_top_logprobs", None)
             echoed = s.prompt_ids if req.echo else None
-            logprobs = completion_logprobs(state, ids, lps, echoed, plps)
+            logprobs = completion_logprobs(state, ids, lps, echoed, plps, prompt_tops=ptops)
         n_gen += len(ids)
         choices.append({"index": s.index, "text": prompt_text + text, "logprobs": logprobs,
                         "finish_reason": final.finish_reason if s.max_tokens else "length"})
