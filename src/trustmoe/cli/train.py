@@ -92,9 +92,33 @@ def generate_cmd(
         console.print(prompt + res["text"], highlight=False, markup=False)
 
 
+def quantize_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory to quantize.")],
+    out: Annotated[Path, typer.Argument(help="Directory for the quantized artifact.")],
+    method: Annotated[str, typer.Option(help="int8 (per output channel) or int4 (group-wise).")] = "int8",
+    group_size: Annotated[int, typer.Option(help="int4 group size (divides the input width).")] = 64,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Save weight-only quantized weights as their own safetensors artifact.
+
+    The artifact (model.quant.safetensors + quantization.json, with the source's SHA-256) loads
+    with `trustmoe serve OUT` or `trustmoe.engine.Engine(OUT)`.
+    """
+    from trustmoe.engine.artifact import quantize_model_dir
+
+    if group_size <= 0:
+        raise TrustmoeError(f"--group-size must be positive, got {group_size}")
+    res = quantize_model_dir(model_dir, out, method=method, group_size=group_size)
+    if json_out:
+        print(json.dumps(res))
+    else:
+        console.print(f"[green]quantized[/] {method}: {res['bytes']:,} bytes -> {res['path']}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("train")(train_cmd)
     app.command("generate")(generate_cmd)
+    app.command("quantize")(quantize_cmd)
     from trustmoe.cli.demo import demo_cmd
 
     app.command("demo")(demo_cmd)

@@ -195,6 +195,10 @@ def _weight_files(path: Path) -> list[Path]:
     single = path / "model.safetensors"
     if single.exists():
         return [single]
+    if (path / "quantization.json").exists():
+        raise ModelLoadError(
+            f"{path} holds quantized weights: load it with trustmoe.engine.Engine (or `trustmoe serve`)"
+        )
     shards = sorted(path.glob("*.safetensors"))
     if shards:
         return shards
