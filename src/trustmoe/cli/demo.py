@@ -40,8 +40,7 @@ def demo_cmd(
     data_dir, model_dir, eval_dir = out / "data", out / "model", out / "eval"
 
     console.rule("[bold]1. data: build the dataset from the Python standard library")
-    summary = _build_data(data_dir)
-    console.print(summary)
+    _build_data(data_dir)
 
     console.rule("[bold]2. train: the small MoE preset")
     elapsed = (time.perf_counter() - t0) / 60
@@ -76,11 +75,12 @@ def demo_cmd(
         serve_model(model_dir, host="127.0.0.1", port=port)
 
 
-def _build_data(data_dir: Path) -> dict[str, Any]:
+def _build_data(data_dir: Path) -> None:
+    from trustmoe.cli.data import print_summary
     from trustmoe.data.build import build_dataset
 
     result = build_dataset(["stdlib"], data_dir)
-    return result.summary()
+    print_summary(data_dir, result.summary())  # kept/dropped by rule, tokens, audit findings
 
 
 def _evaluate(model_dir: Path, data_dir: Path, eval_dir: Path) -> dict[str, Any]:
