@@ -56,11 +56,13 @@ def demo_cmd(
     console.print(Panel(f"validation loss [bold]{res.val_loss:.4f}[/], perplexity "
                         f"[bold]{res.val_perplexity:.2f}[/]", title="model " + str(model_dir)))
 
-    console.rule("[bold]3. sample")
+    console.rule("[bold]3. sample (temperature 0.8, top-p 0.95, seed 0)")
     from trustmoe.generation import generate_text
 
-    prompt = "def fibonacci(n):\n"
-    sample = generate_text(model_dir, prompt, max_tokens=48, temperature=0.0, device=device)
+    # no trailing newline: BPE merges "\n" with the indentation that follows it
+    prompt = "def fibonacci(n):"
+    sample = generate_text(model_dir, prompt, max_tokens=64, temperature=0.8, top_p=0.95,
+                           seed=0, device=device)
     console.print(prompt + sample["text"], markup=False, highlight=False)
 
     if not skip_eval:
