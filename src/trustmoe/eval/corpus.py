@@ -8,9 +8,10 @@ decoded with the dataset's tokenizer and re-encoded with the model's.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -116,15 +117,21 @@ def _read_utf8(path: Path) -> str:
         raise TrustmoeError(f"{path} is not valid UTF-8 (byte {e.start})") from None
 
 
-def _read_jsonl_texts(path: Path) -> list[str]:
-    texts = []
-    for n, line in enumerate(_read_utf8(path).splitlines(), 1):
+def iter_jsonl(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of `text`, read from JSONL `path`."""
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise TrustmoeError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+        yield n, obj
+
+
+def _read_jsonl_texts(path: Path) -> list[str]:
+    texts = []
+    for n, obj in iter_jsonl(path, _read_utf8(path)):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise TrustmoeError(f"{path}:{n}: expected an object with a string \"text\" field")
         texts.append(obj["text"])

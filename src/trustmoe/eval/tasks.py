@@ -14,7 +14,6 @@ Task file: JSONL, one object per line: {"context": str, "choices": [str, ...], "
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from trustmoe.eval.corpus import iter_jsonl
 from trustmoe.eval.loglik import Scored
 from trustmoe.eval.packed import score_groups
 from trustmoe.io import TrustmoeError
@@ -84,17 +84,11 @@ def load_task_file(path: Path) -> Task:
     if not path.is_file():
         raise TrustmoeError(f"task file not found: {path}")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise TrustmoeError(f"task file {path} is not valid UTF-8 (byte {e.start})") from None
     instances = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TrustmoeError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+    for n, obj in iter_jsonl(path, text):
         instances.append(_instance(obj, f"{path}:{n}"))
     if not instances:
         raise TrustmoeError(f"task file {path} has no instances")
