@@ -171,6 +171,42 @@ def _usage(lease: Lease, gen_tokens: int) -> dict[str, int]:
             "total_tokens": prompt + gen_tokens}
 
 
+async def _admit_and_collect(
+    state: ServerState, subs: list[SubRequest], request: Request, stream: bool, id_prefix: str,
+    streamer: Callable[[Lease, str, int], AsyncIterator[str]],
+) -> Response | tuple[dict[str, list[Any]], Lease, str, int]:
+    """Admit `subs`; a streamed response, 499 if the client left, else (outputs, lease, id, created)."""
+    rid, created = state.new_id(id_prefix), int(time.time())
+    lease = await state.admit(subs)
+    if stream:
+        return LeaseStreamingResponse(streamer(lease, rid, created), lease)
+    try:
+        got = await _collect(lease, request)
+    finally:
+        lease.close()
+    if got is None:
+        return Response(status_code=CLIENT_CLOSED)
+    return got, lease, rid, created
+
+
+async def _flushed(lease: Lease) -> AsyncIterator[tuple[Any, SubRequest, list[int], list[Any], int]]:
+    """Outputs with text to send: (output, its sub, token ids and logprobs held since the last
+    send, tokens it adds to the usage count). Outputs without new text are held back (a possible
+    stop string or half a character) unless they finish the choice."""
+    by_id = {s.request_id: s for s in lease.subs}
+    pending: dict[str, tuple[list[int], list[Any]]] = {}
+    async for o in lease.outputs():
+        s = by_id[o.request_id]
+        held = pending.setdefault(o.request_id, ([], []))
+        held[0].extend(o.new_token_ids)
+        held[1].extend(o.logprobs)
+        gen = min(len(o.token_ids), s.max_tokens) if o.finished else 0
+        if not o.new_text and not o.finished:
+            continue
+        ids, lps = pending.pop(o.request_id)
+        yield o, s, ids, lps, gen
+
+
 async def create_completion(state: ServerState, req: CompletionRequest,
                             request: Request) -> Any:
     state.check_model(req.model)
@@ -187,16 +223,12 @@ async def create_completion(state: ServerState, req: CompletionRequest,
             params = build_params(state, req, len(ids), max_tokens, logprobs=req.logprobs,
                                   prompt_logprobs=req.logprobs if req.echo else None, choice=c)
             subs.append(SubRequest(state.new_id("req"), pi * req.n + c, ids, params, max_tokens))
-    rid, created = state.new_id("cmpl"), int(time.time())
-    lease = await state.admit(subs)
-    if req.stream:
-        return LeaseStreamingResponse(_stream_completion(state, req, lease, rid, created), lease)
-    try:
-        got = await _collect(lease, request)
-    finally:
-        lease.close()
-    if got is None:
-        return Response(status_code=CLIENT_CLOSED)
+    done = await _admit_and_collect(
+        state, subs, request, req.stream, "cmpl",
+        lambda lease, rid, created: _stream_completion(state, req, lease, rid, created))
+    if isinstance(done, Response):
+        return done
+    got, lease, rid, created = done
     choices, n_gen = [], 0
     for s in subs:
         final = got[s.request_id][-1]
@@ -223,9 +255,7 @@ async def create_completion(state: ServerState, req: CompletionRequest,
 
 async def _stream_completion(state: ServerState, req: CompletionRequest, lease: Lease, rid: str,
                              created: int) -> AsyncIterator[str]:
-    by_id = {s.request_id: s for s in lease.subs}
     n_gen, offsets = 0, {s.request_id: 0 for s in lease.subs}
-    pending: dict[str, tuple[list[int], list[Any]]] = {}
     usage_null = {"usage": None} if req.include_usage() else {}
     try:
         if req.echo:
@@ -236,16 +266,8 @@ async def _stream_completion(state: ServerState, req: CompletionRequest, lease: 
                            "model": state.model_name, **usage_null,
                            "choices": [{"index": s.index, "text": text, "logprobs": None,
                                         "finish_reason": None}]})
-        async for o in lease.outputs():
-            s = by_id[o.request_id]
-            held = pending.setdefault(o.request_id, ([], []))
-            held[0].extend(o.new_token_ids)
-            held[1].extend(o.logprobs)
-            if o.finished:
-                n_gen += min(len(o.token_ids), s.max_tokens)
-            if not o.new_text and not o.finished:
-                continue  # text held back (a possible stop string or half a character)
-            ids, lps = pending.pop(o.request_id)
+        async for o, s, ids, lps, gen in _flushed(lease):
+            n_gen += gen
             logprobs = None
             if req.logprobs is not None and ids and s.max_tokens:
                 logprobs = completion_logprobs(state, ids, lps, None, None, offsets[o.request_id])
@@ -291,16 +313,12 @@ async def create_chat(state: ServerState, req: ChatCompletionRequest, request: R
                                     logprobs=top if req.logprobs else None, prompt_logprobs=None,
                                     choice=c, extra_stop_ids=eot), max_tokens)
             for c in range(req.n)]
-    rid, created = state.new_id("chatcmpl"), int(time.time())
-    lease = await state.admit(subs)
-    if req.stream:
-        return LeaseStreamingResponse(_stream_chat(state, req, lease, rid, created), lease)
-    try:
-        got = await _collect(lease, request)
-    finally:
-        lease.close()
-    if got is None:
-        return Response(status_code=CLIENT_CLOSED)
+    done = await _admit_and_collect(
+        state, subs, request, req.stream, "chatcmpl",
+        lambda lease, rid, created: _stream_chat(state, req, lease, rid, created))
+    if isinstance(done, Response):
+        return done
+    got, lease, rid, created = done
     choices, n_gen = [], 0
     for s in subs:
         final = got[s.request_id][-1]
@@ -319,26 +337,16 @@ async def create_chat(state: ServerState, req: ChatCompletionRequest, request: R
 
 async def _stream_chat(state: ServerState, req: ChatCompletionRequest, lease: Lease, rid: str,
                        created: int) -> AsyncIterator[str]:
-    by_id = {s.request_id: s for s in lease.subs}
     head = {"id": rid, "object": "chat.completion.chunk", "created": created,
             "model": state.model_name, **({"usage": None} if req.include_usage() else {})}
     n_gen = 0
-    pending: dict[str, tuple[list[int], list[Any]]] = {}
     try:
         for s in lease.subs:
             yield sse({**head, "choices": [{"index": s.index, "delta": {"role": "assistant",
                                                                          "content": ""},
                                             "logprobs": None, "finish_reason": None}]})
-        async for o in lease.outputs():
-            s = by_id[o.request_id]
-            held = pending.setdefault(o.request_id, ([], []))
-            held[0].extend(o.new_token_ids)
-            held[1].extend(o.logprobs)
-            if o.finished:
-                n_gen += min(len(o.token_ids), s.max_tokens)
-            if not o.new_text and not o.finished:
-                continue
-            ids, lps = pending.pop(o.request_id)
+        async for o, s, ids, lps, gen in _flushed(lease):
+            n_gen += gen
             lp = chat_logprobs(state, lps, ids) if req.logprobs else None
             delta = {"content": o.new_text} if o.new_text and s.max_tokens else {}
             yield sse({**head, "choices": [{
