@@ -8,7 +8,6 @@ they print one line and exit with status 2, never a traceback.
 from __future__ import annotations
 
 import importlib
-import sys
 
 import typer
 from rich.console import Console
@@ -51,4 +50,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()
