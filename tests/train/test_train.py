@@ -98,3 +98,12 @@ def test_schedule_warmup_then_cosine() -> None:
     assert lr_at(100, cfg, 100) == pytest.approx(0.1)
     lrs = [lr_at(s, cfg, 100) for s in range(10, 100)]
     assert all(a >= b for a, b in itertools.pairwise(lrs))
+
+
+def test_time_budget_fits_the_schedule_and_checkpoints(tiny_data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "timed"
+    res = train(tiny_data_dir, out, "tiny", max_minutes=0.1, overrides=FAST, progress=False)
+    assert res.steps > 3  # the schedule was refitted from measured step times
+    assert res.seconds < 0.1 * 60 + 5  # budget kept (one eval + checkpoint of slack)
+    meta = json.loads((out / "trustmoe.json").read_text())
+    assert meta["step"] == res.steps and meta["max_steps"] >= res.steps

@@ -35,6 +35,8 @@ from trustmoe.train.checkpoint import (
 from trustmoe.train.optim import lr_at, make_optimizer, set_lr
 from trustmoe.train.progress import TrainProgress
 
+REFIT_AT = (3, 10, 30, 100)  # steps after which a time-budgeted run refits its schedule
+
 
 @dataclass
 class TrainResult:
@@ -132,6 +134,7 @@ def train(
     if max_steps is not None:
         tcfg.max_steps = max_steps
     auto_steps = max_steps is None and max_minutes is not None
+    step_cap = tcfg.max_steps  # the preset's schedule length bounds a time-fitted one
     train_tokens, val_tokens = open_tokens(data_dir, "train"), open_tokens(data_dir, "val")
     sampler = BatchSampler(train_tokens, tcfg.seq_len, tcfg.seed)
     val_sampler = BatchSampler(val_tokens, tcfg.seq_len, tcfg.seed)
@@ -231,10 +234,12 @@ def train(
                 "load_balance": sum(balance) / len(balance) if balance else None,
                 "ce_loss": float(out.ce_loss.detach()) if out.ce_loss is not None else None,
             }
-            if auto_steps and step == start_step + 3:
-                per_step = (time.perf_counter() - t0) / 3
-                fitted = start_step + max(4, int(budget / per_step * 0.97))
-                tcfg.max_steps = min(tcfg.max_steps, fitted)
+            if auto_steps and step - start_step in REFIT_AT:
+                # fit the schedule to the time budget; refit as timing settles (first steps
+                # are slow), so a noisy start does not end training early
+                per_step = (time.perf_counter() - t0) / (step - start_step)
+                fitted = start_step + int(budget / per_step * 0.97)
+                tcfg.max_steps = min(step_cap, max(step + 1, fitted))
                 bar.set_total(tcfg.max_steps)
             last = step >= tcfg.max_steps
             out_of_time = time.perf_counter() - t0 > budget
