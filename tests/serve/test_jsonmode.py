@@ -86,10 +86,25 @@ def test_unsupported_schema_is_refused() -> None:
             compile_schema(bad)
 
 
-def test_mask_allows_exactly_the_valid_tokens(tiny_data_dir: Path) -> None:
+def _bool_ok(obj: Any) -> bool:
+    return obj in ({"ok": True}, {"ok": False})
+
+
+def _optional_ok(obj: Any) -> bool:
+    return (list(obj) in (["n"], ["s", "n"]) and obj["n"] is None
+            and 1 <= len(obj.get("s", "x")) <= 4)
+
+
+@pytest.mark.parametrize(("schema", "check"), [
+    ({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}, _bool_ok),
+    ({"type": "object", "properties": {"s": {"type": "string", "minLength": 1, "maxLength": 4},
+                                       "n": {"type": "null"}}, "required": ["n"]}, _optional_ok),
+])
+def test_mask_allows_exactly_the_valid_tokens(tiny_data_dir: Path, schema: dict[str, Any],
+                                              check: Any) -> None:
     tok = load_tokenizer(tiny_data_dir)
     trie = TokenTrie(tok)
-    root = compile_schema({"type": "object", "properties": {"ok": {"type": "boolean"}}})
+    root = compile_schema(schema)
     proc = JSONLogitsProcessor(root, trie, eos_ids=[0])
     V = tok.get_vocab_size()
     generated: list[int] = []
@@ -106,7 +121,7 @@ def test_mask_allows_exactly_the_valid_tokens(tiny_data_dir: Path) -> None:
         pick = max(allowed, key=lambda i: len(trie.token_bytes(i)))  # greedy on longest token
         generated.append(pick)
         prefix += trie.token_bytes(pick)
-    assert json.loads(prefix) in ({"ok": True}, {"ok": False})
+    assert check(json.loads(prefix)), prefix
 
 
 def test_sentencepiece_style_token_bytes() -> None:

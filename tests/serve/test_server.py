@@ -160,7 +160,8 @@ def test_stop_string(client: openai.OpenAI, ref: Any) -> None:
 SCHEMA = {"type": "object", "properties": {
     "ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]},
     "count": {"type": "integer"}, "tags": {"type": "array", "items": {"type": "null"},
-                                           "maxItems": 2}}}
+                                           "maxItems": 2}},
+    "required": ["ok", "color", "count", "tags"]}  # as OpenAI strict mode sends; else optional
 
 
 def test_json_schema_output_is_valid(client: openai.OpenAI, ref: Any) -> None:

@@ -2,134 +2,58 @@
 
 No grammar library on PyPI fitted (they pull a CUDA torch or need transformers at run time),
 so this is a small pushdown automaton over bytes. The state is a frozenset of stacks (so
-`anyOf` and type lists are plain nondeterminism); a frame is a small tuple. Each step the
-allowed tokens are found by walking a trie of the tokens' bytes from the current state,
-pruning at the first byte the automaton rejects; masks are cached by state.
+`anyOf`, type lists and optional properties are plain nondeterminism); a frame is a small
+tuple. Each step the allowed tokens are found by walking a trie of the tokens' bytes from the
+current state, pruning at the first byte the automaton rejects; masks are cached by state.
 
 Output is compact JSON (no whitespace outside strings): a random or weak model cannot stall
-in whitespace. Schema subset: type (incl. lists), properties (emitted in order, all of them),
-items, minItems/maxItems, enum, const, anyOf/oneOf, $ref to #/$defs or #/definitions.
-Anything else raises `SchemaError` (the server answers 400).
+in whitespace. Strings are valid UTF-8. Schema subset:
+
+- type (incl. lists), enum, const, anyOf/oneOf, $ref to #/$defs or #/definitions;
+- objects: properties are emitted in schema order; those in `required` always, the others
+  may be skipped (no `required`: all optional). Required names missing from `properties`
+  take the `additionalProperties` schema. Extra keys are never emitted next to `properties`;
+  an object without properties takes any keys, with values of the `additionalProperties`
+  schema, or none at all when it is false;
+- arrays: items, minItems/maxItems;
+- strings: minLength/maxLength, counted in code points of the decoded value (an escape is
+  one character; \\u escapes of surrogates are refused in such strings so that holds).
+
+Annotations (title, description, default, examples, format, $schema, strict) are ignored.
+Anything else (pattern, minimum, ...) raises `SchemaError` (the server answers 400).
 """
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from trustmoe.serve.schema import ANY, ANY_ARR, FREE_OBJ, Node, SchemaError, compile_schema
 from trustmoe.serve.vocab import TokenTrie
 
-
-class SchemaError(ValueError):
-    pass
-
-
-@dataclass(eq=False)
-class Node:
-    """One schema node. kind: any|object|array|string|number|integer|boolean|null|literal|union."""
-
-    kind: str
-    props: list[tuple[str, Node]] = field(default_factory=list)
-    free: bool = False  # object with arbitrary keys
-    items: Node | None = None
-    min_items: int = 0
-    max_items: int | None = None
-    literals: tuple[bytes, ...] = ()
-    options: list[Node] = field(default_factory=list)
-
-    def __hash__(self) -> int:
-        return id(self)
-
-
-ANY = Node("any")
-FREE_OBJ = Node("object", free=True)
-ANY_ARR = Node("array", items=ANY)
-SUPPORTED = {"type", "properties", "required", "items", "minItems", "maxItems", "enum", "const",
-             "anyOf", "oneOf", "$ref", "$defs", "definitions", "title", "description",
-             "additionalProperties", "$schema", "default", "examples", "format", "strict"}
-
-
-def compile_schema(schema: dict[str, Any] | None) -> Node:
-    """JSON schema -> Node (None = any JSON object, as `json_object` mode)."""
-    if schema is None:
-        return Node("object", free=True)
-    if not isinstance(schema, dict):
-        raise SchemaError("json_schema.schema must be an object")
-    defs = {**schema.get("definitions", {}), **schema.get("$defs", {})}
-    return _compile(schema, defs, 0)
-
-
-def _compile(s: Any, defs: dict[str, Any], depth: int) -> Node:
-    if depth > 32:
-        raise SchemaError("schema nests too deeply (or $ref is recursive)")
-    if s is True or s == {}:
-        return ANY
-    if not isinstance(s, dict):
-        raise SchemaError(f"schema node must be an object, got {s!r}")
-    unknown = set(s) - SUPPORTED
-    if unknown:
-        raise SchemaError(f"unsupported JSON schema keyword(s): {', '.join(sorted(unknown))}")
-    if "$ref" in s:
-        ref = s["$ref"]
-        name = ref.rsplit("/", 1)[-1] if isinstance(ref, str) else None
-        if name not in defs:
-            raise SchemaError(f"cannot resolve $ref {ref!r}")
-        return _compile(defs[name], defs, depth + 1)
-    if "const" in s:
-        return Node("literal", literals=(_dump(s["const"]),))
-    if "enum" in s:
-        if not isinstance(s["enum"], list) or not s["enum"]:
-            raise SchemaError("enum must be a non-empty list")
-        return Node("literal", literals=tuple(_dump(v) for v in s["enum"]))
-    for key in ("anyOf", "oneOf"):
-        if key in s:
-            if not isinstance(s[key], list) or not s[key]:
-                raise SchemaError(f"{key} must be a non-empty list")
-            return Node("union", options=[_compile(x, defs, depth + 1) for x in s[key]])
-    t = s.get("type")
-    if isinstance(t, list):
-        return Node("union", options=[_compile({**s, "type": x}, defs, depth + 1) for x in t])
-    if t is None:
-        return ANY
-    if t == "object":
-        props = s.get("properties") or {}
-        if not isinstance(props, dict):
-            raise SchemaError("properties must be an object")
-        if not props:
-            return Node("object", free=True)
-        return Node("object", props=[(k, _compile(v, defs, depth + 1)) for k, v in props.items()])
-    if t == "array":
-        lo, hi = s.get("minItems", 0), s.get("maxItems")
-        bad_hi = hi is not None and (not isinstance(hi, int) or hi < lo)
-        if not isinstance(lo, int) or lo < 0 or bad_hi:
-            raise SchemaError("minItems/maxItems must be integers with 0 <= minItems <= maxItems")
-        items = _compile(s.get("items", True), defs, depth + 1)
-        return Node("array", items=items, min_items=lo, max_items=hi)
-    if t in ("string", "number", "integer", "boolean", "null"):
-        if t == "boolean":
-            return Node("literal", literals=(b"true", b"false"))
-        if t == "null":
-            return Node("literal", literals=(b"null",))
-        return Node(t)
-    raise SchemaError(f"unsupported type {t!r}")
-
-
-def _dump(v: Any) -> bytes:
-    return json.dumps(v, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+__all__ = ["JSONLogitsProcessor", "Node", "SchemaError", "advance", "compile_schema",
+           "initial_state", "is_complete", "step"]
 
 
 # ---------------------------------------------------------------- the automaton
-# frames: ("val", node) | ("str", esc, utf8_left) | ("num", phase, integer_only, digits)
-#         ("lit", options, pos) | ("obj", node, phase, i) | ("arr", node, phase, count)
+# frames: ("val", node) | ("str", mode, count, min_len, max_len) | ("num", phase, integer_only,
+#         digits) | ("lit", options, pos) | ("obj", node, phase, i) | ("arr", node, phase, count)
+# A string's mode: 0 plain, 1 after a backslash, 2..5 the 1st..4th hex digit of \u, 6 the 2nd
+# hex digit after \uD (no surrogates), or (low, high, left): inside a UTF-8 character, the next
+# byte in [low, high], `left` bytes to go. Its count runs only while a bound needs it.
 Stack = tuple[tuple[Any, ...], ...]
 DIGITS = frozenset(b"0123456789")
+HEX = frozenset(b"0123456789abcdefABCDEF")
 NUM_END = {"int0", "int", "frac", "exp"}  # phases after which a number may end
 MAX_DIGITS = {"sign": 0, "int0": 1, "int": 15, "dot": 0, "frac": 15, "e": 0, "esign": 0, "exp": 3}
 SAME_RUN = {("dot", "frac"), ("esign", "exp"), ("e", "exp")}  # digit runs that continue
+CONT = (0x80, 0xBF)
+UTF8_LEAD: dict[int, tuple[int, int, int]] = {  # lead byte -> its first continuation (RFC 3629)
+    **{b: (*CONT, 1) for b in range(0xC2, 0xE0)}, **{b: (*CONT, 2) for b in range(0xE1, 0xF0)},
+    0xE0: (0xA0, 0xBF, 2), 0xED: (0x80, 0x9F, 2),  # no overlongs, no UTF-16 surrogates
+    **{b: (*CONT, 3) for b in range(0xF1, 0xF4)}, 0xF0: (0x90, 0xBF, 3), 0xF4: (0x80, 0x8F, 3)}
 
 
 def _start(node: Node, b: int, rest: Stack) -> list[Stack]:
@@ -139,15 +63,16 @@ def _start(node: Node, b: int, rest: Stack) -> list[Stack]:
         return [s for o in node.options for s in _start(o, b, rest)]
     out: list[Stack] = []
     if k in ("any", "object") and b == ord("{"):
-        if k == "object" and not node.free:  # fixed properties: the first key comes next
-            key = ("lit", (_dump(node.props[0][0]),), 0)
-            out.append((*rest, ("obj", node, "colon", 0), key))
+        if k == "object" and not node.free:  # named properties: a key (or an empty object)
+            out += _keys(node, -1, rest)
+            if node.can_close(-1):
+                out.append((*rest, ("obj", node, "open", -1)))
         else:
-            out.append((*rest, ("obj", FREE_OBJ, "open", 0)))
+            out.append((*rest, ("obj", node if k == "object" else FREE_OBJ, "open", 0)))
     if k in ("any", "array") and b == ord("["):
         out.append((*rest, ("arr", node if k == "array" else ANY_ARR, "open", 0)))
     if k in ("any", "string") and b == ord('"'):
-        out.append((*rest, ("str", 0, 0)))
+        out.append((*rest, ("str", 0, 0, node.min_len, node.max_len)))
     if k in ("any", "number", "integer"):
         phase = _num_next("sign", b, False) if b != ord("-") else "sign"
         if phase:
@@ -161,6 +86,12 @@ def _start(node: Node, b: int, rest: Stack) -> list[Stack]:
         if opts:
             out.append((*rest, ("lit", opts, 1)))
     return out
+
+
+def _keys(node: Node, i: int, rest: Stack) -> list[Stack]:
+    """One stack per property that may follow property i, expecting its key."""
+    return [(*rest, ("obj", node, "colon", j), ("lit", (node.keys[j],), 0))
+            for j in node.next_keys(i)]
 
 
 def _can_close(frame: tuple[Any, ...]) -> bool:
@@ -178,27 +109,7 @@ def step(stack: Stack, b: int) -> list[Stack]:
     top, rest = stack[-1], stack[:-1]
     kind = top[0]
     if kind == "str":
-        _, esc, left = top
-        if left:
-            return [(*rest, ("str", 0, left - 1))] if 0x80 <= b <= 0xBF else []
-        if esc == 1:
-            if b in b'"\\/bfnrt':
-                return [(*rest, ("str", 0, 0))]
-            return [(*rest, ("str", 2, 0))] if b == ord("u") else []
-        if esc >= 2:
-            if b in b"0123456789abcdefABCDEF":
-                return [(*rest, ("str", esc + 1 if esc < 5 else 0, 0))]
-            return []
-        if b == ord('"'):
-            return [rest]
-        if b == ord("\\"):
-            return [(*rest, ("str", 1, 0))]
-        if b < 0x20:
-            return []
-        if b < 0x80:
-            return [stack]
-        n = 1 if 0xC2 <= b <= 0xDF else 2 if 0xE0 <= b <= 0xEF else 3 if 0xF0 <= b <= 0xF4 else 0
-        return [(*rest, ("str", 0, n))] if n else []
+        return _str(top, rest, b)
     if kind == "num":
         _, phase, integer, digits = top
         nxt = _num_next(phase, b, integer)
@@ -222,6 +133,38 @@ def step(stack: Stack, b: int) -> list[Stack]:
     if kind == "arr":
         return _arr(top, rest, b)
     return []
+
+
+def _str(top: tuple[Any, ...], rest: Stack, b: int) -> list[Stack]:
+    _, mode, n, lo, hi = top
+    if isinstance(mode, tuple):  # inside a UTF-8 character
+        low, high, left = mode
+        if not low <= b <= high:
+            return []
+        return [(*rest, ("str", (*CONT, left - 1) if left > 1 else 0, n, lo, hi))]
+    if mode == 1:
+        if b in b'"\\/bfnrt':
+            return [(*rest, ("str", 0, n, lo, hi))]
+        return [(*rest, ("str", 2, n, lo, hi))] if b == ord("u") else []
+    if mode >= 2:
+        if b not in HEX or (mode == 6 and b not in b"01234567"):
+            return []
+        if mode == 2 and b in b"dD" and (lo or hi is not None):  # one \u, one code point
+            return [(*rest, ("str", 6, n, lo, hi))]
+        nxt = 4 if mode == 6 else mode + 1 if mode < 5 else 0
+        return [(*rest, ("str", nxt, n, lo, hi))]
+    if b == ord('"'):
+        return [rest] if n >= lo else []
+    if b < 0x20 or (hi is not None and n >= hi):
+        return []
+    if hi is not None or n < lo:  # a character starts here: count it while it matters
+        n += 1
+    if b == ord("\\"):
+        return [(*rest, ("str", 1, n, lo, hi))]
+    if b < 0x80:
+        return [(*rest, ("str", 0, n, lo, hi))]
+    lead = UTF8_LEAD.get(b)
+    return [(*rest, ("str", lead, n, lo, hi))] if lead else []
 
 
 def _num_next(phase: str, b: int, integer: bool) -> str | None:
@@ -252,28 +195,29 @@ def _obj(top: tuple[Any, ...], rest: Stack, b: int) -> list[Stack]:
     c = chr(b)
     if node.free:
         if phase in ("open", "key") and c == '"':
-            return [(*rest, ("obj", node, "colon", i), ("str", 0, 0))]
+            return [(*rest, ("obj", node, "colon", i), ("str", 0, 0, 0, None))]
         if phase == "open" and c == "}":
             return [rest]
         if phase == "colon" and c == ":":
             return [(*rest, ("obj", node, "value", i))]
         if phase == "value":
-            return _start(ANY, b, (*rest, ("obj", node, "after", i + 1)))
+            return _start(node.extra or ANY, b, (*rest, ("obj", node, "after", i + 1)))
         if phase == "after":
             if c == ",":
                 return [(*rest, ("obj", node, "key", i))]
             if c == "}":
                 return [rest]
         return []
+    if phase == "open":  # "{" of an object that may stay empty
+        return [rest] if c == "}" else []
     if phase == "colon" and c == ":":
         return [(*rest, ("obj", node, "value", i))]
     if phase == "value":
         return _start(node.props[i][1], b, (*rest, ("obj", node, "after", i)))
     if phase == "after":
-        if i + 1 < len(node.props) and c == ",":
-            key = ("lit", (_dump(node.props[i + 1][0]),), 0)
-            return [(*rest, ("obj", node, "colon", i + 1), key)]
-        if i + 1 == len(node.props) and c == "}":
+        if c == ",":
+            return _keys(node, i, rest)
+        if c == "}" and node.can_close(i):
             return [rest]
     return []
 
