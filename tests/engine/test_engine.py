@@ -187,3 +187,30 @@ def test_logprobs_and_prompt_logprobs_match_a_full_forward(tiny_model: Transform
     scored = eng.generate([prompt], params=SamplingParams(max_tokens=0, prompt_logprobs=0))[0]
     assert scored.token_ids == [] and scored.finish_reason == "length"
     assert scored.prompt_logprobs == pytest.approx(r.prompt_logprobs, abs=1e-5)
+
+
+def test_prompt_top_logprobs_match_a_full_forward(tiny_model: Transformer) -> None:
+    """prompt_logprobs = k > 0 also reports each prompt position's k best alternatives, across
+    prefill chunks and with two prompts in one batch."""
+    prompts = random_prompts([21, 13], 512, seed=5)
+    eng = Engine(tiny_model, kv_cache_mb=4, prefill_chunk=8)
+    got = eng.generate(prompts, params=SamplingParams(max_tokens=0, prompt_logprobs=3))
+    for prompt, r in zip(prompts, got, strict=True):
+        with torch.no_grad():
+            lp = torch.log_softmax(tiny_model(torch.tensor([prompt]))[0], -1)  # (T, V)
+        tops = r.prompt_top_logprobs
+        assert tops is not None and len(tops) == len(prompt) and tops[0] is None
+        for i in range(1, len(prompt)):
+            want = lp[i - 1].topk(3)
+            top = tops[i]
+            assert top is not None and list(top) == want.indices.tolist()
+            assert list(top.values()) == pytest.approx(want.values.tolist(), abs=1e-4)
+    tops0 = got[0].prompt_top_logprobs
+    assert tops0 is not None
+    again = eng.generate([prompts[0]], params=SamplingParams(max_tokens=2, prompt_logprobs=3))[0]
+    assert again.prompt_top_logprobs is not None  # also while generating
+    for a, b in zip(again.prompt_top_logprobs[1:], tops0[1:], strict=True):
+        assert a is not None and b is not None and list(a) == list(b)
+        assert list(a.values()) == pytest.approx(list(b.values()), abs=1e-5)
+    plain = eng.generate([prompts[0]], params=SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
+    assert plain.prompt_logprobs is not None and plain.prompt_top_logprobs is None

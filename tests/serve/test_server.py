@@ -146,6 +146,30 @@ def test_echo_prompt_logprobs_for_loglikelihood(client: openai.OpenAI, ref: Any)
     assert len(r0.choices[0].logprobs.token_logprobs) == len(ids)
 
 
+def test_echo_prompt_top_logprobs_are_the_models(client: openai.OpenAI, ref: Any) -> None:
+    """echo + logprobs=3: each prompt position after the first lists the prompt token and the
+    model's 3 most likely tokens there (lm-evaluation-harness's is_greedy reads the max)."""
+    ids = ref.encode("def func_2(x, y):\n    return x + y")
+    lp = ref.logprobs(ids)  # (T, V), a plain full forward
+    for max_tokens in (0, 1):
+        r = client.completions.create(model=ref.name, prompt=ids, max_tokens=max_tokens,
+                                      temperature=0, echo=True, logprobs=3)
+        got = r.choices[0].logprobs
+        assert len(got.top_logprobs) == len(ids) + max_tokens and got.top_logprobs[0] is None
+        for i in range(1, len(ids)):
+            want = {ref.decode([ids[i]]): float(lp[i - 1, ids[i]])}
+            vals, alts = lp[i - 1].topk(3)
+            for t, v in zip(alts.tolist(), vals.tolist(), strict=True):
+                want.setdefault(ref.decode([t]), v)
+            top = got.top_logprobs[i]
+            assert 3 <= len(top) <= 4 and top.keys() == want.keys(), (i, top, want)
+            for k, v in want.items():
+                assert math.isclose(top[k], v, abs_tol=1e-3), (i, k)
+            assert math.isclose(max(top.values()), float(lp[i - 1].max()), abs_tol=1e-3)
+        if max_tokens:
+            assert len(got.top_logprobs[-1]) >= 3  # the generated token keeps its own top-k
+
+
 def test_stop_string(client: openai.OpenAI, ref: Any) -> None:
     base = client.completions.create(model=ref.name, prompt=PROMPT, max_tokens=16, temperature=0)
     text = base.choices[0].text

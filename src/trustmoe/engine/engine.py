@@ -53,6 +53,8 @@ class RequestOutput:
     num_cached_prompt_tokens: int
     arrival_time: float
     first_token_time: float | None
+    # with prompt_logprobs = k > 0: per prompt position (first: None), its top-k alternatives
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclass
@@ -63,6 +65,7 @@ class GenerationResult:
     logprobs: list[TokenLogprob]
     prompt_logprobs: list[float | None] | None
     prompt_token_ids: list[int]
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclass
@@ -330,6 +333,7 @@ class Engine:
         results: dict[int, GenerationResult] = {}
         lps: dict[str, list[TokenLogprob]] = {}
         plps: dict[str, list[float | None]] = {}
+        ptops: dict[str, list[dict[int, float] | None]] = {}
         while todo or self.has_unfinished():
             while todo:
                 i, p = todo[-1]
@@ -344,9 +348,12 @@ class Engine:
                 lps.setdefault(o.request_id, []).extend(o.logprobs)
                 if o.prompt_logprobs is not None:
                     plps[o.request_id] = o.prompt_logprobs
+                if o.prompt_top_logprobs is not None:
+                    ptops[o.request_id] = o.prompt_top_logprobs
                 if o.finished:
                     i = int(o.request_id[len(base):])
                     results[i] = GenerationResult(
                         o.token_ids, o.text, o.finish_reason or "stop", lps.pop(o.request_id),
-                        plps.pop(o.request_id, None), o.prompt_token_ids)
+                        plps.pop(o.request_id, None), o.prompt_token_ids,
+                        ptops.pop(o.request_id, None))
         return [results[i] for i in range(len(prompts))]

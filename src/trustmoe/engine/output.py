@@ -18,6 +18,16 @@ if TYPE_CHECKING:
     from trustmoe.engine.scheduler import Sequence
 
 
+def top_alternatives(logits: torch.Tensor, k: int) -> list[dict[int, float] | None]:
+    """logits (N, V) -> per row, the k most likely token ids and their log-softmax values."""
+    if logits.shape[0] == 0:
+        return []
+    lp = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+    tv, ti = lp.topk(min(k, lp.shape[-1]), dim=-1)  # (N, k)
+    return [{int(t): float(v) for t, v in zip(ids, vs, strict=True)}
+            for ids, vs in zip(ti.tolist(), tv.tolist(), strict=True)]
+
+
 def held_back(text: str, stops: list[str]) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
     best = 0
@@ -34,13 +44,20 @@ class OutputBuilder:
         self.engine = engine
 
     def add_prompt_logprobs(self, s: Sequence, start: int, logits: torch.Tensor) -> None:
-        # logits: (T, V) at prompt positions start..start+T-1
+        """Score the prompt tokens after this chunk's positions and, when the request asks for
+        k > 0, keep each position's top-k alternatives. logits: (T, V) at prompt positions
+        start..start+T-1; row j predicts prompt token start+j+1."""
         T = logits.shape[0]
         if s.prompt_logprobs is None:
             s.prompt_logprobs = [None]
         window = s.prompt_ids[start: start + T + 1]
         vals = prompt_logprob_values(logits[: len(window)], window)
         s.prompt_logprobs.extend(vals[1:])
+        k = s.params.prompt_logprobs or 0
+        if k > 0:
+            if s.prompt_top_logprobs is None:
+                s.prompt_top_logprobs = [None]
+            s.prompt_top_logprobs.extend(top_alternatives(logits[: len(window) - 1], k))
 
     def update_text(self, s: Sequence, token: int) -> None:
         """Append `token`'s text, then decide whether the sequence is finished."""
@@ -94,9 +111,11 @@ class OutputBuilder:
         end = max(end, s.sent)
         delta = s.text[s.sent:end]
         s.sent = end
-        plp = None
+        plp = ptop = None
         if s.prompt_logprobs is not None and not s.prompt_logprobs_sent:
             plp = s.prompt_logprobs[: len(s.prompt_ids)]
+            if s.prompt_top_logprobs is not None:
+                ptop = s.prompt_top_logprobs[: len(s.prompt_ids)]
             s.prompt_logprobs_sent = True
         lps, s.new_logprobs = s.new_logprobs, []
         return RequestOutput(
@@ -105,4 +124,5 @@ class OutputBuilder:
             finish_reason=s.finish_reason if finished else None, logprobs=lps,
             prompt_logprobs=plp, num_cached_prompt_tokens=s.num_cached_prompt,
             arrival_time=s.arrival_time, first_token_time=s.first_token_time,
+            prompt_top_logprobs=ptop,
         )

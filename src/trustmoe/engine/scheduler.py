@@ -57,6 +57,7 @@ class Sequence:
     read_offset: int = 0
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None  # when prompt_logprobs > 0
     prompt_logprobs_sent: bool = False
 
     @property

@@ -242,7 +242,7 @@ async def create_completion(state: ServerState, req: CompletionRequest,
         if req.logprobs is not None:
             first = next((o for o in got[s.request_id] if o.prompt_logprobs), None)
             plps = first.prompt_logprobs if first else None
-            ptops = getattr(first, "prompt_top_logprobs", None)
+            ptops = first.prompt_top_logprobs if first else None
             echoed = s.prompt_ids if req.echo else None
             logprobs = completion_logprobs(state, ids, lps, echoed, plps, prompt_tops=ptops)
         n_gen += len(ids)

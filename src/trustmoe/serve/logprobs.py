@@ -25,8 +25,9 @@ def completion_logprobs(state: ServerState, token_ids: list[int], lps: list[Any]
                         prompt_tops: list[dict[int, float] | None] | None = None) -> dict[str, Any]:
     """OpenAI legacy logprobs: tokens, token_logprobs, top_logprobs, text_offset.
 
-    Echoed prompt positions list the prompt token itself in `top_logprobs`, plus the engine's
-    top-k alternatives when it reports them (`RequestOutput.prompt_top_logprobs`, optional).
+    Echoed prompt positions list the prompt token itself in `top_logprobs` plus the engine's
+    top-k alternatives (`RequestOutput.prompt_top_logprobs`, there when prompt_logprobs = k > 0),
+    so each holds up to k + 1 entries, as lm-evaluation-harness's greedy check expects.
     """
     dec = state.tokenizer.decode
     tokens: list[str] = []
