@@ -2,17 +2,19 @@
 
 Every weight is an object with `mm(x)` = `x @ W.T` (x: (M, K) -> (M, N)) and `nbytes`.
 
-- `FloatWeight` keeps W transposed (K, N) contiguous: MKL's small-M path on that layout gives
-  each row the same bits for M in 1..3, which the engine's batch-invariant mode relies on.
-- `Int8Weight`: symmetric per-output-channel int8, scale = absmax / 127 (the stored artifact is
-  weight-only). On CPU it runs through fbgemm's int8 GEMM (`quantized::linear_dynamic`), which
-  also quantizes the activations of each call per tensor at run time: on AVX2 that is ~4x
-  faster than an fp32 GEMV, while torch's weight-only `_weight_int8pack_mm` measured 10x
-  *slower* than fp32 here. `exact=True` gives weight-only numerics (dequantize, then fp
-  matmul; no speed-up). On CUDA the weight is dequantized per call.
+On CPU, inputs of up to `cpu_kernels.MAX_ROWS` rows (decoding) go through the compiled
+few-row kernels of `trustmoe.model.cpu_kernels`: they read W once with both threads, and sum
+each output in the same order for any row count, so results are batch-invariant. Larger
+inputs (prefill) use torch's GEMM. Where the kernels cannot be built, torch is used throughout.
+
+- `FloatWeight` keeps W as (N, K) contiguous.
+- `Int8Weight`: symmetric per-output-channel int8, scale = absmax / 127; weight-only
+  numerics (y = (x @ Q.T) * scale). Without the compiled kernels, CPU calls go through
+  fbgemm's int8 GEMM (`quantized::linear_dynamic`, which also quantizes the activations per
+  call) unless `exact=True`; on CUDA the weight is dequantized per call.
 - `Int4Weight`: asymmetric group-wise int4 (gpt-fast layout: w ~ (q - 8) * scale + zero per
-  group of `group_size` input channels), run with `_weight_int4pack_mm_for_cpu` on CPU (slow on
-  AVX2-only machines: int4 saves memory, not time, there).
+  group of `group_size` input channels; low nibble = even input). Large inputs dequantize
+  once per call.
 
 `quantize_state(...)`/`save_quantized`/`load_quantized` write and read the quantized weights
 as their own safetensors artifact (`model.quant.safetensors` + `quantization.json`).
@@ -23,7 +25,10 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from trustmoe.model import cpu_kernels
 
 QUANT_MODES = ("int8", "int4")
 
@@ -48,26 +53,38 @@ class Weight:
     def to(self, device: torch.device) -> Weight:
         raise NotImplementedError
 
+    def c_desc(self) -> cpu_kernels.TmWeight | None:
+        """This weight as the C kernels' descriptor, or None where they cannot read it."""
+        return None
+
 
 class FloatWeight(Weight):
     def __init__(self, w: Tensor) -> None:
         # w: (N, K)
         self.out_features, self.in_features = w.shape
-        self.wT = w.detach().t().contiguous()  # (K, N)
+        self.w = w.detach().contiguous()  # (N, K)
 
     def mm(self, x: Tensor) -> Tensor:
-        return torch.mm(x, self.wT)  # (M, K) @ (K, N)
+        if self.w.dtype == torch.float32 and cpu_kernels.usable(x):
+            return cpu_kernels.mm_f32(x, self.w)
+        return F.linear(x, self.w)  # (M, K) @ (K, N)
 
     def dequantize(self) -> Tensor:
-        return self.wT.t().float()
+        return self.w.float()
 
     @property
     def nbytes(self) -> int:
-        return self.wT.numel() * self.wT.element_size()
+        return self.w.numel() * self.w.element_size()
 
     def to(self, device: torch.device) -> FloatWeight:
-        self.wT = self.wT.to(device)
+        self.w = self.w.to(device)
         return self
+
+    def c_desc(self) -> cpu_kernels.TmWeight | None:
+        if self.w.device.type != "cpu" or self.w.dtype != torch.float32:
+            return None
+        return cpu_kernels.TmWeight(cpu_kernels.F32, self.out_features, self.in_features, 0,
+                                    self.w.data_ptr(), None, None)
 
 
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -80,14 +97,16 @@ def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
 
 class Int8Weight(Weight):
     def __init__(self, q: Tensor, scale: Tensor, exact: bool = False) -> None:
-        self.q, self.scale = q, scale.float()  # (N, K) int8, (N,)
+        self.q, self.scale = q.contiguous(), scale.float().contiguous()  # (N, K) int8, (N,)
         self.out_features, self.in_features = q.shape
         self.exact = exact
         self._packed: object | None = None
-        if q.device.type == "cpu" and not exact:
+        if q.device.type == "cpu" and not exact and not cpu_kernels.available():
             self._packed = _fbgemm_pack(q, self.scale)
 
     def mm(self, x: Tensor) -> Tensor:
+        if cpu_kernels.usable(x) and self.q.device.type == "cpu":
+            return cpu_kernels.mm_int8(x, self.q, self.scale)
         if self._packed is not None and x.dtype == torch.float32:
             return torch.ops.quantized.linear_dynamic(x, self._packed, True)
         w = self.q.to(x.dtype)  # (N, K)
@@ -102,6 +121,12 @@ class Int8Weight(Weight):
 
     def to(self, device: torch.device) -> Int8Weight:
         return Int8Weight(self.q.to(device), self.scale.to(device), self.exact)
+
+    def c_desc(self) -> cpu_kernels.TmWeight | None:
+        if self.q.device.type != "cpu":
+            return None
+        return cpu_kernels.TmWeight(cpu_kernels.INT8, self.out_features, self.in_features, 0,
+                                    self.q.data_ptr(), self.scale.data_ptr(), None)
 
 
 def _fbgemm_pack(q: Tensor, scale: Tensor) -> object | None:
@@ -139,23 +164,16 @@ def unpack_int4(packed: Tensor) -> Tensor:
 
 class Int4Weight(Weight):
     def __init__(self, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> None:
-        self.packed, self.scale, self.zero = packed, scale.float(), zero.float()
+        self.packed = packed.contiguous()  # (N, K/2) uint8
+        self.scale, self.zero = scale.float().contiguous(), zero.float().contiguous()  # (N, K/gs)
         self.group_size = group_size
         self.out_features = packed.shape[0]
         self.in_features = packed.shape[1] * 2
-        self._kernel: tuple[Tensor, Tensor] | None = None
-        if packed.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-            q = unpack_int4(packed)  # (N, K)
-            kp = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-            sz = torch.stack([self.scale.t(), self.zero.t()], dim=-1).contiguous()  # (G, N, 2)
-            self._kernel = (kp, sz)
 
     def mm(self, x: Tensor) -> Tensor:
-        if self._kernel is not None and x.dtype in (torch.float32, torch.bfloat16):
-            kp, sz = self._kernel
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x, kp, self.group_size, sz.to(x.dtype))
-        return x @ self.dequantize().to(x.dtype).t()
+        if self.group_size % 16 == 0 and self.packed.device.type == "cpu" and cpu_kernels.usable(x):
+            return cpu_kernels.mm_int4(x, self.packed, self.scale, self.zero, self.group_size)
+        return F.linear(x, self.dequantize().to(x.dtype))
 
     def dequantize(self) -> Tensor:
         N, K = self.out_features, self.in_features
@@ -170,6 +188,13 @@ class Int4Weight(Weight):
     def to(self, device: torch.device) -> Int4Weight:
         return Int4Weight(self.packed.to(device), self.scale.to(device), self.zero.to(device),
                           self.group_size)
+
+    def c_desc(self) -> cpu_kernels.TmWeight | None:
+        if self.packed.device.type != "cpu" or self.group_size % 16:
+            return None
+        return cpu_kernels.TmWeight(cpu_kernels.INT4, self.out_features, self.in_features,
+                                    self.group_size, self.packed.data_ptr(), self.scale.data_ptr(),
+                                    self.zero.data_ptr())
 
 
 def make_weight(w: Tensor, mode: str | None, group_size: int = 64,

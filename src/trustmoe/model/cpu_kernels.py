@@ -1,0 +1,202 @@
+"""CPU decode kernels, compiled from `csrc/*.c` on first use.
+
+- `mm_f32`, `mm_int8`, `mm_int4` (matvec.c): `x @ W.T` for x of 1..`MAX_ROWS` rows, reading W
+  once with both of torch's OpenMP threads, each output summed in the same order whatever the
+  row count (so results are batch-invariant by construction).
+- `tm_attn_block`, `tm_moe_block` (decode.c): a whole attention or MoE/MLP block for up to
+  `MAX_ROWS` decode rows in one call (used by `trustmoe.engine.fast_decode`).
+
+See the C files for why.
+
+The shared object is built with the system C compiler (`cc -O3 -march=native -fopenmp`) into
+`$TRUSTMOE_CACHE/kernels` (default `~/.cache/trustmoe/kernels`), named by a hash of the
+source, the flags, the compiler and this CPU, written to a temporary name and renamed, so
+concurrent first uses are safe. Where no compiler is found or the build fails, `available()`
+is False and callers fall back to torch's own matmuls (one warning says why).
+`TRUSTMOE_CPU_KERNELS=0` turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+MAX_ROWS = 16  # beyond this many rows MKL's blocked GEMM is faster
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "matvec.c", CSRC / "decode.c"]
+HEADERS = [CSRC / "kernels.h"]
+_c_int, _ptr = ctypes.c_int, ctypes.c_void_p
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cpu_id() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text(errors="replace")
+        keep = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(keep)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _torch_uses_gomp() -> bool:
+    """True when torch's OpenMP runtime is a libgomp already loaded in this process."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    return "libgomp" in maps and "OpenMP" in torch.__config__.parallel_info()
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    flags = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11"]
+    if _torch_uses_gomp():  # share torch's thread pool rather than start a second one
+        flags.append("-fopenmp")
+    src = b"\0".join(p.read_bytes() for p in SOURCES + HEADERS)
+    ver = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), ver.encode(),
+                                     _cpu_id().encode()])).hexdigest()[:16]
+    root = Path(os.environ.get("TRUSTMOE_CACHE", Path.home() / ".cache" / "trustmoe")) / "kernels"
+    so = root / f"trustmoe-{key}.so"
+    if not so.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=root)
+        os.close(fd)
+        try:
+            res = subprocess.run([cc, *flags, "-o", tmp, *map(str, SOURCES), "-lm"],
+                                 capture_output=True, text=True, check=False)
+            if res.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {res.stderr.strip()[:400]}")
+            os.replace(tmp, so)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(so))
+    lib.tm_mm_f32.argtypes = [_ptr, _c_int, _ptr, _c_int, _c_int, _ptr, _c_int, _c_int]
+    lib.tm_mm_i8.argtypes = [_ptr, _c_int, _ptr, _ptr, _c_int, _c_int, _ptr, _c_int, _c_int]
+    lib.tm_mm_i4.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _c_int, _c_int, _c_int, _ptr, _c_int,
+                             _c_int]
+    i64, f32 = ctypes.c_int64, ctypes.c_float
+    # x, M, d, ln, eps, wqkv, wo, cos, sin, kc, vc, nslots, new_slot, slots, offs, H, Hkv, hd,
+    # scratch, max_slots
+    lib.tm_attn_block.argtypes = [_ptr, _c_int, _c_int, _ptr, f32, _ptr, _ptr, _ptr, _ptr, _ptr,
+                                  _ptr, i64, _ptr, _ptr, _ptr, _c_int, _c_int, _c_int, _ptr, i64]
+    # x, M, d, ln, eps, router, E, topk, norm_topk, w13, w2, hdim, sh13, sh2, sh_gate, sh_hdim,
+    # scratch
+    lib.tm_moe_block.argtypes = [_ptr, _c_int, _c_int, _ptr, f32, _ptr, _c_int, _c_int, _c_int,
+                                 _ptr, _ptr, _c_int, _ptr, _ptr, _ptr, _c_int, _ptr]
+    for f in (lib.tm_mm_f32, lib.tm_mm_i8, lib.tm_mm_i4, lib.tm_attn_block, lib.tm_moe_block):
+        f.restype = None
+    lib.tm_num_threads.restype = _c_int
+    return lib
+
+
+def _get() -> ctypes.CDLL | None:
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            if os.environ.get("TRUSTMOE_CPU_KERNELS", "1") not in ("0", "false", "no", "off"):
+                try:
+                    _lib = _build()
+                except (OSError, RuntimeError) as e:
+                    warnings.warn(f"trustmoe CPU kernels unavailable, using torch matmuls: {e}",
+                                  RuntimeWarning, stacklevel=3)
+            _tried = True
+    return _lib
+
+
+class TmWeight(ctypes.Structure):
+    """C `tm_weight`: one weight matrix as stored (see csrc/kernels.h)."""
+
+    _fields_ = [("kind", _c_int), ("N", _c_int), ("K", _c_int), ("gs", _c_int), ("w", _ptr),
+                ("scale", _ptr), ("zero", _ptr)]
+
+
+F32, INT8, INT4 = 0, 1, 2
+
+
+def lib() -> ctypes.CDLL:
+    """The loaded kernels (call only when `available()`)."""
+    out = _get()
+    assert out is not None, "CPU kernels unavailable"
+    return out
+
+
+def available() -> bool:
+    """True when the compiled kernels can be used in this process."""
+    return _get() is not None
+
+
+def usable(x: Tensor) -> bool:
+    """Whether `x` (M, K) is a shape and kind of input the kernels take."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
+            and 0 < x.shape[0] <= MAX_ROWS and x.stride(1) == 1 and available())
+
+
+def mm_f32(x: Tensor, w: Tensor) -> Tensor:
+    """x (M, K) fp32 with unit column stride, w (N, K) contiguous fp32 -> (M, N)."""
+    lib = _get()
+    assert lib is not None
+    M, K = x.shape
+    N = w.shape[0]
+    y = torch.empty(M, N)
+    lib.tm_mm_f32(x.data_ptr(), x.stride(0), w.data_ptr(), K, N, y.data_ptr(), N, M)
+    return y
+
+
+def mm_int8(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """x (M, K) fp32, q (N, K) int8 contiguous, scale (N,) fp32 -> (M, N) = x @ (q * scale).T."""
+    lib = _get()
+    assert lib is not None
+    M, K = x.shape
+    N = q.shape[0]
+    y = torch.empty(M, N)
+    lib.tm_mm_i8(x.data_ptr(), x.stride(0), q.data_ptr(), scale.data_ptr(), K, N, y.data_ptr(), N, M)
+    return y
+
+
+def mm_int4(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
+    """x (M, K) fp32; packed (N, K/2) uint8; scale, zero (N, K/gs) -> (M, N).
+
+    W = (code - 8) * scale + zero per group of `group_size` inputs; group_size % 16 == 0.
+    """
+    lib = _get()
+    assert lib is not None
+    M, K = x.shape
+    N = packed.shape[0]
+    G = K // group_size
+    # de-interleave each group: [x0 x2 x4 ... | x1 x3 x5 ...] matches the nibble order
+    xd = x.reshape(M, G, group_size // 2, 2).transpose(-1, -2).contiguous()  # (M, G, 2, gs/2)
+    xsum = x.reshape(M, G, group_size).sum(-1).contiguous()  # (M, G)
+    y = torch.empty(M, N)
+    lib.tm_mm_i4(xd.data_ptr(), xsum.data_ptr(), packed.data_ptr(), scale.data_ptr(),
+                 zero.data_ptr(), K, N, group_size, y.data_ptr(), N, M)
+    return y
+
+
+def num_threads() -> int:
+    """Threads the kernels run on (torch's OpenMP team), or 0 when they are unavailable."""
+    lib = _get()
+    return 0 if lib is None else int(lib.tm_num_threads())
+
+
+__all__ = ["F32", "INT4", "INT8", "MAX_ROWS", "TmWeight", "available", "lib", "mm_f32", "mm_int4",
+           "mm_int8", "num_threads", "usable"]

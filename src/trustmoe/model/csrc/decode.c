@@ -1,0 +1,266 @@
+/* Whole transformer sub-blocks for CPU decode rows: one call per block and layer.
+ *
+ * Why: at decode time a layer is ~50 small torch ops whose dispatch costs about as much as
+ * reading the weights. These functions run a block (attention or MoE/MLP) for M decode rows
+ * (M <= 16 rows, one token of one sequence each) in a single OpenMP parallel region, splitting
+ * each matrix product over output rows and synchronising with barriers between phases.
+ *
+ * Every output element is computed by the same code in the same order whatever M is and
+ * whichever rows share the call, so results are batch-invariant. Numerics follow Hugging Face
+ * Llama/Mixtral in fp32: RMSNorm x * rsqrt(mean(x^2) + eps) * w; RoPE
+ * x * cos + rotate_half(x) * sin (the caller passes sin with its first half negated, so
+ * rotate_half becomes a roll by hd/2); softmax router in fp32, top-k, optional renormalising;
+ * SwiGLU experts; a Qwen2-style sigmoid-gated shared expert.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+
+#ifdef _OPENMP
+extern int omp_get_num_threads(void);
+extern int omp_get_thread_num(void);
+#define TID omp_get_thread_num()
+#define NTH omp_get_num_threads()
+#define BARRIER _Pragma("omp barrier")
+#else
+#define TID 0
+#define NTH 1
+#define BARRIER
+#endif
+
+static inline void range(int n, int t, int T, int* a, int* b) {
+    *a = (int)((int64_t)n * t / T);
+    *b = (int)((int64_t)n * (t + 1) / T);
+}
+
+/* This thread's share of y[m, n] (+)= dot(x[m], W[n]) for n in [0, N), split in blocks of 4.
+ * x4 / xs: int4 helpers (de-interleaved x and group sums), else unused. */
+static void lin_part(const tm_weight* w, const float* x, int ldx, const float* x4, const float* xs,
+                     int M, float* y, int ldy, int accumulate) {
+    int nb = (w->N + 3) / 4, b0, b1;
+    range(nb, TID, NTH, &b0, &b1);
+    int n0 = b0 * 4, n1 = b1 * 4 < w->N ? b1 * 4 : w->N;
+    for (int n = n0; n < n1; n++)
+        for (int m = 0; m < M; m++) {
+            float v = tm_row_dot(w, n, x + (int64_t)m * ldx, x4 + (int64_t)m * w->K,
+                                 xs + (int64_t)m * (w->gs ? w->K / w->gs : 0));
+            float* o = y + (int64_t)m * ldy + n;
+            *o = accumulate ? *o + v : v;
+        }
+}
+
+/* int4 inputs for rows of x (only the rows this thread owns; caller barriers after). */
+static void prep_int4(const tm_weight* w, const float* x, int ldx, int M, float* x4, float* xs) {
+    if (w->kind != TM_INT4) return;
+    int a, b;
+    range(M, TID, NTH, &a, &b);
+    for (int m = a; m < b; m++) tm_int4_prepare(x + (int64_t)m * ldx, w->K, w->gs, x4 + (int64_t)m * w->K,
+                                                xs + (int64_t)m * (w->K / w->gs));
+}
+
+static void rms_rows(const float* x, int M, int d, const float* g, float eps, float* h) {
+    int a, b;
+    range(M, TID, NTH, &a, &b);
+    for (int m = a; m < b; m++) {
+        const float* xm = x + (int64_t)m * d;
+        float ss = 0.0f;
+        for (int i = 0; i < d; i++) ss += xm[i] * xm[i];
+        float r = 1.0f / sqrtf(ss / (float)d + eps);
+        for (int i = 0; i < d; i++) h[(int64_t)m * d + i] = g[i] * (xm[i] * r);
+    }
+}
+
+/* x (M, d) += o_proj(attention(rope(qkv(rms(x))))) for M decode rows.
+ * kc, vc: (Hkv, nslots, hd) this layer's cache; row m's new K/V go to slot new_slot[m], and it
+ * attends to slots[offs[m] .. offs[m+1]) (which include new_slot[m]).
+ * scratch: at least M * (d + (H + 2 Hkv) hd + H hd) + 2 M max(d, H hd) floats. */
+void tm_attn_block(float* x, int M, int d, const float* ln, float eps,
+                   const tm_weight* wqkv, const tm_weight* wo, const float* cos, const float* sin,
+                   float* kc, float* vc, int64_t nslots, const int64_t* new_slot,
+                   const int64_t* slots, const int64_t* offs, int H, int Hkv, int hd,
+                   float* scratch, int64_t max_slots) {
+    int nq = (H + 2 * Hkv) * hd, wid = d > H * hd ? d : H * hd;
+    float* h = scratch;                      /* (M, d) */
+    float* qkv = h + (int64_t)M * d;         /* (M, nq) */
+    float* att = qkv + (int64_t)M * nq;      /* (M, H hd) */
+    float* x4 = att + (int64_t)M * H * hd;   /* (M, wid) int4 helpers */
+    float* xs = x4 + (int64_t)M * wid;       /* (M, wid) */
+    #pragma omp parallel if (M * (int64_t)d * nq > 32768)
+    {
+        rms_rows(x, M, d, ln, eps, h);
+        BARRIER;
+        prep_int4(wqkv, h, d, M, x4, xs);
+        BARRIER;
+        lin_part(wqkv, h, d, x4, xs, M, qkv, nq, 0);
+        BARRIER;
+        /* RoPE on q and k heads, then K/V into the cache: split over (row, head) */
+        int nh = H + Hkv, a, b;
+        range(M * (nh + Hkv), TID, NTH, &a, &b);
+        for (int t = a; t < b; t++) {
+            int m = t / (nh + Hkv), j = t % (nh + Hkv);
+            float* v = qkv + (int64_t)m * nq + (int64_t)j * hd;
+            if (j < nh) {
+                const float *c = cos + (int64_t)m * hd, *s = sin + (int64_t)m * hd;
+                float tmp[512];
+                int half = hd / 2;
+                for (int i = 0; i < hd; i++) tmp[i] = v[i] * c[i] + v[(i + half) % hd] * s[i];
+                memcpy(v, tmp, (size_t)hd * sizeof(float));
+            }
+            if (j >= H) {  /* a K head (after RoPE) or a V head: write it to the cache */
+                int g = j < nh ? j - H : j - nh;
+                float* dst = (j < nh ? kc : vc) + ((int64_t)g * nslots + new_slot[m]) * hd;
+                memcpy(dst, v, (size_t)hd * sizeof(float));
+            }
+        }
+        BARRIER;
+        /* attention over each row's slots: split over (row, head) */
+        range(M * H, TID, NTH, &a, &b);
+        float* p = b > a ? (float*)malloc((size_t)max_slots * sizeof(float)) : NULL;
+        for (int t = a; t < b; t++) {
+            int m = t / H, hh = t % H;
+            if (p == NULL) {  /* out of memory: NaN rows, never a crash */
+                for (int i = 0; i < hd; i++) att[(int64_t)m * H * hd + (int64_t)hh * hd + i] = NAN;
+                continue;
+            }
+            tm_attend(qkv + (int64_t)m * nq + (int64_t)hh * hd, kc, vc, nslots, slots + offs[m],
+                      offs[m + 1] - offs[m], hh / (H / Hkv), hd, 1.0f / sqrtf((float)hd),
+                      att + (int64_t)m * H * hd + (int64_t)hh * hd, p);
+        }
+        free(p);
+        BARRIER;
+        prep_int4(wo, att, H * hd, M, x4, xs);
+        BARRIER;
+        lin_part(wo, att, H * hd, x4, xs, M, x, d, 1);
+    }
+}
+
+/* x (M, d) += MoE(rms(x)) (or the dense MLP when router is NULL) for M decode rows.
+ * w13[e]: (2 hdim, d) gate rows then up rows; w2[e]: (d, hdim). Expert E (index E) is the
+ * shared expert when sh13 is given, gated by sigmoid(h . sh_gate).
+ * scratch: at least M*d + M*E + 2*M*k + M*(k+1)*(2*hmax + d) + 2*M*max(d, hmax) floats
+ * plus M*(k+1) ints (ids). */
+void tm_moe_block(float* x, int M, int d, const float* ln, float eps,
+                  const tm_weight* router, int E, int topk, int norm_topk,
+                  const tm_weight* w13, const tm_weight* w2, int hdim,
+                  const tm_weight* sh13, const tm_weight* sh2, const tm_weight* sh_gate, int sh_hdim,
+                  float* scratch) {
+    int k = router ? topk : 1;
+    int S = k + (sh13 ? 1 : 0);   /* slots per row */
+    int hmax = hdim > sh_hdim ? hdim : sh_hdim, wid = d > hmax ? d : hmax;
+    float* h = scratch;                            /* (M, d) */
+    float* logits = h + (int64_t)M * d;            /* (M, E) */
+    float* wts = logits + (int64_t)M * (E + 1);    /* (M, S) */
+    float* act = wts + (int64_t)M * S;             /* (M, S, hmax) */
+    float* outs = act + (int64_t)M * S * hmax;     /* (M, S, d) */
+    float* x4 = outs + (int64_t)M * S * d;         /* (M*S, wid) */
+    float* xs = x4 + (int64_t)M * S * wid;
+    int* ids = (int*)(xs + (int64_t)M * S * wid);  /* (M, S) */
+    #pragma omp parallel if (M * (int64_t)d * hdim > 16384)
+    {
+        rms_rows(x, M, d, ln, eps, h);
+        BARRIER;
+        if (router) {
+            const tm_weight* wr[2] = {router, sh_gate};
+            for (int r = 0; r < (sh_gate ? 2 : 1); r++) {
+                prep_int4(wr[r], h, d, M, x4, xs);
+                BARRIER;
+                lin_part(wr[r], h, d, x4, xs, M, logits + r * E, E + 1, 0);
+                BARRIER;
+            }
+        } else if (sh_gate) {
+            prep_int4(sh_gate, h, d, M, x4, xs);
+            BARRIER;
+            lin_part(sh_gate, h, d, x4, xs, M, logits, E + 1, 0);
+            BARRIER;
+        }
+        int a, b;
+        range(M, TID, NTH, &a, &b);
+        for (int m = a; m < b; m++) {  /* routing: fp32 softmax, top-k (descending) */
+            float* lg = logits + (int64_t)m * (E + 1);
+            int* id = ids + (int64_t)m * S;
+            float* wt = wts + (int64_t)m * S;
+            if (router) {
+                float mx = lg[0];
+                for (int e = 1; e < E; e++) mx = lg[e] > mx ? lg[e] : mx;
+                float pr[256], sum = 0.0f;
+                for (int e = 0; e < E; e++) { pr[e] = expf(lg[e] - mx); sum += pr[e]; }
+                int used[256] = {0};
+                float tsum = 0.0f;
+                for (int j = 0; j < k; j++) {
+                    int best = -1;
+                    for (int e = 0; e < E; e++)
+                        if (!used[e] && (best < 0 || lg[e] > lg[best])) best = e;
+                    used[best] = 1;
+                    id[j] = best;
+                    wt[j] = pr[best] / sum;
+                    tsum += wt[j];
+                }
+                if (norm_topk)
+                    for (int j = 0; j < k; j++) wt[j] /= tsum;
+            } else {
+                id[0] = 0;
+                wt[0] = 1.0f;
+            }
+            if (sh13) {
+                float gl = router ? lg[E] : lg[0];
+                id[k] = -1;
+                wt[k] = 1.0f / (1.0f + expf(-gl));
+            }
+        }
+        BARRIER;
+        /* gate/up rows with SwiGLU: one task per (row, slot); its hidden units split */
+        if (TID == 0)
+            for (int ms = 0; ms < M * S; ms++) {
+                const tm_weight* wg = ids[ms] < 0 ? sh13 : &w13[ids[ms]];
+                if (wg->kind == TM_INT4)
+                    tm_int4_prepare(h + (int64_t)(ms / S) * d, d, wg->gs, x4 + (int64_t)ms * wid,
+                                    xs + (int64_t)ms * wid);
+            }
+        BARRIER;
+        for (int ms = 0; ms < M * S; ms++) {
+            int m = ms / S, e = ids[ms];
+            const tm_weight* wg = e < 0 ? sh13 : &w13[e];
+            int hd_ = e < 0 ? sh_hdim : hdim, u0, u1;
+            range(hd_, TID, NTH, &u0, &u1);
+            const float* hm = h + (int64_t)m * d;
+            const float* x4m = x4 + (int64_t)ms * wid;
+            const float* xsm = xs + (int64_t)ms * wid;
+            float* am = act + (int64_t)ms * hmax;
+            for (int u = u0; u < u1; u++) {
+                float g = tm_row_dot(wg, u, hm, x4m, xsm);
+                float up = tm_row_dot(wg, hd_ + u, hm, x4m, xsm);
+                am[u] = g / (1.0f + expf(-g)) * up;
+            }
+        }
+        BARRIER;
+        for (int ms = 0; ms < M * S; ms++) {
+            int e = ids[ms];
+            const tm_weight* wd = e < 0 ? sh2 : &w2[e];
+            if (wd->kind == TM_INT4 && TID == 0)
+                tm_int4_prepare(act + (int64_t)ms * hmax, wd->K, wd->gs, x4 + (int64_t)ms * wid,
+                                xs + (int64_t)ms * wid);
+        }
+        BARRIER;
+        for (int ms = 0; ms < M * S; ms++) {
+            int e = ids[ms];
+            const tm_weight* wd = e < 0 ? sh2 : &w2[e];
+            int n0, n1;
+            range(d, TID, NTH, &n0, &n1);
+            const float* am = act + (int64_t)ms * hmax;
+            float* om = outs + (int64_t)ms * d;
+            for (int n = n0; n < n1; n++)
+                om[n] = tm_row_dot(wd, n, am, x4 + (int64_t)ms * wid, xs + (int64_t)ms * wid);
+        }
+        BARRIER;
+        range(M * d, TID, NTH, &a, &b);
+        for (int t = a; t < b; t++) {  /* x += sum_j wts_j * out_j, routed slots then shared */
+            int m = t / d, n = t % d;
+            float y = 0.0f;
+            for (int j = 0; j < S; j++) y += outs[((int64_t)m * S + j) * d + n] * wts[(int64_t)m * S + j];
+            x[t] += y;
+        }
+    }
+}

@@ -1,0 +1,96 @@
+/* Small-batch matrix products for CPU decoding: y = x @ W.T for few rows of x.
+ *
+ * Why: at decode time x has 1..16 rows and the product is bound by reading W from memory.
+ * MKL's GEMV uses one thread (~12 GB/s here, half the machine's read bandwidth) and its
+ * few-row GEMM is ~3x slower per row than its GEMV. These loops read W once, as one
+ * sequential stream per thread, and split the output rows across torch's own OpenMP threads
+ * (this file is linked against the libgomp that torch has already loaded).
+ *
+ * Batch invariance: every output y[m, n] is summed in the same order whatever M is (four
+ * 8-wide accumulators over k in stripes of 32, combined in a fixed tree, then the scalar
+ * tail), so a row's result has the same bits alone or inside any batch.
+ *
+ * Layouts (all row-major, contiguous rows):
+ *   f32:  W (N, K) float.
+ *   int8: Q (N, K) int8, scale (N,): W = Q * scale[n].
+ *   int4: P (N, K/2) uint8, two 4-bit codes a byte, low nibble = even k (gpt-fast layout);
+ *         scale, zero (N, K/gs): W = (code - 8) * scale + zero per group of gs inputs.
+ *         The caller passes x de-interleaved per row ([x0 x2 x4 ...| x1 x3 ...] per group)
+ *         and the per-group sums of x.
+ */
+#include "kernels.h"
+
+#ifdef _OPENMP
+extern int omp_get_num_threads(void);
+extern int omp_get_thread_num(void);
+#endif
+
+/* The rows [n0, n1) of thread t of T, in blocks of 4 output rows. */
+static inline void split(int N, int* n0, int* n1) {
+#ifdef _OPENMP
+    int T = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+    int T = 1, t = 0;
+#endif
+    int nb = (N + 3) / 4;
+    int b0 = (int)((int64_t)nb * t / T), b1 = (int)((int64_t)nb * (t + 1) / T);
+    *n0 = b0 * 4;
+    *n1 = b1 * 4 < N ? b1 * 4 : N;
+}
+
+#define PAR_MIN_WORK 32768  /* below this many multiply-adds one thread is faster */
+
+void tm_mm_f32(const float* x, int ldx, const float* w, int K, int N, float* y, int ldy, int M) {
+    #pragma omp parallel if ((int64_t)N * K * M > PAR_MIN_WORK)
+    {
+        int n0, n1;
+        split(N, &n0, &n1);
+        for (int n = n0; n < n1; n++) {
+            const float* wn = w + (int64_t)n * K;
+            for (int m = 0; m < M; m++) y[(int64_t)m * ldy + n] = tm_dot_f32(x + (int64_t)m * ldx, wn, K);
+        }
+    }
+}
+
+void tm_mm_i8(const float* x, int ldx, const int8_t* q, const float* scale, int K, int N,
+              float* y, int ldy, int M) {
+    #pragma omp parallel if ((int64_t)N * K * M > PAR_MIN_WORK)
+    {
+        int n0, n1;
+        split(N, &n0, &n1);
+        for (int n = n0; n < n1; n++) {
+            const int8_t* qn = q + (int64_t)n * K;
+            for (int m = 0; m < M; m++)
+                y[(int64_t)m * ldy + n] = tm_dot_i8(x + (int64_t)m * ldx, qn, K) * scale[n];
+        }
+    }
+}
+
+/* xd: (M, K) de-interleaved x; xsum: (M, K/gs) group sums of x. */
+void tm_mm_i4(const float* xd, const float* xsum, const uint8_t* p, const float* scale,
+              const float* zero, int K, int N, int gs, float* y, int ldy, int M) {
+    int G = K / gs;
+    #pragma omp parallel if ((int64_t)N * K * M > PAR_MIN_WORK)
+    {
+        int n0, n1;
+        split(N, &n0, &n1);
+        for (int n = n0; n < n1; n++) {
+            const uint8_t* pn = p + (int64_t)n * (K / 2);
+            for (int m = 0; m < M; m++)
+                y[(int64_t)m * ldy + n] = tm_dot_i4(xd + (int64_t)m * K, xsum + (int64_t)m * G, pn,
+                                                 scale + (int64_t)n * G, zero + (int64_t)n * G, K, gs);
+        }
+    }
+}
+
+int tm_num_threads(void) {
+    int n = 1;
+#ifdef _OPENMP
+    #pragma omp parallel
+    {
+        #pragma omp master
+        n = omp_get_num_threads();
+    }
+#endif
+    return n;
+}
