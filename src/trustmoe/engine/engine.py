@@ -103,13 +103,16 @@ class Engine:
         device: str | None = None, dtype: torch.dtype | None = None, tokenizer: Any = None,
         batch_invariant: bool = True, enable_prefix_caching: bool = True,
         moe_path: str = "auto", exact_int8: bool = False, num_threads: int | None = None,
+        fast_decode: bool = True,
     ) -> None:
         """Extra options beyond the contract: `batch_invariant` (bit-identical results alone or
         batched; False batches decode matmuls freely for more throughput),
         `enable_prefix_caching`, `moe_path` ("auto" | "sorted" | "gather"), `exact_int8`
-        (weight-only int8 numerics instead of fbgemm's dynamic activation quantization) and
-        `num_threads` (sets torch's process-wide intra-op threads; on a busy 2-core machine 1
-        thread, or OMP_WAIT_POLICY=PASSIVE, avoids OpenMP spin-wait collapses of ~5x)."""
+        (where the compiled CPU kernels are unavailable: weight-only int8 numerics instead of
+        fbgemm's dynamic activation quantization), `num_threads` (sets torch's process-wide
+        intra-op threads; on a busy 2-core machine 1 thread, or OMP_WAIT_POLICY=PASSIVE, avoids
+        OpenMP spin-wait collapses of ~5x) and `fast_decode` (CPU decode rows through the
+        whole-block C kernels of `trustmoe.engine.fast_decode`; False keeps torch ops)."""
         if num_threads is not None:
             if not isinstance(num_threads, int) or num_threads < 1:
                 raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
@@ -146,7 +149,7 @@ class Engine:
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, block_size, max_num_seqs, max_queue,
                                    prefill_chunk, self.max_model_len, dev)
-        self.runner = ModelRunner(weights, self.kv, dev, batch_invariant, moe_path)
+        self.runner = ModelRunner(weights, self.kv, dev, batch_invariant, moe_path, fast_decode)
         self.outputs = OutputBuilder(self)
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []

@@ -6,12 +6,13 @@ layout: fused QKV, fused gate+up per expert, every matrix a `Weight` (fp, int8 o
 or one decode token per sequence) as a single batch: linears over all rows, attention per
 sequence over its own blocks, MoE per row group.
 
-Batch invariance: CPU GEMM kernels pick different code paths (and so round differently) for
+Batch invariance: GEMM libraries pick different code paths (and so round differently) for
 different row counts. With `batch_invariant=True` every matmul is run per *row group*: a
 prefill chunk is its own group (its shape does not depend on the other sequences), and decode
 rows are packed into groups of at most `G` rows, where `G` is probed at start-up as the
-largest row count whose results equal the one-row results bit for bit (3 with MKL on AVX2).
-So a request's logits are the same bits alone or in any batch.
+largest row count whose results equal the one-row results bit for bit: 16 on CPU with the
+compiled few-row kernels (`trustmoe.model.cpu_kernels`, invariant by construction), 3 with
+MKL alone on AVX2. So a request's logits are the same bits alone or in any batch.
 
 MoE paths: `sorted` (prefill and CPU decode; tokens grouped by expert, experts read in place),
 `gather` (decode on CUDA: gather the selected experts' stacked weights, as gpt-fast does, so
@@ -28,7 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trustmoe.config import ModelConfig
+from trustmoe.engine.fast_decode import FastDecoder
 from trustmoe.engine.kv_cache import PagedKVCache
+from trustmoe.model import cpu_kernels
 from trustmoe.model.moe import MoE
 from trustmoe.model.quantize import FloatWeight, Weight, make_weight
 from trustmoe.model.transformer import Block, Transformer
@@ -172,14 +175,15 @@ class Chunk:
 
 class ModelRunner:
     def __init__(self, weights: RunnerWeights, kv: PagedKVCache, device: torch.device,
-                 batch_invariant: bool = True, moe_path: str = "auto") -> None:
+                 batch_invariant: bool = True, moe_path: str = "auto", fast_decode: bool = True) -> None:
         self.w, self.kv, self.device = weights, kv, device
         cfg = weights.cfg
         self.cfg = cfg
         self.H, self.Hkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
         self.batch_invariant = batch_invariant
-        self.group_rows = probe_invariant_rows(weights.all_weights(), weights.dtype, device) \
-            if batch_invariant else 1 << 30
+        probe_rows = cpu_kernels.MAX_ROWS if device.type == "cpu" and cpu_kernels.available() else 8
+        self.group_rows = probe_invariant_rows(weights.all_weights(), weights.dtype, device,
+                                               probe_rows) if batch_invariant else 1 << 30
         if moe_path == "auto":
             moe_path = "gather" if device.type == "cuda" and weights.quantize is None else "sorted"
         if moe_path == "gather" and weights.layers and weights.layers[0].router is not None \
@@ -188,6 +192,8 @@ class ModelRunner:
                 lw.w13_stack = torch.stack([w.dequantize() for w in lw.w13]).to(device, weights.dtype)
                 lw.w2_stack = torch.stack([w.dequantize() for w in lw.w2]).to(device, weights.dtype)
         self.moe_path = moe_path
+        why = FastDecoder.unsupported(weights, kv, device) if fast_decode else "switched off"
+        self.fast = FastDecoder(weights, kv) if why is None else None
         self.k4 = [kv.k[i].unsqueeze(0) for i in range(kv.k.shape[0])]  # (1, Hkv, slots, hd)
         self.v4 = [kv.v[i].unsqueeze(0) for i in range(kv.v.shape[0])]
 
@@ -227,6 +233,26 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, chunks: list[Chunk]) -> list[Tensor | None]:
         """Run all chunks; return per chunk its requested logits (rows, V) fp32 or None."""
+        if self.fast is None or not any(len(c.tokens) == 1 for c in chunks):
+            return self._forward_torch(chunks)
+        out: list[Tensor | None] = [None] * len(chunks)
+        dec = [i for i, c in enumerate(chunks) if len(c.tokens) == 1]
+        rest = [i for i, c in enumerate(chunks) if len(c.tokens) != 1]
+        if rest:
+            for i, lg in zip(rest, self._forward_torch([chunks[i] for i in rest]), strict=True):
+                out[i] = lg
+        step = cpu_kernels.MAX_ROWS
+        for a in range(0, len(dec), step):  # decode rows in groups the kernels take at once
+            part = [chunks[i] for i in dec[a: a + step]]
+            x = self.fast.hidden([c.tokens[0] for c in part], [c.start for c in part],
+                                 [c.slots for c in part])  # (B, d)
+            for j, c in enumerate(part):
+                c.rows = slice(j, j + 1)
+            for i, lg in zip(dec[a: a + step], self._logits(x, part), strict=True):
+                out[i] = lg
+        return out
+
+    def _forward_torch(self, chunks: list[Chunk]) -> list[Tensor | None]:
         off = 0
         for c in chunks:
             c.rows = slice(off, off + len(c.tokens))

@@ -1,0 +1,92 @@
+"""The whole-block C decode path gives what the torch path gives, in every model variant."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from engine_helpers import random_prompts
+
+from trustmoe.config import get_preset
+from trustmoe.engine import Engine, SamplingParams
+from trustmoe.engine.fast_decode import FastDecoder
+from trustmoe.model import Transformer, cpu_kernels
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: kernels not built")
+
+VARIANTS = {
+    "moe": {},
+    "dense": {"num_local_experts": 0, "num_experts_per_tok": 0},
+    "shared-expert": {"shared_expert_intermediate_size": 48},
+    "mqa-top1-unnormalised": {"num_key_value_heads": 1, "num_experts_per_tok": 1,
+                              "norm_topk_prob": False},
+}
+
+
+def _model(**over: object) -> Transformer:
+    cfg = get_preset("tiny").model
+    if over.get("num_local_experts") == 0:
+        cfg = get_preset("tiny-dense").model
+        over = {}
+    cfg = dataclasses.replace(cfg, **over)  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    m = Transformer(cfg).eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(20)  # clear greedy winners
+    return m
+
+
+def _run(m: Transformer, fast: bool, quantize: str | None = None, n: int = 12,
+         prefill_chunk: int = 256) -> list[tuple[list[int], list[float]]]:
+    eng = Engine(m, kv_cache_mb=4, fast_decode=fast, quantize=quantize, group_size=16,
+                 prefill_chunk=prefill_chunk)
+    assert (eng.runner.fast is not None) == fast
+    prompts = random_prompts([5, 17, 9, 30, 3], m.config.vocab_size, seed=3)
+    sp = SamplingParams(max_tokens=n, ignore_eos=True, logprobs=0)
+    out = eng.generate(prompts, params=sp)
+    return [(r.token_ids, [lp.logprob for lp in r.logprobs]) for r in out]
+
+
+def _same(a: list[tuple[list[int], list[float]]], b: list[tuple[list[int], list[float]]]) -> None:
+    for (ta, la), (tb, lb) in zip(a, b, strict=True):
+        assert ta == tb
+        torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fast_path_matches_torch_path(variant: str) -> None:
+    m = _model(**VARIANTS[variant])
+    _same(_run(m, True), _run(m, False))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_fast_path_matches_torch_path_quantized(mode: str) -> None:
+    m = _model()
+    _same(_run(m, True, mode), _run(m, False, mode))
+
+
+def test_two_threads_and_mixed_prefill_decode_steps() -> None:
+    """Small prefill chunks put prefill and decode rows in the same steps; two threads split
+    every product, so the barriers and row splits of the C blocks are exercised."""
+    m = _model(shared_expert_intermediate_size=48)
+    torch.set_num_threads(2)  # the autouse fixture restores it
+    _same(_run(m, True, prefill_chunk=4), _run(m, False, prefill_chunk=4))
+    _same(_run(m, True, "int4", prefill_chunk=4), _run(m, False, "int4", prefill_chunk=4))
+
+
+def test_more_rows_than_one_kernel_call_takes() -> None:
+    m = _model()
+    eng = Engine(m, kv_cache_mb=8)
+    prompts = random_prompts([4 + i % 7 for i in range(cpu_kernels.MAX_ROWS + 5)], m.config.vocab_size, seed=4)
+    sp = SamplingParams(max_tokens=6, ignore_eos=True)
+    batch = eng.generate(prompts, params=sp)
+    alone = [eng.generate([p], params=sp)[0] for p in prompts[-3:]]
+    assert [r.token_ids for r in batch[-3:]] == [r.token_ids for r in alone]
+
+
+def test_unsupported_says_why() -> None:
+    m = _model()
+    eng = Engine(m, kv_cache_mb=4, dtype=torch.bfloat16)
+    assert eng.runner.fast is None
+    assert FastDecoder.unsupported(eng.weights, eng.kv, torch.device("cpu")) == "not fp32"
