@@ -76,6 +76,57 @@ def check_parity(work: Path) -> dict[str, Any]:
     return out
 
 
+def check_engine(work: Path) -> dict[str, Any]:
+    """Engine on CUDA: batch invariance, quantized paths, and decode speed vs transformers."""
+    from trustmoe.engine import Engine
+
+    out: dict[str, Any] = {}
+    torch.manual_seed(0)
+    cfg = get_preset("bench-small").model
+    save_model(Transformer(cfg), work / "bs")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, cfg.vocab_size, (int(n),), generator=g).tolist()
+               for n in torch.randint(3, 40, (16,), generator=g)]
+    eng = Engine(work / "bs", device="cuda")
+    out["moe_path"] = eng.runner.moe_path if hasattr(eng, "runner") else "?"
+    alone = eng.generate(prompts[:1], max_tokens=24)[0].token_ids
+    batch = eng.generate(prompts, max_tokens=24)
+    out["batch_invariant_alone_vs_16"] = alone == batch[0].token_ids
+    for q in ("int8", "int4"):
+        try:
+            r = Engine(work / "bs", device="cuda", quantize=q).generate(prompts[:2], max_tokens=8)
+            out[f"{q}_runs"] = all(len(x.token_ids) == 8 for x in r)
+        except Exception as e:  # report, keep going
+            out[f"{q}_runs"] = f"{type(e).__name__}: {e}"
+
+    def tps(fn: Any, n_tok: int) -> float:
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return n_tok / (time.perf_counter() - t)
+
+    n = 64
+    out["engine_tok_s_batch1"] = tps(lambda: eng.generate(prompts[:1], max_tokens=n, ignore_eos=True), n)
+    out["engine_tok_s_batch16"] = tps(lambda: eng.generate(prompts, max_tokens=n, ignore_eos=True), 16 * n)
+    try:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(work / "bs", dtype=torch.float32).cuda().eval()
+        ids = torch.tensor([prompts[0]], device="cuda")
+
+        def hf_gen() -> None:
+            with torch.no_grad():
+                hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+        out["transformers_tok_s_batch1"] = tps(hf_gen, n)
+        out["ratio_batch1"] = out["engine_tok_s_batch1"] / out["transformers_tok_s_batch1"]
+    except Exception as e:  # transformers missing or failing: say so
+        out["transformers"] = f"skipped: {type(e).__name__}: {e}"
+    return out
+
+
 def time_train_step(preset: str = "bench-small", bf16: bool = True) -> dict[str, Any]:
     cfg = get_preset(preset).model
     model = Transformer(cfg).cuda().train()
@@ -108,7 +159,8 @@ def main() -> None:
     report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for name, fn in (("training", check_training), ("parity", check_parity)):
+        for name, fn in (("training", check_training), ("parity", check_parity),
+                         ("engine", check_engine)):
             try:
                 report[name] = fn(work)
             except Exception as e:  # report every check, even after one fails
