@@ -43,13 +43,7 @@ static void lin_part(const tm_weight* w, const float* x, int ldx, const float* x
     int nb = (w->N + 3) / 4, b0, b1;
     range(nb, TID, NTH, &b0, &b1);
     int n0 = b0 * 4, n1 = b1 * 4 < w->N ? b1 * 4 : w->N;
-    for (int n = n0; n < n1; n++)
-        for (int m = 0; m < M; m++) {
-            float v = tm_row_dot(w, n, x + (int64_t)m * ldx, x4 + (int64_t)m * w->K,
-                                 xs + (int64_t)m * (w->gs ? w->K / w->gs : 0));
-            float* o = y + (int64_t)m * ldy + n;
-            *o = accumulate ? *o + v : v;
-        }
+    tm_lin_rows(w, n0, n1, x, ldx, x4, w->K, xs, w->gs ? w->K / w->gs : 0, M, y, ldy, accumulate);
 }
 
 /* int4 inputs for rows of x (only the rows this thread owns; caller barriers after). */
@@ -92,8 +86,10 @@ void tm_attn_block(float* x, int M, int d, const float* ln, float eps,
     {
         rms_rows(x, M, d, ln, eps, h);
         BARRIER;
-        prep_int4(wqkv, h, d, M, x4, xs);
-        BARRIER;
+        if (wqkv->kind == TM_INT4) {
+            prep_int4(wqkv, h, d, M, x4, xs);
+            BARRIER;
+        }
         lin_part(wqkv, h, d, x4, xs, M, qkv, nq, 0);
         BARRIER;
         /* RoPE on q and k heads, then K/V into the cache: split over (row, head) */
@@ -131,8 +127,10 @@ void tm_attn_block(float* x, int M, int d, const float* ln, float eps,
         }
         free(p);
         BARRIER;
-        prep_int4(wo, att, H * hd, M, x4, xs);
-        BARRIER;
+        if (wo->kind == TM_INT4) {
+            prep_int4(wo, att, H * hd, M, x4, xs);
+            BARRIER;
+        }
         lin_part(wo, att, H * hd, x4, xs, M, x, d, 1);
     }
 }
@@ -158,6 +156,11 @@ void tm_moe_block(float* x, int M, int d, const float* ln, float eps,
     float* x4 = outs + (int64_t)M * S * d;         /* (M*S, wid) */
     float* xs = x4 + (int64_t)M * S * wid;
     int* ids = (int*)(xs + (int64_t)M * S * wid);  /* (M, S) */
+    int int4_up = sh13 && sh13->kind == TM_INT4, int4_down = sh2 && sh2->kind == TM_INT4;
+    for (int e = 0; e < (router ? E : 1); e++) {
+        int4_up |= w13[e].kind == TM_INT4;
+        int4_down |= w2[e].kind == TM_INT4;
+    }
     #pragma omp parallel if (M * (int64_t)d * hdim > 16384)
     {
         rms_rows(x, M, d, ln, eps, h);
@@ -165,14 +168,18 @@ void tm_moe_block(float* x, int M, int d, const float* ln, float eps,
         if (router) {
             const tm_weight* wr[2] = {router, sh_gate};
             for (int r = 0; r < (sh_gate ? 2 : 1); r++) {
-                prep_int4(wr[r], h, d, M, x4, xs);
-                BARRIER;
+                if (wr[r]->kind == TM_INT4) {
+                    prep_int4(wr[r], h, d, M, x4, xs);
+                    BARRIER;
+                }
                 lin_part(wr[r], h, d, x4, xs, M, logits + r * E, E + 1, 0);
                 BARRIER;
             }
         } else if (sh_gate) {
-            prep_int4(sh_gate, h, d, M, x4, xs);
-            BARRIER;
+            if (sh_gate->kind == TM_INT4) {
+                prep_int4(sh_gate, h, d, M, x4, xs);
+                BARRIER;
+            }
             lin_part(sh_gate, h, d, x4, xs, M, logits, E + 1, 0);
             BARRIER;
         }
@@ -212,47 +219,76 @@ void tm_moe_block(float* x, int M, int d, const float* ln, float eps,
         }
         BARRIER;
         /* gate/up rows with SwiGLU: one task per (row, slot); its hidden units split */
-        if (TID == 0)
-            for (int ms = 0; ms < M * S; ms++) {
-                const tm_weight* wg = ids[ms] < 0 ? sh13 : &w13[ids[ms]];
-                if (wg->kind == TM_INT4)
-                    tm_int4_prepare(h + (int64_t)(ms / S) * d, d, wg->gs, x4 + (int64_t)ms * wid,
-                                    xs + (int64_t)ms * wid);
-            }
-        BARRIER;
-        for (int ms = 0; ms < M * S; ms++) {
-            int m = ms / S, e = ids[ms];
+        if (int4_up) {
+            if (TID == 0)
+                for (int ms = 0; ms < M * S; ms++) {
+                    const tm_weight* wg = ids[ms] < 0 ? sh13 : &w13[ids[ms]];
+                    if (wg->kind == TM_INT4)
+                        tm_int4_prepare(h + (int64_t)(ms / S) * d, d, wg->gs, x4 + (int64_t)ms * wid,
+                                        xs + (int64_t)ms * wid);
+                }
+            BARRIER;
+        }
+        /* tasks (row, slot) grouped by expert, so each weight row is read once for all the
+           rows routed to it (the shared expert, key -1, first); every thread builds the same
+           order locally */
+        int nt = M * S, ord[nt], cnt[E + 2];
+        memset(cnt, 0, sizeof(cnt));
+        for (int ms = 0; ms < nt; ms++) cnt[ids[ms] + 2]++;
+        for (int e = 1; e < E + 2; e++) cnt[e] += cnt[e - 1];
+        for (int ms = 0; ms < nt; ms++) ord[cnt[ids[ms] + 1]++] = ms;
+        for (int g0 = 0; g0 < nt;) {
+            int e = ids[ord[g0]], g1 = g0;
+            while (g1 < nt && ids[ord[g1]] == e) g1++;
             const tm_weight* wg = e < 0 ? sh13 : &w13[e];
             int hd_ = e < 0 ? sh_hdim : hdim, u0, u1;
             range(hd_, TID, NTH, &u0, &u1);
-            const float* hm = h + (int64_t)m * d;
-            const float* x4m = x4 + (int64_t)ms * wid;
-            const float* xsm = xs + (int64_t)ms * wid;
-            float* am = act + (int64_t)ms * hmax;
-            for (int u = u0; u < u1; u++) {
-                float g = tm_row_dot(wg, u, hm, x4m, xsm);
-                float up = tm_row_dot(wg, hd_ + u, hm, x4m, xsm);
-                am[u] = g / (1.0f + expf(-g)) * up;
-            }
+            for (int u = u0; u < u1; u++)
+                for (int i = g0; i < g1; i += 2) {
+                    int ma = ord[i], mb = i + 1 < g1 ? ord[i + 1] : -1;
+                    float o[4];
+                    tm_row_tile(wg, u, hd_ + u, h + (int64_t)(ma / S) * d,
+                                mb >= 0 ? h + (int64_t)(mb / S) * d : 0, x4 + (int64_t)ma * wid,
+                                x4 + (int64_t)(mb < 0 ? ma : mb) * wid, xs + (int64_t)ma * wid,
+                                xs + (int64_t)(mb < 0 ? ma : mb) * wid, o);
+                    act[(int64_t)ma * hmax + u] = o[0] / (1.0f + expf(-o[0])) * o[1];
+                    if (mb >= 0) act[(int64_t)mb * hmax + u] = o[2] / (1.0f + expf(-o[2])) * o[3];
+                }
+            g0 = g1;
         }
         BARRIER;
-        for (int ms = 0; ms < M * S; ms++) {
-            int e = ids[ms];
-            const tm_weight* wd = e < 0 ? sh2 : &w2[e];
-            if (wd->kind == TM_INT4 && TID == 0)
-                tm_int4_prepare(act + (int64_t)ms * hmax, wd->K, wd->gs, x4 + (int64_t)ms * wid,
-                                xs + (int64_t)ms * wid);
+        if (int4_down) {
+            if (TID == 0)
+                for (int ms = 0; ms < M * S; ms++) {
+                    const tm_weight* wd = ids[ms] < 0 ? sh2 : &w2[ids[ms]];
+                    if (wd->kind == TM_INT4)
+                        tm_int4_prepare(act + (int64_t)ms * hmax, wd->K, wd->gs, x4 + (int64_t)ms * wid,
+                                        xs + (int64_t)ms * wid);
+                }
+            BARRIER;
         }
-        BARRIER;
-        for (int ms = 0; ms < M * S; ms++) {
-            int e = ids[ms];
+        for (int g0 = 0; g0 < nt;) {
+            int e = ids[ord[g0]], g1 = g0, n0, n1;
+            while (g1 < nt && ids[ord[g1]] == e) g1++;
             const tm_weight* wd = e < 0 ? sh2 : &w2[e];
-            int n0, n1;
             range(d, TID, NTH, &n0, &n1);
-            const float* am = act + (int64_t)ms * hmax;
-            float* om = outs + (int64_t)ms * d;
-            for (int n = n0; n < n1; n++)
-                om[n] = tm_row_dot(wd, n, am, x4 + (int64_t)ms * wid, xs + (int64_t)ms * wid);
+            for (int n = n0; n < n1; n += 2) {
+                int nb = n + 1 < n1 ? n + 1 : -1;
+                for (int i = g0; i < g1; i += 2) {
+                    int ma = ord[i], mb = i + 1 < g1 ? ord[i + 1] : -1, mb_ = mb < 0 ? ma : mb;
+                    float o[4];
+                    tm_row_tile(wd, n, nb, act + (int64_t)ma * hmax, mb >= 0 ? act + (int64_t)mb * hmax : 0,
+                                x4 + (int64_t)ma * wid, x4 + (int64_t)mb_ * wid, xs + (int64_t)ma * wid,
+                                xs + (int64_t)mb_ * wid, o);
+                    outs[(int64_t)ma * d + n] = o[0];
+                    if (nb >= 0) outs[(int64_t)ma * d + nb] = o[1];
+                    if (mb >= 0) {
+                        outs[(int64_t)mb * d + n] = o[2];
+                        if (nb >= 0) outs[(int64_t)mb * d + nb] = o[3];
+                    }
+                }
+            }
+            g0 = g1;
         }
         BARRIER;
         range(M * d, TID, NTH, &a, &b);

@@ -41,45 +41,35 @@ static inline void split(int N, int* n0, int* n1) {
 #define PAR_MIN_WORK 32768  /* below this many multiply-adds one thread is faster */
 
 void tm_mm_f32(const float* x, int ldx, const float* w, int K, int N, float* y, int ldy, int M) {
+    tm_weight d = {TM_F32, N, K, 0, w, 0, 0};
     #pragma omp parallel if ((int64_t)N * K * M > PAR_MIN_WORK)
     {
         int n0, n1;
         split(N, &n0, &n1);
-        for (int n = n0; n < n1; n++) {
-            const float* wn = w + (int64_t)n * K;
-            for (int m = 0; m < M; m++) y[(int64_t)m * ldy + n] = tm_dot_f32(x + (int64_t)m * ldx, wn, K);
-        }
+        tm_lin_rows(&d, n0, n1, x, ldx, x, 0, x, 0, M, y, ldy, 0);
     }
 }
 
 void tm_mm_i8(const float* x, int ldx, const int8_t* q, const float* scale, int K, int N,
               float* y, int ldy, int M) {
+    tm_weight d = {TM_INT8, N, K, 0, q, scale, 0};
     #pragma omp parallel if ((int64_t)N * K * M > PAR_MIN_WORK)
     {
         int n0, n1;
         split(N, &n0, &n1);
-        for (int n = n0; n < n1; n++) {
-            const int8_t* qn = q + (int64_t)n * K;
-            for (int m = 0; m < M; m++)
-                y[(int64_t)m * ldy + n] = tm_dot_i8(x + (int64_t)m * ldx, qn, K) * scale[n];
-        }
+        tm_lin_rows(&d, n0, n1, x, ldx, x, 0, x, 0, M, y, ldy, 0);
     }
 }
 
 /* xd: (M, K) de-interleaved x; xsum: (M, K/gs) group sums of x. */
 void tm_mm_i4(const float* xd, const float* xsum, const uint8_t* p, const float* scale,
               const float* zero, int K, int N, int gs, float* y, int ldy, int M) {
-    int G = K / gs;
+    tm_weight d = {TM_INT4, N, K, gs, p, scale, zero};
     #pragma omp parallel if ((int64_t)N * K * M > PAR_MIN_WORK)
     {
         int n0, n1;
         split(N, &n0, &n1);
-        for (int n = n0; n < n1; n++) {
-            const uint8_t* pn = p + (int64_t)n * (K / 2);
-            for (int m = 0; m < M; m++)
-                y[(int64_t)m * ldy + n] = tm_dot_i4(xd + (int64_t)m * K, xsum + (int64_t)m * G, pn,
-                                                 scale + (int64_t)n * G, zero + (int64_t)n * G, K, gs);
-        }
+        tm_lin_rows(&d, n0, n1, xd, K, xd, K, xsum, K / gs, M, y, ldy, 0);
     }
 }
 
