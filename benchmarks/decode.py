@@ -140,8 +140,8 @@ def bench_shape(name: str, shape: dict[str, Any], args: argparse.Namespace) -> d
         "approx_weight_MB_per_token_int8": round(int8_bytes / 1e6, 1),
         "ratio_fp32_vs_transformers": round(med["fp32"] / med["transformers"], 2),
         "ratio_int8_vs_fp32": round(med["int8"] / med["fp32"], 2),
-        "int8_kernel": "fbgemm int8 GEMM, activations quantized per row group at run time"
-        if args.device == "cpu" else "dequantize + matmul",
+        "kernels": kernel_note(args.device),
+        "fast_decode": engines["fp32"].runner.fast is not None,
         "batch_invariant_group_rows": engines["fp32"].runner.group_rows,
     }
     if "int4" in med:
@@ -150,12 +150,23 @@ def bench_shape(name: str, shape: dict[str, Any], args: argparse.Namespace) -> d
     return out
 
 
+def kernel_note(device: str) -> str:
+    from trustmoe.model import cpu_kernels
+
+    if device != "cpu":
+        return "torch matmuls (int8/int4 dequantized per call)"
+    if not cpu_kernels.available():
+        return "torch/MKL matmuls; int8 through fbgemm (compiled CPU kernels unavailable)"
+    return ("compiled CPU kernels: decode rows through whole-block C (fp32, weight-only int8, "
+            "int4), prefill through MKL")
+
+
 def llama_cpp_note() -> str:
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         return "skipped: llama-cpp-python is not installed (building it takes ~8 min on 2 cores)"
-    return "llama_cpp importable but the side-by-side run is not implemented in this script"
+    return "see benchmarks/llama_cpp.py for the side-by-side run"
 
 
 def main() -> None:

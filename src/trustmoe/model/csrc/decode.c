@@ -243,17 +243,21 @@ void tm_moe_block(float* x, int M, int d, const float* ln, float eps,
             const tm_weight* wg = e < 0 ? sh13 : &w13[e];
             int hd_ = e < 0 ? sh_hdim : hdim, u0, u1;
             range(hd_, TID, NTH, &u0, &u1);
-            for (int u = u0; u < u1; u++)
-                for (int i = g0; i < g1; i += 2) {
-                    int ma = ord[i], mb = i + 1 < g1 ? ord[i + 1] : -1;
-                    float o[4];
-                    tm_row_tile(wg, u, hd_ + u, h + (int64_t)(ma / S) * d,
-                                mb >= 0 ? h + (int64_t)(mb / S) * d : 0, x4 + (int64_t)ma * wid,
-                                x4 + (int64_t)(mb < 0 ? ma : mb) * wid, xs + (int64_t)ma * wid,
-                                xs + (int64_t)(mb < 0 ? ma : mb) * wid, o);
-                    act[(int64_t)ma * hmax + u] = o[0] / (1.0f + expf(-o[0])) * o[1];
-                    if (mb >= 0) act[(int64_t)mb * hmax + u] = o[2] / (1.0f + expf(-o[2])) * o[3];
-                }
+            for (int pass = 0; pass < 2; pass++)  /* gate rows, then up rows: one stream each */
+                for (int u = u0; u < u1; u++)
+                    for (int i = g0; i < g1; i += 2) {
+                        int ma = ord[i], mb = i + 1 < g1 ? ord[i + 1] : -1, mb_ = mb < 0 ? ma : mb;
+                        float o[2];
+                        tm_row_pair(wg, pass ? hd_ + u : u, h + (int64_t)(ma / S) * d,
+                                    mb >= 0 ? h + (int64_t)(mb / S) * d : 0, x4 + (int64_t)ma * wid,
+                                    x4 + (int64_t)mb_ * wid, xs + (int64_t)ma * wid,
+                                    xs + (int64_t)mb_ * wid, o);
+                        for (int j = 0; j < (mb >= 0 ? 2 : 1); j++) {
+                            float* a = act + (int64_t)(j ? mb : ma) * hmax + u;
+                            float v = o[j];
+                            *a = pass ? *a / (1.0f + expf(-*a)) * v : v;  /* silu(gate) * up */
+                        }
+                    }
             g0 = g1;
         }
         BARRIER;
@@ -272,22 +276,16 @@ void tm_moe_block(float* x, int M, int d, const float* ln, float eps,
             while (g1 < nt && ids[ord[g1]] == e) g1++;
             const tm_weight* wd = e < 0 ? sh2 : &w2[e];
             range(d, TID, NTH, &n0, &n1);
-            for (int n = n0; n < n1; n += 2) {
-                int nb = n + 1 < n1 ? n + 1 : -1;
+            for (int n = n0; n < n1; n++)
                 for (int i = g0; i < g1; i += 2) {
                     int ma = ord[i], mb = i + 1 < g1 ? ord[i + 1] : -1, mb_ = mb < 0 ? ma : mb;
-                    float o[4];
-                    tm_row_tile(wd, n, nb, act + (int64_t)ma * hmax, mb >= 0 ? act + (int64_t)mb * hmax : 0,
+                    float o[2];
+                    tm_row_pair(wd, n, act + (int64_t)ma * hmax, mb >= 0 ? act + (int64_t)mb * hmax : 0,
                                 x4 + (int64_t)ma * wid, x4 + (int64_t)mb_ * wid, xs + (int64_t)ma * wid,
                                 xs + (int64_t)mb_ * wid, o);
                     outs[(int64_t)ma * d + n] = o[0];
-                    if (nb >= 0) outs[(int64_t)ma * d + nb] = o[1];
-                    if (mb >= 0) {
-                        outs[(int64_t)mb * d + n] = o[2];
-                        if (nb >= 0) outs[(int64_t)mb * d + nb] = o[3];
-                    }
+                    if (mb >= 0) outs[(int64_t)mb * d + n] = o[1];
                 }
-            }
             g0 = g1;
         }
         BARRIER;

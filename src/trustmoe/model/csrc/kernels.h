@@ -1,9 +1,9 @@
 /* Shared pieces of the CPU decode kernels: weight descriptors, dot products, attention.
  *
  * A dot product of an input row with a weight row always runs the same arithmetic in the
- * same order (two 8-wide FMA accumulators over k in stripes of 16, a fixed reduction tree,
- * then the scalar tail), whoever calls it and in whichever 2x2 tile of rows it is computed:
- * that is what makes every kernel batch-invariant.
+ * same order (four 8-wide FMA accumulators over k in stripes of 32, a fixed reduction tree,
+ * then the scalar tail), whoever calls it and whether or not it shares its weight loads with a
+ * second input row: that is what makes every kernel batch-invariant.
  */
 #ifndef TRUSTMOE_KERNELS_H
 #define TRUSTMOE_KERNELS_H
@@ -31,7 +31,28 @@ typedef struct {
 
 static inline v8f tm_ld(const float* p) { v8f v; memcpy(&v, p, 32); return v; }
 static inline void tm_st(float* p, v8f v) { memcpy(p, &v, 32); }
+#if defined(__AVX2__)
+#include <immintrin.h>
+/* 8 int8 -> 8 floats (vpmovsxbd + vcvtdq2ps; the generic form compiles to scalar code) */
+static inline v8f tm_ldi8(const int8_t* p) {
+    return (v8f)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+/* 8 bytes -> their low and high nibbles as floats */
+static inline void tm_ld_nibbles(const uint8_t* p, v8f* lo, v8f* hi) {
+    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+    *lo = (v8f)_mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+    *hi = (v8f)_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+#else
 static inline v8f tm_ldi8(const int8_t* p) { v8b v; memcpy(&v, p, 8); return __builtin_convertvector(v, v8f); }
+static inline void tm_ld_nibbles(const uint8_t* p, v8f* lo, v8f* hi) {
+    const v8u mask = {15, 15, 15, 15, 15, 15, 15, 15};
+    v8u b;
+    memcpy(&b, p, 8);
+    *lo = __builtin_convertvector(b & mask, v8f);
+    *hi = __builtin_convertvector(b >> 4, v8f);
+}
+#endif
 static inline float tm_hsum(v8f a) {
     return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
 }
@@ -45,84 +66,61 @@ static inline v8f tm_fma(v8f a, v8f b, v8f c) {
 static inline v8f tm_fma(v8f a, v8f b, v8f c) { return a * b + c; }
 #endif
 
-/* Up to 2 input rows (xa, xb) against up to 2 weight rows (wa, wb) at once: o[i*2 + j] =
- * dot(x_i, w_j). Each of the four dot products keeps its own two accumulators (k = 0 and 8
- * mod 16), so its arithmetic is the same whatever tile it is computed in; the tile only
- * shares the loads. WT: 0 = float weights, 1 = int8 weights (scaled by the caller). */
+/* One weight row w against one or two input rows (xb == NULL: one): o[i] = dot(x_i, w).
+ * Each dot product keeps its own four accumulators (k = 0, 8, 16, 24 mod 32), so its arithmetic is
+ * the same alone or paired; pairing only shares the weight loads.
+ * WT: 0 = float weights, 1 = int8 weights (scaled by the caller). */
 #define TM_LDW(WT, p, k) ((WT) ? tm_ldi8((const int8_t*)(p) + (k)) : tm_ld((const float*)(p) + (k)))
 #define TM_SCALAR_W(WT, p, k) ((WT) ? (float)((const int8_t*)(p))[k] : ((const float*)(p))[k])
 
 __attribute__((always_inline)) static inline void tm_tile(int WT, const float* xa, const float* xb,
-                                                          const void* wa, const void* wb, int K,
-                                                          float o[4]) {
-    int K16 = K & ~15, K8 = K & ~7, k = 0;
-    v8f a00 = {0}, a01 = {0}, b00 = {0}, b01 = {0}, a10 = {0}, a11 = {0}, b10 = {0}, b11 = {0};
-    for (; k < K16; k += 16) {
-        v8f w0 = TM_LDW(WT, wa, k), w1 = TM_LDW(WT, wa, k + 8);
-        v8f x0 = tm_ld(xa + k), x1 = tm_ld(xa + k + 8);
-        a00 = tm_fma(x0, w0, a00);
-        a01 = tm_fma(x1, w1, a01);
+                                                          const void* w, int K, float o[2]) {
+    int K32 = K & ~31, K8 = K & ~7, k = 0;
+    v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+    for (; k < K32; k += 32) {
+        v8f w0 = TM_LDW(WT, w, k), w1 = TM_LDW(WT, w, k + 8);
+        v8f w2 = TM_LDW(WT, w, k + 16), w3 = TM_LDW(WT, w, k + 24);
+        a0 = tm_fma(tm_ld(xa + k), w0, a0);
+        a1 = tm_fma(tm_ld(xa + k + 8), w1, a1);
+        a2 = tm_fma(tm_ld(xa + k + 16), w2, a2);
+        a3 = tm_fma(tm_ld(xa + k + 24), w3, a3);
         if (xb) {
-            v8f y0 = tm_ld(xb + k), y1 = tm_ld(xb + k + 8);
-            a10 = tm_fma(y0, w0, a10);
-            a11 = tm_fma(y1, w1, a11);
-            if (wb) {
-                v8f u0 = TM_LDW(WT, wb, k), u1 = TM_LDW(WT, wb, k + 8);
-                b00 = tm_fma(x0, u0, b00);
-                b01 = tm_fma(x1, u1, b01);
-                b10 = tm_fma(y0, u0, b10);
-                b11 = tm_fma(y1, u1, b11);
-            }
-        } else if (wb) {
-            v8f u0 = TM_LDW(WT, wb, k), u1 = TM_LDW(WT, wb, k + 8);
-            b00 = tm_fma(x0, u0, b00);
-            b01 = tm_fma(x1, u1, b01);
+            b0 = tm_fma(tm_ld(xb + k), w0, b0);
+            b1 = tm_fma(tm_ld(xb + k + 8), w1, b1);
+            b2 = tm_fma(tm_ld(xb + k + 16), w2, b2);
+            b3 = tm_fma(tm_ld(xb + k + 24), w3, b3);
         }
     }
-    if (k < K8) {
-        v8f w0 = TM_LDW(WT, wa, k), x0 = tm_ld(xa + k);
-        a00 = tm_fma(x0, w0, a00);
-        if (xb) a10 = tm_fma(tm_ld(xb + k), w0, a10);
-        if (wb) {
-            v8f u0 = TM_LDW(WT, wb, k);
-            b00 = tm_fma(x0, u0, b00);
-            if (xb) b10 = tm_fma(tm_ld(xb + k), u0, b10);
-        }
-        k += 8;
+    for (; k < K8; k += 8) {
+        v8f w0 = TM_LDW(WT, w, k);
+        a0 = tm_fma(tm_ld(xa + k), w0, a0);
+        if (xb) b0 = tm_fma(tm_ld(xb + k), w0, b0);
     }
-    float s00 = tm_hsum(a00 + a01), s01 = tm_hsum(b00 + b01);
-    float s10 = tm_hsum(a10 + a11), s11 = tm_hsum(b10 + b11);
+    float sa = tm_hsum((a0 + a1) + (a2 + a3)), sb = tm_hsum((b0 + b1) + (b2 + b3));
     for (; k < K; k++) {
-        float w0 = TM_SCALAR_W(WT, wa, k), u0 = wb ? TM_SCALAR_W(WT, wb, k) : 0.0f;
-        s00 += xa[k] * w0;
-        s01 += xa[k] * u0;
-        if (xb) {
-            s10 += xb[k] * w0;
-            s11 += xb[k] * u0;
-        }
+        float wk = TM_SCALAR_W(WT, w, k);
+        sa += xa[k] * wk;
+        if (xb) sb += xb[k] * wk;
     }
-    o[0] = s00;
-    o[1] = s01;
-    o[2] = s10;
-    o[3] = s11;
+    o[0] = sa;
+    o[1] = sb;
 }
 
 static inline float tm_dot_f32(const float* x, const float* w, int K) {
-    float o[4];
-    tm_tile(0, x, 0, w, 0, K, o);
+    float o[2];
+    tm_tile(0, x, 0, w, K, o);
     return o[0];
 }
 
 static inline float tm_dot_i8(const float* x, const int8_t* q, int K) {
-    float o[4];
-    tm_tile(1, x, 0, q, 0, K, o);
+    float o[2];
+    tm_tile(1, x, 0, q, K, o);
     return o[0];
 }
 
 /* xd: x de-interleaved per group ([x0 x2 ... | x1 x3 ...]); xsum: per-group sums of x. */
 static inline float tm_dot_i4(const float* xd, const float* xsum, const uint8_t* p,
                               const float* scale, const float* zero, int K, int gs) {
-    const v8u lo_mask = {15, 15, 15, 15, 15, 15, 15, 15};
     int half = gs / 2;
     float s = 0.0f;
     for (int g = 0; g < K / gs; g++) {
@@ -131,10 +129,10 @@ static inline float tm_dot_i4(const float* xd, const float* xsum, const uint8_t*
         const uint8_t* pg = p + g * half;
         v8f a0 = {0}, a1 = {0};
         for (int i = 0; i < half; i += 8) {
-            v8u b;
-            memcpy(&b, pg + i, 8);
-            a0 += tm_ld(xe + i) * __builtin_convertvector(b & lo_mask, v8f);
-            a1 += tm_ld(xo + i) * __builtin_convertvector(b >> 4, v8f);
+            v8f lo, hi;
+            tm_ld_nibbles(pg + i, &lo, &hi);
+            a0 = tm_fma(tm_ld(xe + i), lo, a0);
+            a1 = tm_fma(tm_ld(xo + i), hi, a1);
         }
         s += scale[g] * tm_hsum(a0 + a1) + (zero[g] - 8.0f * scale[g]) * xsum[g];
     }
@@ -167,54 +165,48 @@ static inline float tm_row_dot(const tm_weight* w, int n, const float* x, const 
                      w->scale + (int64_t)n * G, w->zero + (int64_t)n * G, w->K, w->gs);
 }
 
-/* Rows na and nb (nb < 0: none) of W against input rows a and b (xb == NULL: none):
- * o[i*2 + j] = dot(x_i, W[n_j]), the same bits as tm_row_dot gives for each. */
-static inline void tm_row_tile(const tm_weight* w, int na, int nb, const float* xa, const float* xb,
+/* Row n of W against input rows a and b (xb == NULL: none): o[i] = dot(x_i, W[n]), the
+ * same bits as tm_row_dot gives for each. */
+static inline void tm_row_pair(const tm_weight* w, int n, const float* xa, const float* xb,
                                const float* x4a, const float* x4b, const float* xsa, const float* xsb,
-                               float o[4]) {
+                               float o[2]) {
     if (w->kind == TM_INT4) {
-        o[0] = tm_row_dot(w, na, xa, x4a, xsa);
-        o[1] = nb >= 0 ? tm_row_dot(w, nb, xa, x4a, xsa) : 0.0f;
-        o[2] = xb ? tm_row_dot(w, na, xb, x4b, xsb) : 0.0f;
-        o[3] = xb && nb >= 0 ? tm_row_dot(w, nb, xb, x4b, xsb) : 0.0f;
+        o[0] = tm_row_dot(w, n, xa, x4a, xsa);
+        o[1] = xb ? tm_row_dot(w, n, xb, x4b, xsb) : 0.0f;
         return;
     }
-    int K = w->K, i8 = w->kind == TM_INT8;
-    size_t es = i8 ? 1 : 4;
-    const char* base = (const char*)w->w;
-    const void* wa = base + (size_t)na * K * es;
-    const void* wb = nb >= 0 ? base + (size_t)nb * K * es : 0;
-    if (i8) {
-        tm_tile(1, xa, xb, wa, wb, K, o);
-        o[0] *= w->scale[na];
-        o[2] *= w->scale[na];
-        if (nb >= 0) {
-            o[1] *= w->scale[nb];
-            o[3] *= w->scale[nb];
-        }
+    int K = w->K;
+    if (w->kind == TM_INT8) {
+        const int8_t* q = (const int8_t*)w->w + (int64_t)n * K;
+        if (xb) tm_tile(1, xa, xb, q, K, o);
+        else tm_tile(1, xa, 0, q, K, o);
+        o[0] *= w->scale[n];
+        o[1] *= w->scale[n];
     } else {
-        tm_tile(0, xa, xb, wa, wb, K, o);
+        const float* wr = (const float*)w->w + (int64_t)n * K;
+        if (xb) tm_tile(0, xa, xb, wr, K, o);
+        else tm_tile(0, xa, 0, wr, K, o);
     }
 }
 
-/* y[m, n] (+)= dot(x[m], W[n]) for n in [n0, n1) and all M rows, in 2x2 tiles.
+/* y[m, n] (+)= dot(x[m], W[n]) for n in [n0, n1) and all M rows, two input rows at a time.
+ * (Pairs of weight rows would share input loads too, but two weight streams per thread read
+ * memory ~35% slower than one: the weights are what decode waits for.)
  * x4 / xs (rows ld4 / lds apart): the int4 inputs of each row, else unused. */
 static inline void tm_lin_rows(const tm_weight* w, int n0, int n1, const float* x, int ldx,
                                const float* x4, int ld4, const float* xs, int lds, int M,
                                float* y, int ldy, int accumulate) {
-    for (int n = n0; n < n1; n += 2) {
-        int nb = n + 1 < n1 ? n + 1 : -1;
+    for (int n = n0; n < n1; n++) {
         for (int m = 0; m < M; m += 2) {
             int two = m + 1 < M;
-            float o[4];
-            tm_row_tile(w, n, nb, x + (int64_t)m * ldx, two ? x + (int64_t)(m + 1) * ldx : 0,
+            float o[2];
+            tm_row_pair(w, n, x + (int64_t)m * ldx, two ? x + (int64_t)(m + 1) * ldx : 0,
                         x4 + (int64_t)m * ld4, x4 + (int64_t)(m + 1) * ld4, xs + (int64_t)m * lds,
                         xs + (int64_t)(m + 1) * lds, o);
-            for (int i = 0; i <= two; i++)
-                for (int j = 0; j <= (nb >= 0); j++) {
-                    float* dst = y + (int64_t)(m + i) * ldy + n + j;
-                    *dst = accumulate ? *dst + o[i * 2 + j] : o[i * 2 + j];
-                }
+            for (int i = 0; i <= two; i++) {
+                float* dst = y + (int64_t)(m + i) * ldy + n;
+                *dst = accumulate ? *dst + o[i] : o[i];
+            }
         }
     }
 }
