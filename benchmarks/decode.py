@@ -136,6 +136,12 @@ def bench_shape(name: str, shape: dict[str, Any], args: argparse.Namespace) -> d
         "read_bandwidth_GBps": round(bw / 1e9, 2),
         "active_weight_MB_per_token_fp32": round(fp_bytes / 1e6, 1),
         "bandwidth_utilisation_fp32": round(fp_bytes * med["fp32"] / bw, 3),
+        # each round's decode against the bandwidth measured in that same round (the machine's
+        # bandwidth drifts on a shared host; the median pairs like with like)
+        "bandwidth_utilisation_fp32_per_round": [
+            round(fp_bytes * t / b, 3) for t, b in zip(res["fp32"], res["read_bw"], strict=True)],
+        "bandwidth_utilisation_fp32_median_of_rounds": round(statistics.median(
+            fp_bytes * t / b for t, b in zip(res["fp32"], res["read_bw"], strict=True)), 3),
         "bandwidth_utilisation_transformers": round(fp_bytes * med["transformers"] / bw, 3),
         "approx_weight_MB_per_token_int8": round(int8_bytes / 1e6, 1),
         "ratio_fp32_vs_transformers": round(med["fp32"] / med["transformers"], 2),

@@ -90,3 +90,24 @@ def test_unsupported_says_why() -> None:
     eng = Engine(m, kv_cache_mb=4, dtype=torch.bfloat16)
     assert eng.runner.fast is None
     assert FastDecoder.unsupported(eng.weights, eng.kv, torch.device("cpu")) == "not fp32"
+
+
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+def test_weights_are_packed_in_read_order_without_changing_them(mode: str | None) -> None:
+    from trustmoe.engine.arena import pack_weights
+    from trustmoe.engine.runner import build_weights
+
+    m = _model(shared_expert_intermediate_size=48)
+    w = build_weights(m, mode, group_size=16)
+    order = []
+    for lw in w.layers:
+        order += [lw.wqkv, lw.wo, lw.router, lw.shared_gate, lw.shared13, lw.shared2]
+        for a, b in zip(lw.w13, lw.w2, strict=True):
+            order += [a, b]
+    order.append(w.lm_head)
+    before = [x.dequantize().clone() for x in order if x is not None]
+    assert pack_weights(w) is not None
+    after = [x.dequantize() for x in order if x is not None]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    ptrs = [x.c_desc().w for x in order if x is not None]  # type: ignore[union-attr]
+    assert ptrs == sorted(ptrs) and ptrs[0] % (2 << 20) == 0  # one block, read order, 2 MiB aligned

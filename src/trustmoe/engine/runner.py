@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trustmoe.config import ModelConfig
+from trustmoe.engine.arena import pack_weights
 from trustmoe.engine.fast_decode import FastDecoder
 from trustmoe.engine.kv_cache import PagedKVCache
 from trustmoe.model import cpu_kernels
@@ -193,6 +194,7 @@ class ModelRunner:
                 lw.w2_stack = torch.stack([w.dequantize() for w in lw.w2]).to(device, weights.dtype)
         self.moe_path = moe_path
         why = FastDecoder.unsupported(weights, kv, device) if fast_decode else "switched off"
+        self._arena = pack_weights(weights) if why is None else None  # before the C descriptors
         self.fast = FastDecoder(weights, kv) if why is None else None
         self.k4 = [kv.k[i].unsqueeze(0) for i in range(kv.k.shape[0])]  # (1, Hkv, slots, hd)
         self.v4 = [kv.v[i].unsqueeze(0) for i in range(kv.v.shape[0])]
