@@ -16,6 +16,7 @@ says why not otherwise); prefill chunks keep the torch path.
 from __future__ import annotations
 
 import ctypes
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,12 @@ class _Layer:
     sh2: TmWeight | None
     sh_gate: TmWeight | None
     sh_hdim: int
+
+    def __post_init__(self) -> None:  # pointers made once, passed on every call
+        self.wqkv_p, self.wo_p = ctypes.pointer(self.wqkv), ctypes.pointer(self.wo)
+        self.router_p, self.sh13_p = _ref(self.router), _ref(self.sh13)
+        self.sh2_p, self.sh_gate_p = _ref(self.sh2), _ref(self.sh_gate)
+        self.ln1_p, self.ln2_p = self.ln1.data_ptr(), self.ln2.data_ptr()
 
 
 def _must(w: Weight) -> TmWeight:
@@ -103,6 +110,17 @@ class FastDecoder:
                 hdim=lw.w2[0].in_features, sh13=sh13, sh2=_desc(lw.shared2),
                 sh_gate=_desc(lw.shared_gate),
                 sh_hdim=0 if lw.shared2 is None else lw.shared2.in_features))
+        cfg = self.cfg
+        self.dims = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                     cfg.head_size, cfg.num_experts_per_tok)
+        self.eps, self.norm_topk = float(cfg.rms_norm_eps), int(cfg.norm_topk_prob)
+        self.nslots = kv.k.shape[2]
+        self.k_ptrs = [t.data_ptr() for t in kv.k_layers]
+        self.v_ptrs = [t.data_ptr() for t in kv.v_layers]
+        self.head = _must(weights.lm_head)
+        self.head_p = ctypes.pointer(self.head)
+        self.vocab = weights.lm_head.out_features
+        self.scratch = torch.empty(self._scratch_floats(cpu_kernels.MAX_ROWS, 0))  # reused by every call
 
     def _scratch_floats(self, M: int, max_slots: int) -> int:
         cfg = self.cfg
@@ -116,7 +134,7 @@ class FastDecoder:
             wid = max(d, hmax)
             moe = max(moe, M * d + M * (E + 1) + M * S + M * S * hmax + M * S * d
                       + 2 * M * S * wid + M * S)
-        return max(attn, moe) + 64
+        return max(attn, moe, 3 * M * d) + 64
 
     @torch.inference_mode()
     def hidden(self, tokens: list[int], positions: list[int], slot_lists: list[Tensor]) -> Tensor:
@@ -127,31 +145,45 @@ class FastDecoder:
         """
         M = len(tokens)
         assert 0 < M <= cpu_kernels.MAX_ROWS
-        cfg = self.cfg
-        d, H, Hkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
-        x = self.w.embed[torch.tensor(tokens)].contiguous()  # (M, d)
-        pos = torch.tensor(positions)
-        cos, sin = self.w.cos[pos].contiguous(), self.w.sin[pos].contiguous()  # (M, hd)
-        slots = (torch.cat(slot_lists) if M > 1 else slot_lists[0]).to(torch.long).contiguous()
-        lens = [s.shape[0] for s in slot_lists]
-        offs = torch.tensor([0, *lens], dtype=torch.long).cumsum_(0)  # (M + 1,)
-        new_slot = offs[1:] - 1
-        new_slot = slots[new_slot].contiguous()  # (M,)
-        scratch = torch.empty(self._scratch_floats(M, max(lens)))
-        nslots = self.kv.k.shape[2]
-        eps = float(cfg.rms_norm_eps)
-        lib = self.lib
-        for i, ly in enumerate(self.layers):
-            lib.tm_attn_block(
-                x.data_ptr(), M, d, ly.ln1.data_ptr(), eps, ctypes.byref(ly.wqkv), ctypes.byref(ly.wo),
-                cos.data_ptr(), sin.data_ptr(), self.kv.k_layers[i].data_ptr(),
-                self.kv.v_layers[i].data_ptr(), nslots, new_slot.data_ptr(), slots.data_ptr(),
-                offs.data_ptr(), H, Hkv, hd, scratch.data_ptr(), max(lens))
-            lib.tm_moe_block(
-                x.data_ptr(), M, d, ly.ln2.data_ptr(), eps, _ref(ly.router), len(ly.w13),
-                cfg.num_experts_per_tok, int(cfg.norm_topk_prob), ly.w13, ly.w2, ly.hdim,
-                _ref(ly.sh13), _ref(ly.sh2), _ref(ly.sh_gate), ly.sh_hdim, scratch.data_ptr())
+        if M == 1:  # views, no gathers
+            p = positions[0]
+            x = self.w.embed[tokens[0]: tokens[0] + 1].clone()  # (1, d)
+            cos, sin = self.w.cos[p: p + 1], self.w.sin[p: p + 1]  # (1, hd)
+            slots = slot_lists[0]
+            offs = torch.tensor([0, slots.shape[0]])
+            new_slot = slots[-1:]
+            max_len = slots.shape[0]
+        else:
+            x = self.w.embed[torch.tensor(tokens)]  # (M, d)
+            pos = torch.tensor(positions)
+            cos, sin = self.w.cos[pos], self.w.sin[pos]  # (M, hd)
+            slots = torch.cat(slot_lists)
+            lens = [s.shape[0] for s in slot_lists]
+            ends = list(itertools.accumulate(lens))
+            offs = torch.tensor([0, *ends])  # (M + 1,)
+            new_slot = slots[torch.tensor(ends) - 1]  # (M,)
+            max_len = max(lens)
+        assert slots.dtype == torch.long and slots.is_contiguous()
+        lib, sp, eps = self.lib, self.scratch.data_ptr(), self.eps
+        xp, cp, snp = x.data_ptr(), cos.data_ptr(), sin.data_ptr()
+        nsp, slp, ofp = new_slot.data_ptr(), slots.data_ptr(), offs.data_ptr()
+        d, H, Hkv, hd, k = self.dims
+        for ly, kp, vp in zip(self.layers, self.k_ptrs, self.v_ptrs, strict=True):
+            lib.tm_attn_block(xp, M, d, ly.ln1_p, eps, ly.wqkv_p, ly.wo_p, cp, snp, kp, vp,
+                              self.nslots, nsp, slp, ofp, H, Hkv, hd, sp, max_len)
+            lib.tm_moe_block(xp, M, d, ly.ln2_p, eps, ly.router_p, len(ly.w13), k,
+                             self.norm_topk, ly.w13, ly.w2, ly.hdim, ly.sh13_p, ly.sh2_p,
+                             ly.sh_gate_p, ly.sh_hdim, sp)
         return x
+
+    @torch.inference_mode()
+    def logits(self, x: Tensor) -> Tensor:
+        """(M, V) fp32 logits of hidden states x (M, d): final RMSNorm, then the LM head."""
+        M = x.shape[0]
+        out = torch.empty(M, self.vocab)
+        self.lib.tm_final(x.data_ptr(), M, self.dims[0], self.w.norm.data_ptr(), self.eps,
+                          self.head_p, self.scratch.data_ptr(), out.data_ptr())
+        return out
 
 
 __all__ = ["FastDecoder"]

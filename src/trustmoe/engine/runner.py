@@ -248,10 +248,11 @@ class ModelRunner:
             part = [chunks[i] for i in dec[a: a + step]]
             x = self.fast.hidden([c.tokens[0] for c in part], [c.start for c in part],
                                  [c.slots for c in part])  # (B, d)
-            for j, c in enumerate(part):
-                c.rows = slice(j, j + 1)
-            for i, lg in zip(dec[a: a + step], self._logits(x, part), strict=True):
-                out[i] = lg
+            want = [j for j, c in enumerate(part) if c.logits != "none"]  # one row each
+            if want:
+                lg = self.fast.logits(x if len(want) == len(part) else x[want])  # (len(want), V)
+                for r, j in enumerate(want):
+                    out[dec[a + j]] = lg[r: r + 1]
         return out
 
     def _forward_torch(self, chunks: list[Chunk]) -> list[Tensor | None]:

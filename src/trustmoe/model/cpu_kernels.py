@@ -103,7 +103,10 @@ def _build() -> ctypes.CDLL:
     # scratch
     lib.tm_moe_block.argtypes = [_ptr, _c_int, _c_int, _ptr, f32, _ptr, _c_int, _c_int, _c_int,
                                  _ptr, _ptr, _c_int, _ptr, _ptr, _ptr, _c_int, _ptr]
-    for f in (lib.tm_mm_f32, lib.tm_mm_i8, lib.tm_mm_i4, lib.tm_attn_block, lib.tm_moe_block):
+    # x, M, d, ln, eps, head, scratch, logits
+    lib.tm_final.argtypes = [_ptr, _c_int, _c_int, _ptr, f32, _ptr, _ptr, _ptr]
+    for f in (lib.tm_mm_f32, lib.tm_mm_i8, lib.tm_mm_i4, lib.tm_attn_block, lib.tm_moe_block,
+              lib.tm_final):
         f.restype = None
     lib.tm_num_threads.restype = _c_int
     return lib

@@ -298,3 +298,21 @@ void tm_moe_block(float* x, int M, int d, const float* ln, float eps,
         }
     }
 }
+
+/* logits (M, V) = head(rms(x)) for M decode rows; scratch: 3 * M * d floats. */
+void tm_final(const float* x, int M, int d, const float* ln, float eps, const tm_weight* head,
+              float* scratch, float* logits) {
+    float* h = scratch;
+    float* x4 = h + (int64_t)M * d;
+    float* xs = x4 + (int64_t)M * d;
+    #pragma omp parallel if (M * (int64_t)d * head->N > 32768)
+    {
+        rms_rows(x, M, d, ln, eps, h);
+        BARRIER;
+        if (head->kind == TM_INT4) {
+            prep_int4(head, h, d, M, x4, xs);
+            BARRIER;
+        }
+        lin_part(head, h, d, x4, xs, M, logits, head->N, 0);
+    }
+}
