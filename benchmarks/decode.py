@@ -172,7 +172,7 @@ def llama_cpp_note() -> str:
         import llama_cpp  # noqa: F401
     except ImportError:
         return "skipped: llama-cpp-python is not installed (building it takes ~8 min on 2 cores)"
-    return "see benchmarks/llama_cpp.py for the side-by-side run"
+    return "see benchmarks/vs_llama_cpp.py for the side-by-side run"
 
 
 def main() -> None:

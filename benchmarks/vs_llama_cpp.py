@@ -28,8 +28,8 @@ minutes on 2 cores); install it into a separate benchmark environment:
     python3 -m venv /work/bench-venv
     /work/bench-venv/bin/pip install torch -e '.[all]'
     CMAKE_ARGS="-DGGML_NATIVE=ON" /work/bench-venv/bin/pip install llama-cpp-python
-    /work/bench-venv/bin/python benchmarks/llama_cpp.py --rounds 3          # ~3-4 minutes
-    /work/bench-venv/bin/python benchmarks/llama_cpp.py --shapes bench-small --tokens 32 --rounds 1
+    /work/bench-venv/bin/python benchmarks/vs_llama_cpp.py --rounds 3          # ~3-4 minutes
+    /work/bench-venv/bin/python benchmarks/vs_llama_cpp.py --shapes bench-small --tokens 32 --rounds 1
 
 Without `llama_cpp` importable it prints a JSON saying it skipped and exits 0.
 """
@@ -60,21 +60,10 @@ GGML_TYPE_F32 = 0
 
 
 def import_llama_cpp() -> Any:
-    """The `llama_cpp` package, not this file: Python puts the script's folder first on sys.path."""
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != here]
-    mod = sys.modules.get("llama_cpp")
-    if mod is not None and Path(getattr(mod, "__file__", "") or "").resolve().parent == here:
-        del sys.modules["llama_cpp"]
+    """The `llama_cpp` package (llama-cpp-python); ImportError where it is not installed."""
     import llama_cpp
 
     return llama_cpp
-
-
-if __name__ == "llama_cpp":
-    # `import llama_cpp` from a script in this folder (decode.py does) found this file: hand over the
-    # real package instead, or raise ImportError as if this file were not here
-    sys.modules[__name__] = import_llama_cpp()
 
 
 def load_shapes(path: Path) -> dict[str, dict[str, Any]]:
