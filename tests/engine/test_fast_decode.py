@@ -111,3 +111,23 @@ def test_weights_are_packed_in_read_order_without_changing_them(mode: str | None
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     ptrs = [x.c_desc().w for x in order if x is not None]  # type: ignore[union-attr]
     assert ptrs == sorted(ptrs) and ptrs[0] % (2 << 20) == 0  # one block, read order, 2 MiB aligned
+
+
+def test_prefill_moe_in_fixed_blocks_is_row_independent() -> None:
+    """Batch-invariant prefill runs every expert GEMM in zero-padded blocks of a probed fixed
+    size, so a row's result does not depend on which prompts share the step."""
+    from trustmoe.engine.runner import _blocked, probe_block_rows
+    from trustmoe.model.quantize import FloatWeight
+
+    m = _model()
+    eng = Engine(m, kv_cache_mb=4)
+    B = eng.runner.moe_block_rows
+    assert B is not None and B > cpu_kernels.MAX_ROWS
+    w = FloatWeight(torch.randn(96, 64, generator=torch.Generator().manual_seed(5)))
+    assert probe_block_rows([w], torch.float32, torch.device("cpu")) == B
+    x = torch.randn(3 * B + 5, 64, generator=torch.Generator().manual_seed(6))
+    full = _blocked(w, x, B)
+    torch.testing.assert_close(full, x @ w.w.t(), atol=1e-4, rtol=1e-4)
+    for i in (0, B + 1, 3 * B + 4):  # each row alone gives the same bits
+        assert torch.equal(_blocked(w, x[i: i + 1], B)[0], full[i])
+    assert Engine(m, kv_cache_mb=4, batch_invariant=False).runner.moe_block_rows is None

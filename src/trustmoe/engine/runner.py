@@ -193,6 +193,13 @@ class ModelRunner:
                 lw.w13_stack = torch.stack([w.dequantize() for w in lw.w13]).to(device, weights.dtype)
                 lw.w2_stack = torch.stack([w.dequantize() for w in lw.w2]).to(device, weights.dtype)
         self.moe_path = moe_path
+        # batch-invariant prefill with MoE over all rows of a step at once (one read of each
+        # expert per step instead of one per prompt): CPU float experts, fixed-shape GEMMs
+        self.moe_block_rows: int | None = None
+        experts = [w for lw in weights.layers if lw.router is not None for w in lw.w13 + lw.w2]
+        if batch_invariant and device.type == "cpu" and experts \
+                and all(isinstance(w, FloatWeight) for w in experts):
+            self.moe_block_rows = probe_block_rows(experts, weights.dtype, device)
         why = FastDecoder.unsupported(weights, kv, device) if fast_decode else "switched off"
         self._arena = pack_weights(weights) if why is None else None  # before the C descriptors
         self.fast = FastDecoder(weights, kv) if why is None else None
@@ -332,19 +339,24 @@ class ModelRunner:
             wts, ids = logits.softmax(dim=-1).topk(self.cfg.num_experts_per_tok, dim=-1)
         if wts.dtype != h.dtype:
             wts = wts.to(h.dtype)
-        parts = [self._moe_gather(lw, h[g], wts[g], ids[g])
-                 if self.moe_path == "gather" and g.stop - g.start <= GATHER_MAX_ROWS
-                 else self._moe_sorted(lw, h[g], wts[g], ids[g]) for g in groups]
-        y = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if self.moe_block_rows:  # all rows at once: each expert's weights read once per step
+            y = self._moe_sorted(lw, h, wts, ids, self.moe_block_rows)
+        else:
+            parts = [self._moe_gather(lw, h[g], wts[g], ids[g])
+                     if self.moe_path == "gather" and g.stop - g.start <= GATHER_MAX_ROWS
+                     else self._moe_sorted(lw, h[g], wts[g], ids[g]) for g in groups]
+            y = parts[0] if len(parts) == 1 else torch.cat(parts)
         if lw.shared13 is not None and lw.shared2 is not None and lw.shared_gate is not None:
             gate = torch.sigmoid(self._lin(h, lw.shared_gate, groups))  # (N, 1)
             y = y + gate * self._lin(_swiglu(self._lin(h, lw.shared13, groups)), lw.shared2, groups)
         return y
 
-    def _moe_sorted(self, lw: LayerWeights, x: Tensor, wts: Tensor, ids: Tensor) -> Tensor:
+    def _moe_sorted(self, lw: LayerWeights, x: Tensor, wts: Tensor, ids: Tensor,
+                    block: int | None = None) -> Tensor:
         # x: (n, d); wts, ids: (n, k) -> (n, d); experts read in place, one matmul per expert
+        # (block: every expert matmul in zero-padded blocks of exactly `block` rows)
         n, k = ids.shape
-        if n == 1:  # one token: its k experts in slot order (same arithmetic as below)
+        if n == 1 and block is None:  # one token: its k experts in slot order (same arithmetic as below)
             y: Tensor | None = None
             for e, wt in zip(ids.tolist()[0], wts.tolist()[0], strict=True):
                 out = lw.w2[e].mm(_swiglu(lw.w13[e].mm(x))) * wt  # (1, d)
@@ -360,7 +372,10 @@ class ModelRunner:
         for e, cnt in enumerate(counts):
             if cnt:
                 seg = slice(start, start + cnt)
-                ys[seg] = lw.w2[e].mm(_swiglu(lw.w13[e].mm(xs[seg])))
+                if block:
+                    ys[seg] = _blocked(lw.w2[e], _swiglu(_blocked(lw.w13[e], xs[seg], block)), block)
+                else:
+                    ys[seg] = lw.w2[e].mm(_swiglu(lw.w13[e].mm(xs[seg])))
                 start += cnt
         per_slot = torch.empty_like(ys)
         per_slot[order] = ys  # (n*k, d) back in (token, slot) order
@@ -416,6 +431,44 @@ def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
     h = x if x.dtype == torch.float32 else x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return w * (h if x.dtype == torch.float32 else h.to(x.dtype))
+
+
+def _blocked(w: Weight, x: Tensor, block: int) -> Tensor:
+    # x: (n, K) -> (n, N) through GEMMs of exactly `block` rows (zero-padded): with a fixed
+    # shape, a row's result does not depend on the rows beside it (probed at start-up)
+    n = x.shape[0]
+    pad = (-n) % block
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+    out = torch.cat([w.mm(x[i: i + block]) for i in range(0, x.shape[0], block)])
+    return out[:n]
+
+
+def probe_block_rows(weights: list[Weight], dtype: torch.dtype, device: torch.device,
+                     candidates: tuple[int, ...] = (32,)) -> int | None:
+    """First block size B at which each row of a B-row product is the same bits wherever it
+    sits among any other rows (zeros included), for every weight shape; None if none is.
+
+    32 rows: measured on bench-medium, 16 prompts of 32 tokens prefill 35-55% faster than
+    with one GEMM per prompt (each expert's weights are read once per step, not once per
+    prompt), while one 512-token prompt prefills 25-35% slower (padding, smaller GEMMs)."""
+    gen = torch.Generator().manual_seed(0)
+    for B in candidates:
+        if B <= cpu_kernels.MAX_ROWS:
+            continue
+        ok = True
+        for w in {(x.in_features, x.out_features): x for x in weights}.values():
+            x = torch.randn(B, w.in_features, generator=gen).to(device, dtype)
+            y = w.mm(x)
+            perm = torch.randperm(B, generator=gen)
+            lone = torch.zeros_like(x)
+            lone[B - 1] = x[0]
+            if not (torch.equal(w.mm(x[perm]), y[perm]) and torch.equal(w.mm(lone)[B - 1], y[0])):
+                ok = False
+                break
+        if ok:
+            return B
+    return None
 
 
 def _swiglu(gu: Tensor) -> Tensor:
