@@ -39,23 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_model(out: Path, shape: str, seed: int = 0) -> Path:
-    from trustmoe.config import get_preset
-    from trustmoe.data.tokenizer import save_tokenizer, train_tokenizer
-    from trustmoe.model.hf import save_model
-    from trustmoe.model.transformer import Transformer
+    from _models import write_random_model
 
-    cfg = get_preset(shape).model.replace(eos_token_id=0, bos_token_id=0)
-    rng = random.Random(seed)
-    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
-             for _ in range(6000)]
-    docs = [" ".join(rng.choice(words) for _ in range(200)) for _ in range(400)]
-    tok = train_tokenizer(docs, cfg.vocab_size)
-    short = cfg.vocab_size - tok.get_vocab_size()
-    if short > 0:  # pad so every id the model can emit decodes
-        tok.add_tokens([f"<pad{i}>" for i in range(short)])
-    save_tokenizer(tok, out)
-    torch.manual_seed(seed)
-    save_model(Transformer(cfg), out, tokenizer_file=out / "tokenizer.json")
+    from trustmoe.config import get_preset
+
+    write_random_model(out, get_preset(shape).model, seed)
     return out
 
 

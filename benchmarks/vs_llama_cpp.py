@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -76,23 +75,11 @@ def load_shapes(path: Path) -> dict[str, dict[str, Any]]:
 
 def build_model_dir(out: Path, shape: dict[str, Any], seed: int = 0) -> Any:
     """Random weights plus a byte-level BPE tokenizer padded to the vocab (GGUF needs one)."""
-    from trustmoe.config import ModelConfig
-    from trustmoe.data.tokenizer import save_tokenizer, train_tokenizer
-    from trustmoe.model import Transformer, save_model
+    from _models import write_random_model
 
-    cfg = ModelConfig.from_dict(shape).replace(eos_token_id=0, bos_token_id=0)
-    rng = random.Random(seed)
-    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
-             for _ in range(6000)]
-    docs = [" ".join(rng.choice(words) for _ in range(200)) for _ in range(400)]
-    tok = train_tokenizer(docs, cfg.vocab_size)
-    short = cfg.vocab_size - tok.get_vocab_size()
-    if short > 0:  # pad so every id the model can emit has a token
-        tok.add_tokens([f"<pad{i}>" for i in range(short)])
-    save_tokenizer(tok, out)
-    torch.manual_seed(seed)
-    save_model(Transformer(cfg).eval(), out, tokenizer_file=out / "tokenizer.json")
-    return cfg
+    from trustmoe.config import ModelConfig
+
+    return write_random_model(out, ModelConfig.from_dict(shape), seed)
 
 
 def export(model_dir: Path, out: Path, quant: str) -> dict[str, Any]:
