@@ -95,7 +95,7 @@ def test_unsupported_says_why() -> None:
 @pytest.mark.parametrize("mode", [None, "int8", "int4"])
 def test_weights_are_packed_in_read_order_without_changing_them(mode: str | None) -> None:
     from trustmoe.engine.arena import pack_weights
-    from trustmoe.engine.runner import build_weights
+    from trustmoe.engine.weights import build_weights
 
     m = _model(shared_expert_intermediate_size=48)
     w = build_weights(m, mode, group_size=16)
@@ -116,7 +116,7 @@ def test_weights_are_packed_in_read_order_without_changing_them(mode: str | None
 def test_prefill_moe_in_fixed_blocks_is_row_independent() -> None:
     """Batch-invariant prefill runs every expert GEMM in zero-padded blocks of a probed fixed
     size, so a row's result does not depend on which prompts share the step."""
-    from trustmoe.engine.runner import _blocked, probe_block_rows
+    from trustmoe.engine.invariance import blocked_mm, probe_block_rows
     from trustmoe.model.quantize import FloatWeight
 
     m = _model()
@@ -126,8 +126,8 @@ def test_prefill_moe_in_fixed_blocks_is_row_independent() -> None:
     w = FloatWeight(torch.randn(96, 64, generator=torch.Generator().manual_seed(5)))
     assert probe_block_rows([w], torch.float32, torch.device("cpu")) == B
     x = torch.randn(3 * B + 5, 64, generator=torch.Generator().manual_seed(6))
-    full = _blocked(w, x, B)
+    full = blocked_mm(w, x, B)
     torch.testing.assert_close(full, x @ w.w.t(), atol=1e-4, rtol=1e-4)
     for i in (0, B + 1, 3 * B + 4):  # each row alone gives the same bits
-        assert torch.equal(_blocked(w, x[i: i + 1], B)[0], full[i])
+        assert torch.equal(blocked_mm(w, x[i: i + 1], B)[0], full[i])
     assert Engine(m, kv_cache_mb=4, batch_invariant=False).runner.moe_block_rows is None

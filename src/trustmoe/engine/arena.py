@@ -16,6 +16,7 @@ import mmap
 import torch
 from torch import Tensor
 
+from trustmoe.engine.weights import RunnerWeights
 from trustmoe.model.quantize import FloatWeight, Int4Weight, Int8Weight, Weight
 
 ALIGN = 64  # bytes: every tensor starts on its own cache line
@@ -47,15 +48,12 @@ def _block(nbytes: int) -> tuple[Tensor, object]:
     return buf[off: off + nbytes], owner
 
 
-def pack_weights(weights: object) -> object | None:
+def pack_weights(weights: RunnerWeights) -> object | None:
     """Move the runner's CPU weight tensors into one block, in decode's read order.
 
     Returns the block's owner (keep a reference as long as the weights live), or None when
     there is nothing to move (weights not on the CPU).
     """
-    from trustmoe.engine.runner import RunnerWeights
-
-    assert isinstance(weights, RunnerWeights)
     order: list[Weight] = []
     for lw in weights.layers:
         order += [lw.wqkv, lw.wo]

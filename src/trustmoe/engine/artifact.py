@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from trustmoe.engine.runner import LayerWeights, RunnerWeights, rope_tables
+from trustmoe.engine.weights import LayerWeights, RunnerWeights, rope_tables
 from trustmoe.io import TrustmoeError, atomic_dir, atomic_write_json, read_json, sha256_file
 from trustmoe.model.quantize import FloatWeight, Int4Weight, Int8Weight, Weight
 
@@ -129,7 +129,7 @@ def load_quantized(path: Path, device: torch.device, exact_int8: bool = False) -
 def quantize_model_dir(model_dir: str | Path, out_dir: str | Path, method: str = "int8",
                        group_size: int = 64) -> dict[str, object]:
     """Quantize an HF-format model directory into its own artifact; returns a JSON summary."""
-    from trustmoe.engine.runner import build_weights
+    from trustmoe.engine.weights import build_weights
     from trustmoe.model.hf import load
 
     src = Path(model_dir)

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 
 from trustmoe.engine.kv_cache import BlockPool, PagedKVCache
 from trustmoe.engine.output import OutputBuilder
-from trustmoe.engine.runner import Chunk, ModelRunner, RunnerWeights, build_weights
+from trustmoe.engine.runner import Chunk, ModelRunner
 from trustmoe.engine.sampling import (
     SampleState,
     SamplingParams,
@@ -35,6 +35,7 @@ from trustmoe.engine.scheduler import (
     Scheduler,
     Sequence,
 )
+from trustmoe.engine.weights import RunnerWeights, build_weights
 from trustmoe.model.transformer import Transformer
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from trustmoe.engine.kv_cache import PagedKVCache
+from trustmoe.engine.weights import RunnerWeights
 from trustmoe.model import cpu_kernels
 from trustmoe.model.cpu_kernels import TmWeight
 from trustmoe.model.quantize import Weight
@@ -70,11 +71,8 @@ def _ref(d: TmWeight | None) -> ctypes._Pointer[TmWeight] | None:
 
 class FastDecoder:
     @staticmethod
-    def unsupported(weights: object, kv: PagedKVCache, device: torch.device) -> str | None:
+    def unsupported(weights: RunnerWeights, kv: PagedKVCache, device: torch.device) -> str | None:
         """Why the fast path cannot serve this runner (None: it can)."""
-        from trustmoe.engine.runner import RunnerWeights
-
-        assert isinstance(weights, RunnerWeights)
         cfg = weights.cfg
         if device.type != "cpu":
             return "not on the CPU"
@@ -93,10 +91,7 @@ class FastDecoder:
                     return f"a {type(w).__name__} the kernels cannot read"
         return None
 
-    def __init__(self, weights: object, kv: PagedKVCache) -> None:
-        from trustmoe.engine.runner import RunnerWeights
-
-        assert isinstance(weights, RunnerWeights)
+    def __init__(self, weights: RunnerWeights, kv: PagedKVCache) -> None:
         self.w, self.kv, self.cfg = weights, kv, weights.cfg
         self.lib = cpu_kernels.lib()
         self.layers: list[_Layer] = []

@@ -22,144 +22,20 @@ shapes never depend on the routing).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trustmoe.config import ModelConfig
 from trustmoe.engine.arena import pack_weights
 from trustmoe.engine.fast_decode import FastDecoder
+from trustmoe.engine.invariance import blocked_mm, probe_block_rows, probe_invariant_rows
 from trustmoe.engine.kv_cache import PagedKVCache
+from trustmoe.engine.weights import LayerWeights, RunnerWeights, build_weights, rope_tables
 from trustmoe.model import cpu_kernels
-from trustmoe.model.moe import MoE
-from trustmoe.model.quantize import FloatWeight, Weight, make_weight
-from trustmoe.model.transformer import Block, Transformer
+from trustmoe.model.quantize import FloatWeight, Weight
 
 GATHER_MAX_ROWS = 8  # decode-sized row groups take the gather path when it is on
-
-
-@dataclass
-class LayerWeights:
-    ln1: Tensor  # (d,)
-    wqkv: Weight  # (H*hd + 2*Hkv*hd, d)
-    wo: Weight  # (d, H*hd)
-    ln2: Tensor  # (d,)
-    router: Weight | None  # (E, d), kept in float
-    w13: list[Weight]  # per expert (2h, d); one entry for a dense layer
-    w2: list[Weight]  # per expert (d, h)
-    w13_stack: Tensor | None = None  # (E, 2h, d) for the gather path (float only)
-    w2_stack: Tensor | None = None  # (E, d, h)
-    shared13: Weight | None = None
-    shared2: Weight | None = None
-    shared_gate: Weight | None = None
-
-
-@dataclass
-class RunnerWeights:
-    cfg: ModelConfig
-    embed: Tensor  # (V, d)
-    layers: list[LayerWeights]
-    norm: Tensor  # (d,)
-    lm_head: Weight  # (V, d)
-    cos: Tensor  # (max_pos, hd)
-    sin: Tensor
-    dtype: torch.dtype
-    quantize: str | None = None
-
-    def all_weights(self) -> list[Weight]:
-        out: list[Weight] = [self.lm_head]
-        for lw in self.layers:
-            out += [lw.wqkv, lw.wo, *lw.w13, *lw.w2]
-            out += [w for w in (lw.router, lw.shared13, lw.shared2, lw.shared_gate) if w]
-        return out
-
-    @property
-    def nbytes(self) -> int:
-        return sum(w.nbytes for w in self.all_weights()) + self.embed.numel() * self.embed.element_size()
-
-
-def rope_tables(cfg: ModelConfig, device: torch.device) -> tuple[Tensor, Tensor]:
-    hd = cfg.head_size
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-    t = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
-    freqs = torch.outer(t, inv)  # (P, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (P, hd)
-    # sin with the first half negated: rotate_half(x) * sin == x.roll(hd/2) * signed_sin
-    sin = emb.sin()
-    sin[:, : hd // 2] = -sin[:, : hd // 2]
-    return emb.cos().to(device), sin.to(device)
-
-
-@torch.no_grad()
-def build_weights(model: Transformer, quantize: str | None = None, group_size: int = 64,
-                  device: torch.device | None = None, dtype: torch.dtype | None = None,
-                  exact_int8: bool = False) -> RunnerWeights:
-    """Read the model's parameters into the runner's layout (quantizing if asked)."""
-    cfg = model.config
-    device = device or model.device
-    dtype = dtype or model.embed_tokens.weight.dtype
-
-    def W(t: Tensor, q: str | None = quantize) -> Weight:
-        w = make_weight(t.detach().to(device=device, dtype=torch.float32 if q else dtype), q,
-                        group_size, exact_int8)
-        return w
-
-    layers: list[LayerWeights] = []
-    for blk in cast(list[Block], list(model.layers)):
-        a = blk.self_attn
-        wqkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], dim=0)
-        mlp = blk.mlp
-        lw = LayerWeights(
-            ln1=blk.input_layernorm.weight.detach().to(device, dtype), wqkv=W(wqkv),
-            wo=W(a.o_proj.weight), ln2=blk.post_attention_layernorm.weight.detach().to(device, dtype),
-            router=None, w13=[], w2=[],
-        )
-        if isinstance(mlp, MoE):
-            lw.router = W(mlp.gate.weight, None)
-            lw.w13 = [W(mlp.w13[e]) for e in range(mlp.num_experts)]
-            lw.w2 = [W(mlp.w2[e]) for e in range(mlp.num_experts)]
-            if quantize is None and device.type != "cpu":
-                lw.w13_stack = mlp.w13.detach().to(device, dtype)
-                lw.w2_stack = mlp.w2.detach().to(device, dtype)
-            if mlp.shared_expert is not None and mlp.shared_expert_gate is not None:
-                se = mlp.shared_expert
-                lw.shared13 = W(torch.cat([se.gate_proj.weight, se.up_proj.weight], dim=0))
-                lw.shared2 = W(se.down_proj.weight)
-                lw.shared_gate = W(mlp.shared_expert_gate.weight, None)
-        else:
-            lw.w13 = [W(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0))]
-            lw.w2 = [W(mlp.down_proj.weight)]
-        layers.append(lw)
-    cos, sin = rope_tables(cfg, device)
-    return RunnerWeights(
-        cfg=cfg, embed=model.embed_tokens.weight.detach().to(device, dtype), layers=layers,
-        norm=model.norm.weight.detach().to(device, dtype), lm_head=W(model.lm_head.weight),
-        cos=cos.to(dtype), sin=sin.to(dtype), dtype=dtype, quantize=quantize,
-    )
-
-
-def probe_invariant_rows(weights: list[Weight], dtype: torch.dtype, device: torch.device,
-                         max_rows: int = 8) -> int:
-    """Largest G such that, for every M <= G, M-row matmuls equal one-row matmuls bit for bit."""
-    seen: set[tuple[str, int, int]] = set()
-    best = max_rows
-    gen = torch.Generator().manual_seed(0)
-    for w in weights:
-        key = (type(w).__name__, w.in_features, w.out_features)
-        if key in seen:
-            continue
-        seen.add(key)
-        x = torch.randn(max_rows, w.in_features, generator=gen).to(device, dtype)
-        rows = torch.cat([w.mm(x[i:i + 1]) for i in range(max_rows)])
-        for m in range(2, best + 1):
-            if not torch.equal(w.mm(x[:m]), rows[:m]):
-                best = m - 1
-                break
-        if best == 1:
-            break
-    return best
 
 
 @dataclass
@@ -373,7 +249,7 @@ class ModelRunner:
             if cnt:
                 seg = slice(start, start + cnt)
                 if block:
-                    ys[seg] = _blocked(lw.w2[e], _swiglu(_blocked(lw.w13[e], xs[seg], block)), block)
+                    ys[seg] = blocked_mm(lw.w2[e], _swiglu(blocked_mm(lw.w13[e], xs[seg], block)), block)
                 else:
                     ys[seg] = lw.w2[e].mm(_swiglu(lw.w13[e].mm(xs[seg])))
                 start += cnt
@@ -433,48 +309,11 @@ def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
     return w * (h if x.dtype == torch.float32 else h.to(x.dtype))
 
 
-def _blocked(w: Weight, x: Tensor, block: int) -> Tensor:
-    # x: (n, K) -> (n, N) through GEMMs of exactly `block` rows (zero-padded): with a fixed
-    # shape, a row's result does not depend on the rows beside it (probed at start-up)
-    n = x.shape[0]
-    pad = (-n) % block
-    if pad:
-        x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
-    out = torch.cat([w.mm(x[i: i + block]) for i in range(0, x.shape[0], block)])
-    return out[:n]
-
-
-def probe_block_rows(weights: list[Weight], dtype: torch.dtype, device: torch.device,
-                     candidates: tuple[int, ...] = (32,)) -> int | None:
-    """First block size B at which each row of a B-row product is the same bits wherever it
-    sits among any other rows (zeros included), for every weight shape; None if none is.
-
-    32 rows: measured on bench-medium, 16 prompts of 32 tokens prefill 35-55% faster than
-    with one GEMM per prompt (each expert's weights are read once per step, not once per
-    prompt), while one 512-token prompt prefills 25-35% slower (padding, smaller GEMMs)."""
-    gen = torch.Generator().manual_seed(0)
-    for B in candidates:
-        if B <= cpu_kernels.MAX_ROWS:
-            continue
-        ok = True
-        for w in {(x.in_features, x.out_features): x for x in weights}.values():
-            x = torch.randn(B, w.in_features, generator=gen).to(device, dtype)
-            y = w.mm(x)
-            perm = torch.randperm(B, generator=gen)
-            lone = torch.zeros_like(x)
-            lone[B - 1] = x[0]
-            if not (torch.equal(w.mm(x[perm]), y[perm]) and torch.equal(w.mm(lone)[B - 1], y[0])):
-                ok = False
-                break
-        if ok:
-            return B
-    return None
-
-
 def _swiglu(gu: Tensor) -> Tensor:
     # gu: (M, 2h) = [gate; up] -> (M, h)
     g, u = gu.chunk(2, dim=-1)
     return F.silu(g) * u
 
 
-__all__ = ["Chunk", "FloatWeight", "ModelRunner", "RunnerWeights", "build_weights"]
+__all__ = ["Chunk", "FloatWeight", "LayerWeights", "ModelRunner", "RunnerWeights", "build_weights",
+           "rope_tables"]
