@@ -3,8 +3,9 @@
 - `mm_f32`, `mm_int8`, `mm_int4` (matvec.c): `x @ W.T` for x of 1..`MAX_ROWS` rows, reading W
   once with both of torch's OpenMP threads, each output summed in the same order whatever the
   row count (so results are batch-invariant by construction).
-- `tm_attn_block`, `tm_moe_block` (decode.c): a whole attention or MoE/MLP block for up to
-  `MAX_ROWS` decode rows in one call (used by `trustmoe.engine.fast_decode`).
+- `tm_attn_block`, `tm_moe_block`, `tm_final` (decode.c): a whole attention or MoE/MLP
+  block, or the final norm + LM head, for up to `MAX_ROWS` decode rows in one call (used by
+  `trustmoe.engine.fast_decode` through `lib()` and `TmWeight` descriptors).
 
 See the C files for why.
 
