@@ -115,9 +115,9 @@ class FastDecoder:
         self.head = _must(weights.lm_head)
         self.head_p = ctypes.pointer(self.head)
         self.vocab = weights.lm_head.out_features
-        self.scratch = torch.empty(self._scratch_floats(cpu_kernels.MAX_ROWS, 0))  # reused by every call
+        self.scratch = torch.empty(self._scratch_floats(cpu_kernels.MAX_ROWS))  # reused by every call
 
-    def _scratch_floats(self, M: int, max_slots: int) -> int:
+    def _scratch_floats(self, M: int) -> int:
         cfg = self.cfg
         H, Hkv, hd, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size, cfg.hidden_size
         attn = M * (d + (H + 2 * Hkv) * hd + H * hd) + 2 * M * max(d, H * hd)

@@ -19,33 +19,6 @@
 
 #include "kernels.h"
 
-#ifdef _OPENMP
-extern int omp_get_num_threads(void);
-extern int omp_get_thread_num(void);
-#define TID omp_get_thread_num()
-#define NTH omp_get_num_threads()
-#define BARRIER _Pragma("omp barrier")
-#else
-#define TID 0
-#define NTH 1
-#define BARRIER
-#endif
-
-static inline void range(int n, int t, int T, int* a, int* b) {
-    *a = (int)((int64_t)n * t / T);
-    *b = (int)((int64_t)n * (t + 1) / T);
-}
-
-/* This thread's share of y[m, n] (+)= dot(x[m], W[n]) for n in [0, N), split in blocks of 4.
- * x4 / xs: int4 helpers (de-interleaved x and group sums), else unused. */
-static void lin_part(const tm_weight* w, const float* x, int ldx, const float* x4, const float* xs,
-                     int M, float* y, int ldy, int accumulate) {
-    int nb = (w->N + 3) / 4, b0, b1;
-    range(nb, TID, NTH, &b0, &b1);
-    int n0 = b0 * 4, n1 = b1 * 4 < w->N ? b1 * 4 : w->N;
-    tm_lin_rows(w, n0, n1, x, ldx, x4, w->K, xs, w->gs ? w->K / w->gs : 0, M, y, ldy, accumulate);
-}
-
 /* int4 inputs for rows of x (only the rows this thread owns; caller barriers after). */
 static void prep_int4(const tm_weight* w, const float* x, int ldx, int M, float* x4, float* xs) {
     if (w->kind != TM_INT4) return;
@@ -90,7 +63,7 @@ void tm_attn_block(float* x, int M, int d, const float* ln, float eps,
             prep_int4(wqkv, h, d, M, x4, xs);
             BARRIER;
         }
-        lin_part(wqkv, h, d, x4, xs, M, qkv, nq, 0);
+        tm_lin_part(wqkv, h, d, x4, xs, M, qkv, nq, 0);
         BARRIER;
         /* RoPE on q and k heads, then K/V into the cache: split over (row, head) */
         int nh = H + Hkv, a, b;
@@ -131,7 +104,7 @@ void tm_attn_block(float* x, int M, int d, const float* ln, float eps,
             prep_int4(wo, att, H * hd, M, x4, xs);
             BARRIER;
         }
-        lin_part(wo, att, H * hd, x4, xs, M, x, d, 1);
+        tm_lin_part(wo, att, H * hd, x4, xs, M, x, d, 1);
     }
 }
 
@@ -172,7 +145,7 @@ void tm_moe_block(float* x, int M, int d, const float* ln, float eps,
                     prep_int4(wr[r], h, d, M, x4, xs);
                     BARRIER;
                 }
-                lin_part(wr[r], h, d, x4, xs, M, logits + r * E, E + 1, 0);
+                tm_lin_part(wr[r], h, d, x4, xs, M, logits + r * E, E + 1, 0);
                 BARRIER;
             }
         } else if (sh_gate) {
@@ -180,7 +153,7 @@ void tm_moe_block(float* x, int M, int d, const float* ln, float eps,
                 prep_int4(sh_gate, h, d, M, x4, xs);
                 BARRIER;
             }
-            lin_part(sh_gate, h, d, x4, xs, M, logits, E + 1, 0);
+            tm_lin_part(sh_gate, h, d, x4, xs, M, logits, E + 1, 0);
             BARRIER;
         }
         int a, b;
@@ -313,6 +286,6 @@ void tm_final(const float* x, int M, int d, const float* ln, float eps, const tm
             prep_int4(head, h, d, M, x4, xs);
             BARRIER;
         }
-        lin_part(head, h, d, x4, xs, M, logits, head->N, 0);
+        tm_lin_part(head, h, d, x4, xs, M, logits, head->N, 0);
     }
 }

@@ -241,4 +241,32 @@ static inline void tm_attend(const float* q, const float* kc, const float* vc, i
     for (int d = 0; d < hd; d++) out[d] *= inv;
 }
 
+/* Threads of the enclosing OpenMP region (torch's pool), and this thread's share of a range. */
+#ifdef _OPENMP
+extern int omp_get_num_threads(void);
+extern int omp_get_thread_num(void);
+#define TID omp_get_thread_num()
+#define NTH omp_get_num_threads()
+#define BARRIER _Pragma("omp barrier")
+#else
+#define TID 0
+#define NTH 1
+#define BARRIER
+#endif
+
+static inline void range(int n, int t, int T, int* a, int* b) {
+    *a = (int)((int64_t)n * t / T);
+    *b = (int)((int64_t)n * (t + 1) / T);
+}
+
+/* This thread's share (blocks of 4 output rows) of y[m, n] (+)= dot(x[m], W[n]); call inside
+ * a parallel region. x4 / xs: the int4 inputs of each row (rows K and K/gs apart), else unused. */
+static inline void tm_lin_part(const tm_weight* w, const float* x, int ldx, const float* x4,
+                               const float* xs, int M, float* y, int ldy, int accumulate) {
+    int nb = (w->N + 3) / 4, b0, b1;
+    range(nb, TID, NTH, &b0, &b1);
+    int n0 = b0 * 4, n1 = b1 * 4 < w->N ? b1 * 4 : w->N;
+    tm_lin_rows(w, n0, n1, x, ldx, x4, w->K, xs, w->gs ? w->K / w->gs : 0, M, y, ldy, accumulate);
+}
+
 #endif

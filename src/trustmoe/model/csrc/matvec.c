@@ -20,33 +20,13 @@
  */
 #include "kernels.h"
 
-#ifdef _OPENMP
-extern int omp_get_num_threads(void);
-extern int omp_get_thread_num(void);
-#endif
-
-/* The rows [n0, n1) of thread t of T, in blocks of 4 output rows. */
-static inline void split(int N, int* n0, int* n1) {
-#ifdef _OPENMP
-    int T = omp_get_num_threads(), t = omp_get_thread_num();
-#else
-    int T = 1, t = 0;
-#endif
-    int nb = (N + 3) / 4;
-    int b0 = (int)((int64_t)nb * t / T), b1 = (int)((int64_t)nb * (t + 1) / T);
-    *n0 = b0 * 4;
-    *n1 = b1 * 4 < N ? b1 * 4 : N;
-}
-
 #define PAR_MIN_WORK 32768  /* below this many multiply-adds one thread is faster */
 
 void tm_mm_f32(const float* x, int ldx, const float* w, int K, int N, float* y, int ldy, int M) {
     tm_weight d = {TM_F32, N, K, 0, w, 0, 0};
     #pragma omp parallel if ((int64_t)N * K * M > PAR_MIN_WORK)
     {
-        int n0, n1;
-        split(N, &n0, &n1);
-        tm_lin_rows(&d, n0, n1, x, ldx, x, 0, x, 0, M, y, ldy, 0);
+        tm_lin_part(&d, x, ldx, x, x, M, y, ldy, 0);
     }
 }
 
@@ -55,9 +35,7 @@ void tm_mm_i8(const float* x, int ldx, const int8_t* q, const float* scale, int 
     tm_weight d = {TM_INT8, N, K, 0, q, scale, 0};
     #pragma omp parallel if ((int64_t)N * K * M > PAR_MIN_WORK)
     {
-        int n0, n1;
-        split(N, &n0, &n1);
-        tm_lin_rows(&d, n0, n1, x, ldx, x, 0, x, 0, M, y, ldy, 0);
+        tm_lin_part(&d, x, ldx, x, x, M, y, ldy, 0);
     }
 }
 
@@ -67,9 +45,7 @@ void tm_mm_i4(const float* xd, const float* xsum, const uint8_t* p, const float*
     tm_weight d = {TM_INT4, N, K, gs, p, scale, zero};
     #pragma omp parallel if ((int64_t)N * K * M > PAR_MIN_WORK)
     {
-        int n0, n1;
-        split(N, &n0, &n1);
-        tm_lin_rows(&d, n0, n1, xd, K, xd, K, xsum, K / gs, M, y, ldy, 0);
+        tm_lin_part(&d, xd, K, xd, xsum, M, y, ldy, 0);
     }
 }
 
