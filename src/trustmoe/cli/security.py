@@ -15,7 +15,8 @@ security_app = typer.Typer(
     no_args_is_help=True,
 )
 
-PART_MODULES: tuple[str, ...] = ()  # e.g. ("security_guard", "security_scan"), each with add_commands(security_app, app)
+# each part module has add_commands(security_app, app), e.g. "security_guard", "security_scan"
+PART_MODULES: tuple[str, ...] = ()
 
 
 def register(app: typer.Typer) -> None:
