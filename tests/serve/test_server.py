@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import trustmoe
-from trustmoe.data.tokenizer import load_tokenizer
+from trustmoe.data.tokenizer import TextCodec, load_tokenizer
 from trustmoe.serve.app import create_app
 from trustmoe.serve.chat import ChatTemplate
 
@@ -40,6 +40,7 @@ def client(live: Any) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def ref(tiny_model_dir: Path) -> Any:
     model, tok = trustmoe.load(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    codec = TextCodec.from_dir(tiny_model_dir)
 
     class Ref:
         name = tiny_model_dir.name
@@ -59,7 +60,8 @@ def ref(tiny_model_dir: Path) -> Any:
             with torch.no_grad():
                 return torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)  # (T, V)
 
-        encode = staticmethod(lambda s: tok.encode(s).ids)
+        # prompts are text through the one TextCodec: the model's BOS, then the text's ids
+        encode = staticmethod(lambda s: codec.encode(s, add_bos=True))
         decode = staticmethod(lambda ids: tok.decode(ids, skip_special_tokens=False))
 
     return Ref()
@@ -139,7 +141,7 @@ def test_echo_prompt_logprobs_for_loglikelihood(client: openai.OpenAI, ref: Any)
     assert got.token_logprobs[0] is None
     for i in range(1, len(ids)):
         assert math.isclose(got.token_logprobs[i], float(lp[i - 1, ids[i]]), abs_tol=1e-3)
-    assert r.choices[0].text.startswith(ctx + cont)
+    assert r.choices[0].text.startswith(ref.decode(ids)) and ref.decode(ids).endswith(ctx + cont)
     r0 = client.completions.create(model=ref.name, prompt=ids, max_tokens=0, echo=True,
                                    logprobs=0)
     assert r0.choices[0].text == ref.decode(ids)

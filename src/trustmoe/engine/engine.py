@@ -18,6 +18,7 @@ from typing import Any, cast
 import torch
 from tokenizers import Tokenizer
 
+from trustmoe.data.tokenizer import TextCodec
 from trustmoe.engine.kv_cache import BlockPool, PagedKVCache
 from trustmoe.engine.output import OutputBuilder
 from trustmoe.engine.runner import Chunk, ModelRunner
@@ -182,15 +183,27 @@ class Engine:
 
     # ------------------------------------------------------------ text
 
-    def encode(self, text: str) -> list[int]:
-        if self.tokenizer is None:
-            raise ValueError("this engine has no tokenizer; pass token ids")
-        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+    def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
+        """Prompt text -> ids through `trustmoe.data.tokenizer.TextCodec` (the model's BOS in
+        front), the one encoding completions, chat, eval and generate share."""
+        return self.codec.encode(text, add_bos=add_bos)
 
     def decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:
             return ""
-        return str(self.tokenizer.decode(ids))
+        return self.codec.decode(ids)
+
+    @property
+    def codec(self) -> TextCodec:
+        """The engine's `TextCodec` (BOS from the model config, else the tokenizer's)."""
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer; pass token ids")
+        c: TextCodec | None = self.__dict__.get("_codec")
+        if c is None or c.tokenizer is not self.tokenizer:
+            c = TextCodec.create(self.tokenizer, bos_id=self.config.bos_token_id,
+                                 eos_id=self.eos_token_id)
+            self.__dict__["_codec"] = c
+        return c
 
     # ------------------------------------------------------------ requests
 

@@ -81,3 +81,10 @@ def end_of_turn_ids(token_to_id: Any) -> list[int]:
     """Ids of the end-of-turn tokens present in the vocabulary."""
     ids = [token_to_id(t) for t in END_OF_TURN_TOKENS]
     return [i for i in ids if i is not None]
+
+
+def chat_prompt_ids(state: Any, rendered: str) -> list[int]:
+    """Ids of a rendered chat prompt: the engine's one text encoding (`TextCodec`), so a
+    template that renders `{{ bos_token }}` itself and one that does not both start with
+    exactly one BOS. `state` is the server's `ServerState`."""
+    return list(state.engine.encode(rendered))

@@ -18,7 +18,7 @@ import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from trustmoe.serve.chat import end_of_turn_ids
+from trustmoe.serve.chat import chat_prompt_ids, end_of_turn_ids
 from trustmoe.serve.jsonmode import JSONLogitsProcessor, SchemaError, compile_schema
 from trustmoe.serve.logprobs import chat_logprobs, completion_logprobs
 from trustmoe.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, _Sampling
@@ -118,10 +118,15 @@ def check_length(state: ServerState, prompt_len: int, max_tokens: int) -> None:
 
 
 def _tokenize_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
-    if isinstance(prompt, str):
-        return [state.tokenizer.encode(prompt).ids]
-    if prompt and all(isinstance(p, str) for p in prompt):
-        return [e.ids for e in state.tokenizer.encode_batch(list(prompt))]
+    # text goes through the engine's TextCodec (the model's BOS in front), as every path does
+    texts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt and all(
+        isinstance(p, str) for p in prompt) else None
+    if texts is not None:
+        if any(t == "" for t in texts):  # not just a BOS: nothing was asked
+            raise APIError(400, "prompt must not be empty", "prompt")
+        if len(texts) == 1:
+            return [state.engine.encode(texts[0])]
+        return state.engine.codec.encode_batch(texts, add_bos=True)
     prompts = [prompt] if prompt and isinstance(prompt[0], int) else list(prompt)
     for p in prompts:
         for t in p:
@@ -300,7 +305,7 @@ async def create_chat(state: ServerState, req: ChatCompletionRequest, request: R
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                 for m in req.messages]
     prompt = template.render(messages, req.add_generation_prompt)
-    ids = state.tokenizer.encode(prompt, add_special_tokens=False).ids
+    ids = chat_prompt_ids(state, prompt)
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = asked if asked is not None else max(state.max_model_len - len(ids), 1)
     check_length(state, len(ids), max_tokens)
