@@ -57,6 +57,8 @@ class RequestOutput:
     first_token_time: float | None
     # with prompt_logprobs = k > 0: per prompt position (first: None), its top-k alternatives
     prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    # with SamplingParams.prompt_logits: (P-1, V) fp32 raw logits, row i predicts prompt token i+1
+    prompt_logits: torch.Tensor | None = None
 
 
 @dataclass

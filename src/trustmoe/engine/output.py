@@ -42,6 +42,7 @@ def held_back(text: str, stops: list[str]) -> int:
 class OutputBuilder:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._logits: dict[str, list[torch.Tensor]] = {}  # request id -> prompt logit rows
 
     def add_prompt_logprobs(self, s: Sequence, start: int, logits: torch.Tensor) -> None:
         """Score the prompt tokens after this chunk's positions and, when the request asks for
@@ -53,6 +54,8 @@ class OutputBuilder:
         window = s.prompt_ids[start: start + T + 1]
         vals = prompt_logprob_values(logits[: len(window)], window)
         s.prompt_logprobs.extend(vals[1:])
+        if s.params.prompt_logits and len(window) > 1:
+            self._logits.setdefault(s.request_id, []).append(logits[: len(window) - 1].float())
         k = s.params.prompt_logprobs or 0
         if k > 0:
             if s.prompt_top_logprobs is None:
@@ -111,12 +114,17 @@ class OutputBuilder:
         end = max(end, s.sent)
         delta = s.text[s.sent:end]
         s.sent = end
-        plp = ptop = None
+        plp = ptop = plog = None
         if s.prompt_logprobs is not None and not s.prompt_logprobs_sent:
             plp = s.prompt_logprobs[: len(s.prompt_ids)]
             if s.prompt_top_logprobs is not None:
                 ptop = s.prompt_top_logprobs[: len(s.prompt_ids)]
+            rows = self._logits.pop(s.request_id, None)
+            if rows is not None:
+                plog = torch.cat(rows)  # (P-1, V): row i predicts prompt token i+1
             s.prompt_logprobs_sent = True
+        if finished:
+            self._logits.pop(s.request_id, None)
         lps, s.new_logprobs = s.new_logprobs, []
         return RequestOutput(
             request_id=s.request_id, prompt_token_ids=s.prompt_ids, new_token_ids=list(new_ids),
@@ -124,5 +132,5 @@ class OutputBuilder:
             finish_reason=s.finish_reason if finished else None, logprobs=lps,
             prompt_logprobs=plp, num_cached_prompt_tokens=s.num_cached_prompt,
             arrival_time=s.arrival_time, first_token_time=s.first_token_time,
-            prompt_top_logprobs=ptop,
+            prompt_top_logprobs=ptop, prompt_logits=plog,
         )

@@ -39,6 +39,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: chosen token's logprob; k>0: also top-k
     prompt_logprobs: int | None = None  # for OpenAI `echo` + logprobs
+    # with prompt_logprobs set: also return the raw (P-1, V) prompt logits (for evaluation)
+    prompt_logits: bool = False
     logits_processors: list[LogitsProcessor] | None = None
 
     def validate(self, max_model_len: int) -> None:
@@ -73,6 +75,8 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or not 0 <= v <= MAX_LOGPROBS):
                 bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {v!r}")
+        if self.prompt_logits and self.prompt_logprobs is None:
+            bad("prompt_logits needs prompt_logprobs (0 or more)")
         if self.stop is not None:
             if not isinstance(self.stop, list) or len(self.stop) > MAX_STOP_STRINGS:
                 bad(f"stop must be a list of at most {MAX_STOP_STRINGS} strings")
