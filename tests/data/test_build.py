@@ -182,7 +182,8 @@ def test_jsonl_source_records_and_split(tmp_path: Path) -> None:
     audit = json.loads((out / "audit.json").read_text())
     assert audit["decode_errors"] == {"malformed_record": 2}
     splits = [d["split"] for d in entry["documents"] if d["fate"] == "kept"]
-    assert splits.count("val") == 1 and splits.count("train") == 19
+    # 5% of 20 is 1, but at least min_val_docs (8) capped at a quarter of the corpus
+    assert splits.count("val") == 5 and splits.count("train") == 15
 
 
 def test_split_is_seeded_and_by_document() -> None:
@@ -190,7 +191,12 @@ def test_split_is_seeded_and_by_document() -> None:
     a = split_docs(ids, seed=1, val_fraction=0.05)
     assert a == split_docs(list(reversed(ids)), seed=1, val_fraction=0.05) and len(a) == 5
     assert a != split_docs(ids, seed=2, val_fraction=0.05)
-    assert split_docs(["only"], seed=0, val_fraction=0.05) == set()
+    assert split_docs(ids, seed=1, val_fraction=0.05, min_val_docs=8) >= a  # same order, more
+    assert len(split_docs(ids[:10], seed=1, val_fraction=0.05, min_val_docs=8)) == 2
+    assert len(split_docs(ids, seed=1, val_fraction=0.05, min_val_docs=40)) == 25
+    assert split_docs(["only"], seed=0, val_fraction=0.0) == set()
+    with pytest.raises(TrustmoeError, match="at least 2 are needed"):
+        split_docs(["only"], seed=0, val_fraction=0.05)
 
 
 def test_stdlib_subset_build(tmp_path: Path) -> None:

@@ -39,7 +39,11 @@ def build(
     vocab_size: int = typer.Option(4096, "--vocab-size", help="BPE vocabulary size."),
     seed: int = typer.Option(0, "--seed", help="Seed of the train/validation split."),
     val_fraction: float = typer.Option(0.05, "--val-fraction",
-                                       help="Share of documents for validation."),
+                                       help="Share of documents held out for validation "
+                                       "(0: none)."),
+    min_val_docs: int = typer.Option(8, "--min-val-docs", min=0, help="Hold out at least this "
+                                     "many documents (at most a quarter of the corpus), so a "
+                                     "small corpus can still be evaluated."),
     include: list[str] = typer.Option([], "--include", help="Glob of files to take from "
                                       "folders (repeatable; default all)."),
     exclude: list[str] = typer.Option([], "--exclude", help="Glob of files/folders to skip."),
@@ -79,6 +83,7 @@ def build(
         license=license, allow_licenses=_split_csv(allow_license),
         eval_sets=tuple(str(p) for p in eval_set), decontaminate=decontaminate, pii=pii,
         dedup=dedup, vocab_size=vocab_size, seed=seed, val_fraction=val_fraction,
+        min_val_docs=min_val_docs,
         include_tests=include_tests, include=tuple(include), exclude=tuple(exclude),
         text_field=text_field, tokenizer=str(tokenizer) if tokenizer else None,
         near=NearDupOptions(shingle=shingle, num_perm=num_perm, threshold=near_threshold),

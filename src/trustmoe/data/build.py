@@ -46,7 +46,8 @@ class BuildOptions:
     dedup: str = "near"
     vocab_size: int = 4096
     seed: int = 0
-    val_fraction: float = 0.05
+    val_fraction: float = 0.05  # share of documents held out for validation
+    min_val_docs: int = 8  # ... but at least this many (at most a quarter of the corpus)
     include_tests: bool = False  # stdlib: also take test/, tests/, idle_test/
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -66,6 +67,9 @@ class BuildOptions:
             raise TrustmoeError(f"--dedup must be one of {', '.join(DEDUP_MODES)}")
         if not 0.0 <= self.val_fraction < 0.5:
             raise TrustmoeError(f"val fraction must be in [0, 0.5), not {self.val_fraction}")
+        if not isinstance(self.min_val_docs, int) or self.min_val_docs < 0:
+            raise TrustmoeError(f"--min-val-docs must be a non-negative integer, not "
+                                f"{self.min_val_docs}")
         if not 259 <= self.vocab_size <= 1 << 20:
             raise TrustmoeError(f"--vocab-size must be in [259, {1 << 20}], not {self.vocab_size}")
         q = self.quality
@@ -143,7 +147,7 @@ def _build(specs: list[sources.SourceSpec], files_of: Callable[[sources.SourceSp
                      opts.tokenizer_train_bytes, opts.seed])
         step("training the tokenizer")
         _stage(stage_dir, "tokenizer", tkey, lambda d: _tokenizer_stage(d, kept, opts))
-        skey = _key([tkey, opts.seed, opts.val_fraction])
+        skey = _key([tkey, opts.seed, opts.val_fraction, opts.min_val_docs])
         step("tokenizing and splitting")
         shard_info = _stage(stage_dir, "shards", skey, lambda d: _shard_stage(d, kept, opts, step))
         step("writing the dataset directory")
@@ -235,13 +239,29 @@ def _tokenizer_sample(texts: list[str], budget: int, seed: int) -> list[str]:
     return [texts[i] for i in sorted(out)]
 
 
-def split_docs(ids: list[str], seed: int, val_fraction: float) -> set[str]:
-    """Ids of the validation documents: a seeded shuffle of the sorted ids, first share."""
-    if val_fraction <= 0 or len(ids) < 2:
+def val_count(n_docs: int, val_fraction: float, min_val_docs: int) -> int:
+    """How many of n_docs documents to hold out: the fraction, but at least `min_val_docs`
+    (capped at a quarter of the corpus, so training keeps most of a small one), at least one,
+    and never every document. Raises when there are too few documents to hold any out."""
+    if val_fraction <= 0:
+        return 0
+    if n_docs < 2:
+        raise TrustmoeError(
+            f"the corpus has {n_docs} document{'s' if n_docs != 1 else ''} after the rules: at "
+            "least 2 are needed to hold one out for validation (add documents, or pass "
+            "--val-fraction 0 to train on everything without a validation split)")
+    n_val = max(1, math.ceil(val_fraction * n_docs), min(min_val_docs, n_docs // 4))
+    return min(n_val, n_docs - 1)
+
+
+def split_docs(ids: list[str], seed: int, val_fraction: float, min_val_docs: int = 0
+               ) -> set[str]:
+    """Ids of the validation documents: a seeded shuffle of the sorted ids, first `val_count`."""
+    n_val = val_count(len(ids), val_fraction, min_val_docs)
+    if n_val == 0:
         return set()
     order = sorted(ids)
     random.Random(seed).shuffle(order)
-    n_val = min(len(order) - 1, max(1, math.ceil(val_fraction * len(order))))
     return set(order[:n_val])
 
 
@@ -252,7 +272,7 @@ def _shard_stage(stage_dir: Path, kept: list[tuple[str, str]], opts: BuildOption
 
     tok = load_tokenizer(stage_dir / "tokenizer.json")
     eos = eos_id(tok)
-    val_ids = split_docs([i for i, _ in kept], opts.seed, opts.val_fraction)
+    val_ids = split_docs([i for i, _ in kept], opts.seed, opts.val_fraction, opts.min_val_docs)
     chunks, start, size = [], 0, 0  # ~1 MB per batch: parallel inside, a bar between
     for i, (_, t) in enumerate(kept):
         size += len(t)
