@@ -1,15 +1,67 @@
-"""Text in, text out with the simple decode loop (`trustmoe generate`, the demo's sample)."""
+"""Text in, text out through the engine (`trustmoe generate`, the demo's sample,
+`trustmoe.generate`).
+
+There is one decode path: the engine (`trustmoe.engine.Engine`) with its sampler and seed rule
+(`trustmoe.engine.sampling`: a request with a seed owns a private generator seeded with it),
+and one text encoding (`TextCodec`, the model's BOS in front). So the same prompt, sampling
+settings and seed give the same text from the CLI, from Python and from `trustmoe serve`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from trustmoe.data.tokenizer import load_tokenizer
 from trustmoe.io import TrustmoeError
-from trustmoe.model.hf import load
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from trustmoe.engine import Engine
+    from trustmoe.model.transformer import Transformer
+
+
+def open_engine(model: str | Path | Transformer | Engine, *, quantize: str | None = None,
+                device: str | None = None, tokenizer: Tokenizer | str | Path | None = None
+                ) -> Engine:
+    """An engine on a model dir, a loaded `Transformer` (give `tokenizer`), or as is."""
+    from trustmoe.engine import Engine
+
+    if isinstance(model, Engine):
+        return model
+    if device == "auto":
+        device = None  # the engine's own choice: CUDA when present, else CPU
+    tok: Any = tokenizer
+    if isinstance(tokenizer, str | Path):
+        from trustmoe.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
+    try:
+        return Engine(model, quantize=quantize, device=device, tokenizer=tok)
+    except ValueError as e:
+        raise TrustmoeError(str(e)) from None
+
+
+def generate_with(engine: Engine, prompt: str, *, max_tokens: int = 64,
+                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                  seed: int | None = None, stop: list[str] | None = None) -> dict[str, Any]:
+    """One prompt through `engine`: {"prompt_tokens", "token_ids", "text", "finish_reason"}."""
+    from trustmoe.engine import SamplingParams
+
+    if engine.tokenizer is None:
+        raise TrustmoeError("the model has no tokenizer.json: cannot encode a text prompt")
+    ids = engine.encode(prompt)
+    limit = engine.max_model_len
+    if len(ids) >= limit:
+        raise TrustmoeError(f"prompt has {len(ids)} tokens; the model's context is {limit}")
+    params = SamplingParams(max_tokens=min(max_tokens, limit - len(ids)), temperature=temperature,
+                            top_p=top_p, top_k=top_k, seed=seed, stop=stop)
+    try:
+        res = engine.generate([ids], params=params)[0]
+    except ValueError as e:
+        raise TrustmoeError(str(e)) from None
+    return {"prompt_tokens": len(ids), "token_ids": list(res.token_ids), "text": res.text,
+            "finish_reason": res.finish_reason}
 
 
 def generate_text(
@@ -20,22 +72,12 @@ def generate_text(
     top_p: float = 1.0,
     seed: int | None = None,
     device: str = "auto",
+    *,
+    top_k: int = 0,
+    quantize: str | None = None,
+    stop: list[str] | None = None,
 ) -> dict[str, Any]:
-    model_dir = Path(model_dir)
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else device
-    dev = "cpu" if dev == "auto" else dev
-    model = load(model_dir, device=dev)
-    tok = load_tokenizer(model_dir / "tokenizer.json")
-    ids = tok.encode(prompt).ids
-    if not ids:
-        raise TrustmoeError("the prompt is empty after tokenization")
-    limit = model.config.max_position_embeddings
-    if len(ids) >= limit:
-        raise TrustmoeError(f"prompt has {len(ids)} tokens; the model's context is {limit}")
-    gen = torch.Generator(device=dev)
-    gen.manual_seed(seed if seed is not None else torch.seed())
-    x = torch.tensor([ids], device=dev)
-    out = model.generate(x, max_tokens, temperature=temperature, top_p=top_p,
-                         eos_token_id=model.config.eos_token_id, generator=gen)
-    new = out[0, len(ids):].tolist()
-    return {"prompt_tokens": len(ids), "token_ids": new, "text": tok.decode(new)}
+    """Load `model_dir` into an engine and continue `prompt` (greedy when temperature is 0)."""
+    engine = open_engine(Path(model_dir), quantize=quantize, device=device)
+    return generate_with(engine, prompt, max_tokens=max_tokens, temperature=temperature,
+                         top_p=top_p, top_k=top_k, seed=seed, stop=stop)

@@ -66,16 +66,22 @@ def train_cmd(
 
 
 def generate_cmd(
-    model_dir: Annotated[Path, typer.Argument(help="Model directory (ours or any HF Mixtral/Llama).")],
-    prompt: Annotated[str, typer.Argument(help="Prompt text.")],
-    max_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
+    model_dir: Annotated[Path, typer.Argument(
+        help="Model directory (ours or any HF Mixtral/Llama, or a quantized artifact).")],
+    prompt: Annotated[str, typer.Argument(help="Prompt text (the model's BOS is put in front).")],
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most (EOS stops earlier).")] = 64,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
-    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = off).")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed: the same seed gives the same "
+                                             "text here, from Python and from `trustmoe serve`.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(
+        "--stop", help="Stop string (repeatable; not included in the text).")] = None,
+    quantize: Annotated[str | None, typer.Option(help="int8 or int4 weights, as `trustmoe serve --quantize`.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON with ids and text.")] = False,
 ) -> None:
-    """Generate a continuation of PROMPT with a simple KV-cache decode loop."""
+    """Generate a continuation of PROMPT with the serving engine (its sampler and seed rule)."""
     from trustmoe.generation import generate_text
 
     if max_tokens <= 0 or max_tokens > 1_000_000:
@@ -84,8 +90,13 @@ def generate_cmd(
         raise TrustmoeError(f"--temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise TrustmoeError(f"--top-p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise TrustmoeError(f"--top-k must be >= 0, got {top_k}")
+    if quantize not in (None, "int8", "int4"):
+        raise TrustmoeError(f"--quantize must be int8 or int4, got {quantize}")
     res = generate_text(model_dir, prompt, max_tokens=max_tokens, temperature=temperature,
-                        top_p=top_p, seed=seed, device=device)
+                        top_p=top_p, seed=seed, device=device, top_k=top_k, quantize=quantize,
+                        stop=stop or None)
     if json_out:
         print(json.dumps(res))
     else:

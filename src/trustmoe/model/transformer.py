@@ -142,20 +142,5 @@ class Transformer(nn.Module):
             out.loss, out.ce_loss = loss, ce
         return out
 
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: Tensor,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        eos_token_id: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Simple KV-cache decode loop. idx: (1, T) -> (1, T + n) token ids."""
-        from trustmoe.model.generate import generate
-
-        return generate(self, idx, max_new_tokens, temperature, top_p, eos_token_id, generator)
-
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
