@@ -1,10 +1,13 @@
-"""Log-likelihood requests/s: trustmoe.eval's batched primitive vs a one-request-at-a-time loop.
+"""Log-likelihood requests/s: trustmoe.eval's LM interface vs a one-request-at-a-time loop.
 
-Two workloads of random token ids (speed does not depend on the weights):
+Two workloads of random token ids (speed does not depend on the weights), both sent through
+`LM.loglikelihood` of the torch backend (`ModelLM`), as every metric sends them:
 - independent: each request a context of 16..192 tokens and a continuation of 1..12 tokens;
-  trustmoe's length-sorted, padded batches (`score_requests`) vs the loop.
+  length-sorted, padded batches (`score_requests`) vs the loop.
 - multiple choice: items of one context and 4 continuations (the shape of lm-eval MC tasks);
-  trustmoe's packed shared-context scoring (`score_groups`) vs the loop over all requests.
+  packed shared-context scoring (`score_groups`) vs the loop over all requests.
+The engine backend (`EngineLM`, what `trustmoe serve` runs) scores the same requests too, for
+reference ("engine_backend"; its numbers must agree, its speed is the serving engine's).
 All paths run on the same model and requests, interleaved round by round in one process, so
 machine noise hits them alike; the JSON reports medians, ratios, and the largest difference
 between the paths' summed log-likelihoods (they must agree). If `lm_eval` is importable, its HF backend (`HFLM`) scores
@@ -29,9 +32,12 @@ import numpy as np
 import torch
 
 from trustmoe.config import get_preset
-from trustmoe.eval.loglik import Request, continuation_requests, score_requests
-from trustmoe.eval.packed import score_groups
+from trustmoe.eval.backend_model import ModelLM
+from trustmoe.eval.lm import LM, ContinuationRequest
+from trustmoe.eval.loglik import Request, continuation_requests
 from trustmoe.model.transformer import Transformer
+
+BOS = 0
 
 
 def make_requests(n: int, vocab: int, seed: int) -> list[tuple[list[int], list[int]]]:
@@ -54,6 +60,16 @@ def one_at_a_time(model: Transformer, reqs: list[Request]) -> list[float]:
         tgt = ids[0, r.start:]
         out.append(float(logp[r.start - 1:-1].gather(1, tgt[:, None]).sum()))
     return out
+
+
+def engine_backend(model: Transformer, batch_size: int, device: str) -> LM:
+    """The engine backend on the same weights (what `trustmoe serve` would run)."""
+    from trustmoe.engine import Engine
+    from trustmoe.eval.backend_engine import EngineLM
+
+    cfg = model.config
+    return EngineLM(Engine(model, device=device, max_num_seqs=batch_size,
+                           prefill_chunk=max(256, cfg.max_position_embeddings)))
 
 
 def lm_eval_backend(model: Transformer, batch_size: int, workdir: str) -> Any:
@@ -84,61 +100,79 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny preset, 24 requests, 2 rounds")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-engine", dest="engine", action="store_false",
+                    help="skip the engine backend's reference figures")
     args = ap.parse_args()
     if args.quick:
         args.preset, args.requests, args.rounds = "tiny", 24, 2
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = get_preset(args.preset).model
+    cfg = get_preset(args.preset).model.replace(bos_token_id=BOS, eos_token_id=BOS)
     model = Transformer(cfg).to(args.device).eval()
+    lm = ModelLM(model, None, batch_size=args.batch_size)
     pairs = make_requests(args.requests, cfg.vocab_size, 0)
-    reqs = continuation_requests(pairs, cfg.max_position_embeddings)
+    reqs = continuation_requests(pairs, cfg.max_position_embeddings, BOS)
     items = make_requests(args.requests // 4, cfg.vocab_size, 1)  # contexts
     conts = make_requests(4 * len(items), cfg.vocab_size, 2)
     groups = [(ctx, [conts[4 * i + j][1] for j in range(4)]) for i, (ctx, _) in enumerate(items)]
-    mc_reqs = continuation_requests([(g[0], c) for g in groups for c in g[1]],
-                                    cfg.max_position_embeddings)
-    score_requests(model, reqs[:4], batch_size=args.batch_size)  # warm-up
-    score_groups(model, groups[:2], batch_size=args.batch_size)
+    mc_pairs = [(g[0], c) for g in groups for c in g[1]]
+    mc_reqs = continuation_requests(mc_pairs, cfg.max_position_embeddings, BOS)
+    ind = [ContinuationRequest(c, x) for c, x in pairs]
+    mc = [ContinuationRequest(c, x) for c, x in mc_pairs]
+    lm.loglikelihood(ind[:4])  # warm-up
+    lm.loglikelihood(mc[:8])
     one_at_a_time(model, reqs[:2])
+    eng = engine_backend(model, args.batch_size, args.device) if args.engine else None
     t: dict[str, list[float]] = {"ours": [], "naive": [], "packed": [], "mc_naive": []}
+    if eng is not None:
+        eng.loglikelihood(ind[:4])  # warm-up
+        t.update(engine=[], mc_engine=[])
+    eng_diff = 0.0
     workdir = tempfile.mkdtemp()
-    lm = lm_eval_backend(model, args.batch_size, workdir)
+    peer_lm = lm_eval_backend(model, args.batch_size, workdir)
     lm_diff = 0.0
-    if lm is not None:
+    if peer_lm is not None:
         t.update(lm_eval=[], mc_lm_eval=[])
-        lm_eval_score(lm, pairs[:2])  # warm-up
+        lm_eval_score(peer_lm, pairs[:2])  # warm-up
     max_diff = 0.0
     for _ in range(args.rounds):
         t0 = time.perf_counter()
-        ours = score_requests(model, reqs, batch_size=args.batch_size)
+        ours = lm.loglikelihood(ind)
         t["ours"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         naive = one_at_a_time(model, reqs)
         t["naive"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        packed = [s for per in score_groups(model, groups, batch_size=args.batch_size)
-                  for s in per]
+        packed = lm.loglikelihood(mc)
         t["packed"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         mc_naive = one_at_a_time(model, mc_reqs)
         t["mc_naive"].append(time.perf_counter() - t0)
-        if lm is not None:
+        if eng is not None:
             t0 = time.perf_counter()
-            lm_lls = lm_eval_score(lm, pairs)
+            e_ind = eng.loglikelihood(ind)
+            t["engine"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            e_mc = eng.loglikelihood(mc)
+            t["mc_engine"].append(time.perf_counter() - t0)
+            eng_diff = max(eng_diff, *(abs(a.total - b.total) for a, b in
+                                       zip([*ours, *packed], [*e_ind, *e_mc], strict=True)))
+        if peer_lm is not None:
+            t0 = time.perf_counter()
+            lm_lls = lm_eval_score(peer_lm, pairs)
             t["lm_eval"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            lm_eval_score(lm, [(g[0], c) for g in groups for c in g[1]])
+            lm_eval_score(peer_lm, mc_pairs)
             t["mc_lm_eval"].append(time.perf_counter() - t0)
             lm_diff = max(lm_diff, *(abs(a.total - b) for a, b in zip(ours, lm_lls, strict=True)))
         max_diff = max(max_diff, *(abs(a.total - b) for a, b in zip(ours, naive, strict=True)),
                        *(abs(a.total - b) for a, b in zip(packed, mc_naive, strict=True)))
-    rps = {k: len(reqs if k in ("ours", "naive", "lm_eval") else mc_reqs) / statistics.median(v)
-           for k, v in t.items()}
+    rps = {k: len(reqs if k in ("ours", "naive", "lm_eval", "engine") else mc_reqs)
+           / statistics.median(v) for k, v in t.items()}
     peer: dict[str, Any] = {"available": False,
                             "note": "lm_eval is not importable; not compared (not a dependency)"}
-    if lm is not None:
+    if peer_lm is not None:
         peer = {
             "available": True,
             "independent_requests_per_s": round(rps["lm_eval"], 2),
@@ -164,6 +198,12 @@ def main() -> None:
             "speedup_vs_one_at_a_time": round(rps["packed"] / rps["mc_naive"], 3),
         },
         "max_abs_loglik_diff": max_diff,
+        "engine_backend": {"measured": False} if eng is None else {
+            "measured": True,
+            "independent_requests_per_s": round(rps["engine"], 2),
+            "multiple_choice_requests_per_s": round(rps["mc_engine"], 2),
+            "max_abs_loglik_diff_vs_model_backend": eng_diff,
+        },
         "lm_eval_hf": peer,
     }, indent=2))
 

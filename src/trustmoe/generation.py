@@ -45,7 +45,8 @@ def open_engine(model: str | Path | Transformer | Engine, *, quantize: str | Non
 def generate_with(engine: Engine, prompt: str, *, max_tokens: int = 64,
                   temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                   seed: int | None = None, stop: list[str] | None = None) -> dict[str, Any]:
-    """One prompt through `engine`: {"prompt_tokens", "token_ids", "text", "finish_reason"}."""
+    """One prompt through `engine`: {"prompt_tokens", "prompt_token_ids", "token_ids", "text",
+    "finish_reason"}."""
     from trustmoe.engine import SamplingParams
 
     if engine.tokenizer is None:
@@ -60,8 +61,8 @@ def generate_with(engine: Engine, prompt: str, *, max_tokens: int = 64,
         res = engine.generate([ids], params=params)[0]
     except ValueError as e:
         raise TrustmoeError(str(e)) from None
-    return {"prompt_tokens": len(ids), "token_ids": list(res.token_ids), "text": res.text,
-            "finish_reason": res.finish_reason}
+    return {"prompt_tokens": len(ids), "prompt_token_ids": ids, "token_ids": list(res.token_ids),
+            "text": res.text, "finish_reason": res.finish_reason}
 
 
 def generate_text(

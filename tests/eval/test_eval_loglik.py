@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from trustmoe.eval.backend_model import score_requests
 from trustmoe.eval.loglik import (
     Request,
     continuation_requests,
     loglik,
     rolling_requests,
-    score_requests,
 )
 from trustmoe.eval.moe_diag import RoutingCollector, summarize_routing
 from trustmoe.io import TrustmoeError
@@ -74,7 +74,7 @@ def test_sliding_window_scores_every_token_once(tiny_model, tokenizer, corpus_do
 def test_rolling_requests_cover_each_position_once() -> None:
     ids = list(range(1, 101))
     for L, S in [(10, 3), (10, 9), (7, 1), (200, 50)]:
-        reqs = rolling_requests(ids, L, S)
+        reqs = rolling_requests(ids, L, S, 0)
         scored = [t for r in reqs for t in r.ids[r.start:]]
         assert scored == ids
         assert all(len(r.ids) <= L and r.start >= 1 for r in reqs)
@@ -82,11 +82,11 @@ def test_rolling_requests_cover_each_position_once() -> None:
 
 def test_continuation_requests_match_full_text(tiny_model) -> None:  # type: ignore[no-untyped-def]
     ctx, cont = [5, 6, 7, 8], [9, 10, 11]
-    (r,) = continuation_requests([(ctx, cont)], 256)
+    (r,) = continuation_requests([(ctx, cont)], 256, 0)
     s = score_requests(tiny_model, [r])[0]
     full = loglik(tiny_model, [ctx + cont])[0]
     np.testing.assert_allclose(s.logprobs, full.logprobs[-3:], atol=1e-5)
-    (short,) = continuation_requests([(list(range(3, 300)), cont)], 64)
+    (short,) = continuation_requests([(list(range(3, 300)), cont)], 64, 0)
     assert len(short.ids) == 64 and short.ids[-3:] == cont
     assert short.ids[0] == 0 and short.ids[1:4] == [240, 241, 242]  # BOS kept, left-truncated
 
@@ -133,9 +133,9 @@ def test_packed_groups_equal_separate_requests(tiny_model) -> None:  # type: ign
         (list(range(30, 80)), [[81, 82, 83], [84]]),
     ]
     with RoutingCollector(tiny_model) as rc:
-        packed = score_groups(tiny_model, groups, batch_size=2, routing=rc)
+        packed = score_groups(tiny_model, groups, prefix=0, batch_size=2, routing=rc)
     for (ctx, conts), got in zip(groups, packed, strict=True):
-        ref = score_requests(tiny_model, continuation_requests([(ctx, c) for c in conts], 256))
+        ref = score_requests(tiny_model, continuation_requests([(ctx, c) for c in conts], 256, 0))
         assert len(got) == len(conts)
         for g, r in zip(got, ref, strict=True):
             np.testing.assert_array_equal(g.targets, r.targets)
@@ -146,9 +146,9 @@ def test_packed_groups_equal_separate_requests(tiny_model) -> None:  # type: ign
     n_real = sum(1 + len(c) + sum(len(x) for x in cs) for c, cs in groups)
     assert summarize_routing(rc)["layers"][0]["tokens"] == n_real
     # long contexts are cut from the left so the longest continuation still fits
-    (long_got,) = score_groups(tiny_model, [(list(range(3, 400)), [[5, 6], [7, 8]])])
+    (long_got,) = score_groups(tiny_model, [(list(range(3, 400)), [[5, 6], [7, 8]])], prefix=0)
     (long_ref,) = [score_requests(tiny_model, continuation_requests(
-        [(list(range(3, 400)), [5, 6])], 256))]
+        [(list(range(3, 400)), [5, 6])], 256, 0))]
     np.testing.assert_allclose(long_got[0].logprobs, long_ref[0].logprobs, atol=1e-5)
     with pytest.raises(TrustmoeError):
-        score_groups(tiny_model, [([1, 2], [[]])])
+        score_groups(tiny_model, [([1, 2], [[]])], prefix=0)

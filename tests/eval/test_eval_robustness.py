@@ -10,7 +10,8 @@ import torch
 
 from trustmoe.eval import robustness as rb
 from trustmoe.eval.attack import _one_hot_grad, _Scorer, attack_instance, run_attack
-from trustmoe.eval.loglik import continuation_requests, score_requests
+from trustmoe.eval.backend_model import score_requests
+from trustmoe.eval.loglik import continuation_requests
 from trustmoe.eval.tasks import Instance, Task, encode_pair
 from trustmoe.io import TrustmoeError
 
@@ -32,40 +33,39 @@ def test_perturbations() -> None:
     assert rb.rename_identifiers("Just a sentence.", rng) == "Just a sentence."
 
 
-def test_worst_case_is_per_instance(tiny_model, tokenizer, corpus_docs) -> None:  # type: ignore[no-untyped-def]
-    enc = lambda s: tokenizer.encode(s).ids  # noqa: E731
+def test_worst_case_is_per_instance(lm, corpus_docs) -> None:  # type: ignore[no-untyped-def]
     insts = [Instance(d.split("\n")[0], [d.split("\n")[1], "Rain.", "Old man."], 0)
              for d in corpus_docs["val"][:6]]
     task = Task("t", insts)
-    res = rb.robustness(tiny_model, enc, task, seed=0, perturbations=("typos", "lowercase"))
+    res = rb.robustness(lm, task, seed=0, perturbations=("typos", "lowercase"))
     assert set(res["perturbations"]) == {"typos", "lowercase"}
     assert res["worst_case_acc"] <= min(res["acc"], *[p["acc"] for p in
                                                       res["perturbations"].values()])
     # recompute the worst case by hand
     from trustmoe.eval.tasks import score_task
 
-    base = score_task(tiny_model, enc, task).correct()
+    base = score_task(lm, task).correct()
     worst = base.copy()
     for name in ("typos", "lowercase"):
-        worst = np.minimum(worst, score_task(tiny_model, enc, rb.perturb_task(task, name, 0))
+        worst = np.minimum(worst, score_task(lm, rb.perturb_task(task, name, 0))
                            .correct())
     assert res["worst_case_acc"] == pytest.approx(worst.mean())
 
 
 def test_scorer_matches_loglik(tiny_model) -> None:  # type: ignore[no-untyped-def]
     ctx, conts = [5, 6, 7, 8, 9], [[10, 11], [12], [13, 14, 15]]
-    sc = _Scorer(tiny_model, conts)
+    sc = _Scorer(tiny_model, conts, 0)
     with torch.no_grad():
         lls = sc.forward(torch.tensor([ctx, ctx]))[1]
     ref = [s.total for s in score_requests(tiny_model, continuation_requests(
-        [(ctx, c) for c in conts], 256))]
+        [(ctx, c) for c in conts], 256, 0))]
     np.testing.assert_allclose(lls.numpy(), ref, atol=1e-4)
 
 
 def test_one_hot_gradient_is_first_order_change(tiny_model) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     conts = [[10, 11], [12, 40]]
-    sc = _Scorer(tiny_model, conts)
+    sc = _Scorer(tiny_model, conts, 0)
     cur = torch.tensor([5, 6, 7, 8, 9])
     g = _one_hot_grad(tiny_model, sc, cur, 0, None)
     assert g.shape == (5, 512)
@@ -92,35 +92,35 @@ def test_one_hot_gradient_is_first_order_change(tiny_model) -> None:  # type: ig
     assert fd == pytest.approx(float(g[p, b] - g[p, a]), rel=0.05, abs=1e-3)
 
 
-def test_attack_flips_answers(tiny_model, tokenizer, corpus_docs) -> None:  # type: ignore[no-untyped-def]
+def test_attack_flips_answers(tiny_model, lm, enc, corpus_docs) -> None:  # type: ignore[no-untyped-def]
     from trustmoe.eval.tasks import score_task
 
-    enc = lambda s: tokenizer.encode(s).ids  # noqa: E731
     insts = []
     for d in corpus_docs["val"][:6]:
         w = d.split()
         insts.append(Instance(" ".join(w[:6]), [w[6], "river", "stone", "valley"], 0))
     # make the model's own answer the gold one, so every instance is attackable
-    for inst, ll in zip(insts, score_task(tiny_model, enc, Task("t", insts)).lls, strict=True):
+    for inst, ll in zip(insts, score_task(lm, Task("t", insts)).lls, strict=True):
         inst.gold = int(np.argmax(ll))
     task = Task("t", insts)
-    res = run_attack(tiny_model, enc, task, n=6, max_subs=3, n_candidates=24)
+    res = run_attack(lm, task, n=6, max_subs=3, n_candidates=24)
+    assert res["method"] == "gradient"
     assert res["skipped_attacks"] == 0 and res["original_accuracy"] == 1.0
     assert res["successful_attacks"] >= 3
     assert res["accuracy_under_attack"] == res["failed_attacks"] / 6
     assert res["attack_success_rate"] == res["successful_attacks"] / 6
     assert 1 <= res["avg_substituted_tokens"] <= 3
-    tgt = run_attack(tiny_model, enc, task, n=6, max_subs=3, n_candidates=24, targeted=True)
+    tgt = run_attack(lm, task, n=6, max_subs=3, n_candidates=24, targeted=True)
     assert tgt["mode"] == "targeted" and tgt["successful_attacks"] >= 1
     n_checked = 0
     for inst in insts:
-        o = attack_instance(tiny_model, enc, inst, max_subs=3, n_candidates=24)
+        o = attack_instance(lm, inst, max_subs=3, n_candidates=24)
         if o.status != "successful":
             continue
         # independent check with the primitive: the adversarial context makes another choice win
         conts = [encode_pair(enc, inst.context, " " + c)[1] for c in inst.choices]
         lls = [s.total for s in score_requests(tiny_model, continuation_requests(
-            [(o.adversarial, c) for c in conts], 256))]
+            [(o.adversarial, c) for c in conts], 256, 0))]
         assert int(np.argmax(lls)) != inst.gold
         assert 1 <= o.substituted <= 3 and o.queries > 1
         assert sum(a != b for a, b in zip(o.adversarial, enc(inst.context), strict=True)) \
@@ -128,4 +128,4 @@ def test_attack_flips_answers(tiny_model, tokenizer, corpus_docs) -> None:  # ty
         n_checked += 1
     assert n_checked >= 3
     with pytest.raises(TrustmoeError):
-        run_attack(tiny_model, enc, task, n=1, max_subs=0)
+        run_attack(lm, task, n=1, max_subs=0)

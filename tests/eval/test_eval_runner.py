@@ -34,7 +34,8 @@ def model_copy(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Pat
 def first_run(tmp_path_factory: pytest.TempPathFactory, model_copy: Path, data_dir: Path
               ) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("e") / "eval1"
-    summary = run_eval(model_copy, data_dir, out, progress=False, sizes=SMALL, batch_size=8)
+    summary = run_eval(model_copy, data_dir, out, backend="model", progress=False, sizes=SMALL,
+                       batch_size=8)
     return out, summary
 
 
@@ -42,8 +43,11 @@ def test_writes_every_section(first_run: tuple[Path, dict[str, Any]], model_copy
     out, summary = first_run
     res = json.loads((out / "eval.json").read_text())
     for key in ("perplexity", "tasks", "calibration", "ood", "robustness", "attack",
-                "membership", "moe", "model", "data", "settings", "timing_s"):
+                "membership", "moe", "model", "data", "settings", "timing_s", "summary",
+                "contamination", "quantization", "backend"):
         assert key in res, key
+    assert res["backend"]["kind"] == "model" and res["attack"]["method"] == "gradient"
+    assert {"mahalanobis", "knn"} <= set(res["ood"]["char-noise"]["scores"])
     assert set(res["tasks"]) == {"next-line", "next-words"}
     assert set(res["ood"]) == {"shuffled-tokens", "char-noise"}
     assert res["membership"]["n_members"] == 10 and res["membership"]["n_nonmembers"] == 16
@@ -63,8 +67,8 @@ def test_rerun_with_other_batch_size_same_numbers_and_compare(
     first_run: tuple[Path, dict[str, Any]], model_copy: Path, data_dir: Path, tmp_path: Path
 ) -> None:
     out1, _ = first_run
-    run_eval(model_copy, data_dir, tmp_path / "e2", progress=False, sizes=SMALL, batch_size=3,
-             compare=out1, store_temperature=False)
+    run_eval(model_copy, data_dir, tmp_path / "e2", backend="model", progress=False, sizes=SMALL,
+             batch_size=3, compare=out1, store_temperature=False)
     a, b = _numbers(out1), _numbers(tmp_path / "e2")
     assert set(a) == set(b)
     for k in a:
@@ -131,8 +135,8 @@ def test_dense_model_has_no_routing_section(tmp_path: Path, data_dir: Path) -> N
     torch.manual_seed(0)
     save_model(Transformer(get_preset("tiny-dense").model), tmp_path / "dense",
                tokenizer_file=data_dir / "tokenizer.json")
-    run_eval(tmp_path / "dense", data_dir, tmp_path / "ev", progress=False, sizes=SMALL,
-             store_temperature=False)
+    run_eval(tmp_path / "dense", data_dir, tmp_path / "ev", backend="model", progress=False,
+             sizes=SMALL, store_temperature=False)
     res = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert res["moe"]["id"] == {} and res["moe"]["id_vs_ood"]["char-noise"] == {}
     assert "calibration" not in json.loads((tmp_path / "dense" / "trustmoe.json").read_text())
@@ -152,3 +156,46 @@ def test_cli_quick_json(model_dir: Path, data_dir: Path, tmp_path: Path) -> None
     summary = json.loads(r.output)
     assert set(summary["ood_best_auroc"]) == {"shuffled-tokens", "char-noise", "ood:code"}
     assert (tmp_path / "ev" / "report.html").exists()
+
+
+def test_small_corpus_reports_intervals(tmp_path: Path) -> None:
+    """Ten short documents: data build holds two out (not zero), eval runs on them and
+    reports bootstrap 95% intervals in eval.json and report.html instead of refusing."""
+    import random
+
+    import torch
+
+    from conftest import WORDS
+    from trustmoe.config import get_preset
+    from trustmoe.data.build import BuildOptions, build_dataset
+    from trustmoe.model.hf import save_model
+    from trustmoe.model.transformer import Transformer
+
+    src = tmp_path / "docs"
+    src.mkdir()
+    rng = random.Random(0)
+    for i in range(10):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(8)).capitalize() + "."
+                 for _ in range(6)]
+        (src / f"doc{i}.txt").write_text("\n".join(lines) + "\n")
+    data = tmp_path / "data"
+    build_dataset([str(src)], data, BuildOptions(vocab_size=300, license="CC0-1.0"),
+                  progress=False)
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["tokens"]["documents"] == {"train": 8, "val": 2}
+    from trustmoe.data.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(data).get_vocab_size()
+    torch.manual_seed(0)
+    cfg = get_preset("tiny").model.replace(vocab_size=vocab, bos_token_id=0, eos_token_id=0)
+    save_model(Transformer(cfg), tmp_path / "model", tokenizer_file=data / "tokenizer.json")
+    summary = run_eval(tmp_path / "model", data, tmp_path / "ev", quick=True, progress=False)
+    out = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert out["data"]["val_documents"] == 2 and summary["backend"] == "engine"
+    s = out["summary"]
+    for name in ("perplexity", "ece", "accuracy", "ood_auroc"):
+        lo, hi = s[f"{name}_ci95_low"], s[f"{name}_ci95_high"]
+        assert lo is not None and lo - 1e-12 <= s[name] <= hi + 1e-12, name
+    assert s["perplexity_ci95_high"] > s["perplexity_ci95_low"]  # two documents do differ
+    html = (tmp_path / "ev" / "report.html").read_text()
+    assert "perplexity (95% CI)" in html and "acc 95% CI" in html

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from trustmoe.data.tokenizer import TextCodec
 from trustmoe.eval.corpus import load_corpus, read_texts, split_documents
 from trustmoe.eval.loglik import loglik
 from trustmoe.eval.tasks import (
@@ -23,10 +24,9 @@ from trustmoe.eval.tasks import (
 from trustmoe.io import TrustmoeError
 
 
-def test_acc_and_acc_norm_by_definition(tiny_model, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    enc = lambda s: tokenizer.encode(s).ids  # noqa: E731
+def test_acc_and_acc_norm_by_definition(tiny_model, lm, enc) -> None:  # type: ignore[no-untyped-def]
     inst = Instance("The dog barked", ["loudly near water", "on", "slowly along the road"], 0)
-    res = score_task(tiny_model, enc, Task("t", [inst, inst]))
+    res = score_task(lm, Task("t", [inst, inst]))
     # recompute each choice's log-likelihood as log p(context + continuation) - log p(context)
     lls = []
     for ch in inst.choices:
@@ -40,15 +40,14 @@ def test_acc_and_acc_norm_by_definition(tiny_model, tokenizer) -> None:  # type:
     assert res.metrics["n"] == 2 and res.metrics["chance"] == pytest.approx(1 / 3)
 
 
-def test_encode_pair_moves_trailing_space(tokenizer) -> None:  # type: ignore[no-untyped-def]
-    enc = lambda s: tokenizer.encode(s).ids  # noqa: E731
+def test_encode_pair_moves_trailing_space(enc) -> None:  # type: ignore[no-untyped-def]
     ctx, cont = encode_pair(enc, "The river ", "stone")
     assert ctx == enc("The river")
     assert ctx + cont == enc("The river stone")
 
 
 def test_builtin_tasks_from_held_out_docs(data_dir: Path, model_dir: Path) -> None:
-    corpus = load_corpus(data_dir, model_dir / "tokenizer.json", n_train=10, n_val=30)
+    corpus = load_corpus(data_dir, TextCodec.from_dir(model_dir), n_train=10, n_val=30)
     tasks = builtin_tasks(corpus, n=12, seed=0)
     assert {t.name for t in tasks} == {"next-line", "next-words"}
     for t in tasks:
@@ -105,7 +104,7 @@ def test_perplexity_and_bits_per_byte(tiny_model, tokenizer, corpus_docs) -> Non
 
 
 def test_split_documents_and_ood_readers(tmp_path: Path) -> None:
-    docs = split_documents(np.array([0, 5, 6, 0, 0, 7, 0, 8, 9, 10]))
+    docs = split_documents(np.array([0, 5, 6, 0, 0, 7, 0, 8, 9, 10]), 0)
     assert [d.tolist() for d in docs] == [[5, 6], [8, 9, 10]]
     (tmp_path / "a.txt").write_text("one doc\nline two\n\nsecond doc\n\n\n")
     assert read_texts(tmp_path / "a.txt") == ["one doc\nline two", "second doc"]

@@ -1,10 +1,15 @@
-"""A gradient-guided token-substitution attack on multiple-choice inputs (HotFlip / GCG style).
+"""A token-substitution attack on multiple-choice inputs: gradient-guided (HotFlip / GCG style)
+where the backend gives gradients, black-box elsewhere.
 
-For one instance, the context tokens are the attack surface. Each step takes the gradient of
-the attack loss with respect to the one-hot context tokens, keeps for every position the
-`top_k` substitutions with the most negative gradient (the first-order estimate of the loss
-change), evaluates `n_candidates` of those single swaps exactly, and keeps the best. It stops
-on success or after `max_subs` steps (so at most `max_subs` tokens change).
+For one instance, the context tokens are the attack surface. Each step proposes single-token
+swaps and evaluates `n_candidates` of them exactly (one log-likelihood query each, through
+`LM.loglikelihood`, so any backend can be attacked), keeping the best. It stops on success or
+after `max_subs` steps (so at most `max_subs` tokens change). Proposals:
+- gradient (torch backend): the gradient of the attack loss with respect to the one-hot
+  context tokens ranks, per position, the `top_k` swaps with the most negative gradient (the
+  first-order estimate of the loss change); candidates are sampled from those.
+- black-box (engine, OpenAI server): candidates are random (position, token) swaps, tokens
+  drawn uniformly from the vocabulary (never BOS/EOS) -- greedy random substitution.
 
 Loss (minimised), on the summed choice log-likelihoods ll_j:
 - untargeted: ll_gold - max_{j != gold} ll_j  (success when another choice wins, i.e. < 0)
@@ -17,7 +22,6 @@ input and average number of queries (one query = one candidate input scored).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,12 +29,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trustmoe.eval.loglik import BOS_ID
+from trustmoe.eval.lm import ContinuationRequest
 from trustmoe.eval.packed import _layout, pack, predictor_positions
-from trustmoe.eval.tasks import Instance, Task, encode_pair
+from trustmoe.eval.tasks import Instance, Task, encode_pair, lm_encoder
 from trustmoe.io import TrustmoeError
 
 if TYPE_CHECKING:
+    from trustmoe.eval.lm import LM
     from trustmoe.model.transformer import Transformer
 
 
@@ -52,12 +57,12 @@ class _Scorer:
     tree attention mask, so the context runs once for all choices.
     """
 
-    def __init__(self, model: Transformer, conts: list[list[int]]) -> None:
-        self.model, self.conts = model, conts
+    def __init__(self, model: Transformer, conts: list[list[int]], prefix: int) -> None:
+        self.model, self.conts, self.prefix = model, conts, prefix
 
     def batch(self, ctxs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         # ctxs: (C, Tc) -> ids, positions (C, T) and attention mask (C, 1, T, T)
-        layouts = [_layout(c.tolist(), self.conts) for c in ctxs]
+        layouts = [_layout(c.tolist(), self.conts, self.prefix) for c in ctxs]
         ids, pos, mask, _owner = pack(layouts)
         dev = self.model.device
         return ids.to(dev), pos.to(dev), mask[:, None].to(dev)
@@ -88,51 +93,85 @@ def _loss(lls: Tensor, gold: int, target: int | None) -> Tensor:
     return others.max(1).values - lls[:, target]
 
 
+def choice_lls(lm: LM, ctxs: list[list[int]], conts: list[list[int]]) -> Tensor:
+    """Summed log-likelihood of every choice after every candidate context: (C, n)."""
+    reqs = [ContinuationRequest(c, cont) for c in ctxs for cont in conts]
+    totals = [s.total for s in lm.loglikelihood(reqs)]
+    return torch.tensor(totals, dtype=torch.float64).view(len(ctxs), len(conts))
+
+
 def attack_instance(
-    model: Transformer, encode: Callable[[str], list[int]], inst: Instance, *,
-    target: int | None = None, max_subs: int = 3, top_k: int = 16, n_candidates: int = 32,
-    seed: int = 0,
+    lm: LM, inst: Instance, *, target: int | None = None, max_subs: int = 3, top_k: int = 16,
+    n_candidates: int = 32, seed: int = 0,
 ) -> Outcome:
+    encode = lm_encoder(lm)
     ctx, _ = encode_pair(encode, inst.context, inst.delimiter + inst.choices[0])
     conts = [encode_pair(encode, inst.context, inst.delimiter + c)[1] for c in inst.choices]
     if not ctx:
         return Outcome("skipped", 0, 0, 0, [])
-    scorer = _Scorer(model, conts)
-    emb = model.embed_tokens
-    V = emb.weight.shape[0]
+    model = _white_box(lm)
+    scorer = _Scorer(model, conts, lm.prefix_id) if model is not None else None
+    V = lm.vocab_size
+    banned = {lm.prefix_id, *([lm.codec.eos_id] if lm.codec and lm.codec.eos_id is not None
+                               else [])}
     cur = torch.tensor(ctx)  # (Tc,)
     rng = random.Random(seed)
-    with torch.no_grad():
-        lls0 = scorer.forward(cur[None])  # (1, n)
+    lls0 = choice_lls(lm, [ctx], conts)  # (1, n)
     loss0 = float(_loss(lls0, inst.gold, target)[0])
     before = int(lls0[0].argmax()) == inst.gold
     queries = 1
     if loss0 < 0:  # already wrong (untargeted) or already the target: nothing to attack
         return Outcome("skipped", 0, len(ctx), queries, ctx, before, before)
     Tc = len(ctx)
+    lls = lls0
     for _ in range(max_subs):
-        grad = _one_hot_grad(model, scorer, cur, inst.gold, target).cpu()  # (Tc, V)
-        grad[:, BOS_ID] = float("inf")  # never insert document separators
-        grad[torch.arange(Tc), cur] = float("inf")
-        top = (-grad).topk(min(top_k, V - 2), dim=1).indices.cpu()  # (Tc, k) best swaps
-        pairs = [(p, int(top[p, j])) for p in range(Tc) for j in range(top.shape[1])]
-        cands = rng.sample(pairs, min(n_candidates, len(pairs)))
+        if scorer is not None and model is not None:
+            grad = _one_hot_grad(model, scorer, cur, inst.gold, target).cpu()  # (Tc, V)
+            for b in banned:  # never insert document separators
+                grad[:, b] = float("inf")
+            grad[torch.arange(Tc), cur] = float("inf")
+            top = (-grad).topk(min(top_k, V - 2), dim=1).indices.cpu()  # (Tc, k) best swaps
+            pairs = [(p, int(top[p, j])) for p in range(Tc) for j in range(top.shape[1])]
+            cands = rng.sample(pairs, min(n_candidates, len(pairs)))
+        else:
+            cands = _random_swaps(cur, V, banned, n_candidates, rng)
         batch = cur.repeat(len(cands), 1)  # (C, Tc)
         for row, (p, tok) in enumerate(cands):
             batch[row, p] = tok
-        with torch.no_grad():
-            losses = _loss(scorer.forward(batch), inst.gold, target)
+        cand_lls = choice_lls(lm, batch.tolist(), conts)  # (C, n)
+        losses = _loss(cand_lls, inst.gold, target)
         queries += len(cands)
         best = int(losses.argmin())
-        cur = batch[best]
+        cur, lls = batch[best], cand_lls[best: best + 1]
         if float(losses[best]) < 0:
             break
-    with torch.no_grad():
-        lls = scorer.forward(cur[None])  # (1, n)
     status = "successful" if float(_loss(lls, inst.gold, target)[0]) < 0 else "failed"
     subs = int((cur != torch.tensor(ctx)).sum())
     return Outcome(status, subs, Tc, queries, cur.tolist(), before,
                    int(lls[0].argmax()) == inst.gold)
+
+
+def _white_box(lm: LM) -> Transformer | None:
+    """The torch module behind `lm` when its backend gives gradients."""
+    if not lm.caps.gradients:
+        return None
+    model = getattr(lm, "model", None)
+    from trustmoe.model.transformer import Transformer
+
+    return model if isinstance(model, Transformer) else None
+
+
+def _random_swaps(cur: Tensor, vocab: int, banned: set[int], n: int, rng: random.Random
+                  ) -> list[tuple[int, int]]:
+    """n distinct random single-token swaps (position, new token) of the context."""
+    Tc = cur.shape[0]
+    n = min(n, Tc * max(vocab - len(banned) - 1, 1))
+    out: set[tuple[int, int]] = set()
+    while len(out) < n:
+        p, tok = rng.randrange(Tc), rng.randrange(vocab)
+        if tok not in banned and tok != int(cur[p]):
+            out.add((p, tok))
+    return sorted(out)
 
 
 def _one_hot_grad(model: Transformer, scorer: _Scorer, cur: Tensor, gold: int,
@@ -166,27 +205,26 @@ def _one_hot_grad(model: Transformer, scorer: _Scorer, cur: Tensor, gold: int,
 
 
 def run_attack(
-    model: Transformer, encode: Callable[[str], list[int]], task: Task, *, n: int,
-    targeted: bool = False, max_subs: int = 3, top_k: int = 16, n_candidates: int = 32,
-    seed: int = 0,
+    lm: LM, task: Task, *, n: int, targeted: bool = False, max_subs: int = 3,
+    top_k: int = 16, n_candidates: int = 32, seed: int = 0,
 ) -> dict[str, Any]:
     """Attack the first n instances; TextAttack's summary fields."""
     if max_subs < 1 or top_k < 1 or n_candidates < 1:
         raise TrustmoeError("attack needs max_subs, top_k and n_candidates >= 1")
-    model.eval()
     outs = []
     for i, inst in enumerate(task.instances[:n]):
         tgt = None
         if targeted:
             tgt = next(j for j in range(len(inst.choices)) if j != inst.gold)
-        outs.append(attack_instance(model, encode, inst, target=tgt, max_subs=max_subs,
-                                    top_k=top_k, n_candidates=n_candidates, seed=seed + i))
+        outs.append(attack_instance(lm, inst, target=tgt, max_subs=max_subs, top_k=top_k,
+                                    n_candidates=n_candidates, seed=seed + i))
     succ = [o for o in outs if o.status == "successful"]
     fail = [o for o in outs if o.status == "failed"]
     attacked = succ + fail
     total = max(len(outs), 1)
     return {
         "task": task.name, "mode": "targeted" if targeted else "untargeted",
+        "method": "gradient" if _white_box(lm) is not None else "black-box",
         "max_substitutions": max_subs,
         "successful_attacks": len(succ), "failed_attacks": len(fail),
         "skipped_attacks": len(outs) - len(attacked),

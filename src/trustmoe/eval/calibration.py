@@ -8,6 +8,7 @@
 - Brier: multiclass, mean over samples of sum_v (p_v - 1[v = y])^2 (scikit-learn's).
 - NLL: mean -log p(y) (scikit-learn's `log_loss`).
 Temperature scaling divides logits by T fitted by minimising NLL on a held-out split.
+Intervals (`ece_ci`) resample whole documents, since the tokens of one are correlated.
 """
 
 from __future__ import annotations
@@ -116,6 +117,23 @@ def from_logits(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> di
     p_true = p.gather(1, targets[:, None]).squeeze(1)
     return summary(conf.numpy(), (pred == targets).double().numpy(), p_true.numpy(),
                    (p * p).sum(-1).numpy())
+
+
+def ece_ci(conf: np.ndarray, correct: np.ndarray, groups: np.ndarray, seed: int
+           ) -> tuple[float, float]:
+    """Bootstrap 95% interval of the 15-bin ECE, resampling whole groups (documents)."""
+    from trustmoe.eval.bootstrap import grouped_ci
+
+    conf, correct = _check(conf, correct)
+    return grouped_ci(lambda ix: ece_equal_width(conf[ix], correct[ix], 15), groups, seed)
+
+
+def confidence(logits: Tensor, targets: Tensor, temperature: float = 1.0
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample top-1 confidence and correctness at a temperature: (n,), (n,)."""
+    p = (logits.double() / temperature).softmax(-1)  # (n, V)
+    conf, pred = p.max(-1)
+    return conf.numpy(), (pred == targets).double().numpy()
 
 
 def fit_temperature(logits: Tensor, targets: Tensor) -> float:

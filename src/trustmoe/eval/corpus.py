@@ -1,8 +1,9 @@
 """Evaluation inputs: documents from a dataset dir, and text sets given with `--ood`.
 
-A dataset dir's shards hold documents separated by the EOS id (0). Documents are sampled
-deterministically from a seed. When the dataset's tokenizer differs from the model's, texts are
-decoded with the dataset's tokenizer and re-encoded with the model's.
+A dataset dir's shards hold documents separated by its tokenizer's EOS id. Documents are
+sampled deterministically from a seed. When the dataset's tokenizer differs from the model's,
+texts are decoded with the dataset's tokenizer and re-encoded with the model's `TextCodec`.
+Documents are held without BOS: every request puts the model's BOS in front.
 """
 
 from __future__ import annotations
@@ -15,28 +16,26 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from trustmoe.io import TrustmoeError, sha256_file
+from trustmoe.io import TrustmoeError
 
 if TYPE_CHECKING:
-    from tokenizers import Tokenizer
-
-EOS = 0
+    from trustmoe.data.tokenizer import TextCodec
 
 
 @dataclass
 class Corpus:
-    tokenizer: Tokenizer  # the model's tokenizer
+    codec: TextCodec  # the model's
     train: list[list[int]] = field(default_factory=list)  # sampled training documents
     val: list[list[int]] = field(default_factory=list)  # sampled held-out documents
 
     def text(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(list(ids)))
+        return self.codec.decode(list(ids))
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text).ids)
+        return self.codec.encode(text, add_bos=False)
 
 
-def split_documents(tokens: np.ndarray, eos: int = EOS, min_len: int = 2) -> list[np.ndarray]:
+def split_documents(tokens: np.ndarray, eos: int, min_len: int = 2) -> list[np.ndarray]:
     """Cut a flat token array at every EOS; keep documents with at least `min_len` tokens."""
     cuts = np.flatnonzero(np.asarray(tokens) == eos)
     docs, start = [], 0
@@ -56,26 +55,26 @@ def sample(docs: list[np.ndarray], n: int | None, seed: int, max_tokens: int) ->
 
 
 def load_corpus(
-    data_dir: Path, model_tokenizer: Path, *, n_train: int | None, n_val: int | None,
+    data_dir: Path, codec: TextCodec, *, n_train: int | None, n_val: int | None,
     seed: int = 0, max_tokens: int = 512,
 ) -> Corpus:
     from trustmoe.data.shards import open_tokens
-    from trustmoe.data.tokenizer import load_tokenizer
+    from trustmoe.data.tokenizer import eos_id, load_tokenizer
 
-    tok = load_tokenizer(model_tokenizer)
-    data_tok = data_dir / "tokenizer.json"
-    same = data_tok.exists() and sha256_file(data_tok) == sha256_file(model_tokenizer)
-    src_tok = tok if same or not data_tok.exists() else load_tokenizer(data_tok)
-    corpus = Corpus(tokenizer=tok)
+    data_tok = load_tokenizer(data_dir)
+    eos = eos_id(data_tok)
+    same = data_tok.to_str() == codec.tokenizer.to_str()
+    corpus = Corpus(codec=codec)
     for split, n, off in (("val", n_val, 1), ("train", n_train, 2)):
         if n == 0:
             continue
-        docs = split_documents(open_tokens(data_dir, split))
+        docs = split_documents(open_tokens(data_dir, split), eos)
         if not docs:
             raise TrustmoeError(f"{data_dir / (split + '.bin')} holds no documents")
         picked = sample(docs, n, seed * 7919 + off, 10 * max_tokens if not same else max_tokens)
         if not same:
-            picked = [tok.encode(src_tok.decode(d)).ids[:max_tokens] for d in picked]
+            picked = [codec.encode(data_tok.decode(d), add_bos=False)[:max_tokens]
+                      for d in picked]
         setattr(corpus, split, [d for d in picked if len(d) >= 2])
     return corpus
 
@@ -92,10 +91,10 @@ def read_texts(path: Path) -> list[str]:
     if path.is_dir():
         if (path / "val.bin").exists():
             from trustmoe.data.shards import open_tokens
-            from trustmoe.data.tokenizer import load_tokenizer
+            from trustmoe.data.tokenizer import eos_id, load_tokenizer
 
             tok = load_tokenizer(path)
-            docs = split_documents(open_tokens(path, "val"))
+            docs = split_documents(open_tokens(path, "val"), eos_id(tok))
             texts = [tok.decode(d.astype(np.int64).tolist()) for d in docs]
         else:
             files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".jsonl", ".md"))

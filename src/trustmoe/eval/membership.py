@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from trustmoe.eval.bootstrap import auroc_ci
 from trustmoe.eval.loglik import Scored
 from trustmoe.io import TrustmoeError
 
@@ -60,8 +61,8 @@ def tpr_at_fpr(member: np.ndarray, nonmember: np.ndarray, fpr: float = 0.01) -> 
     return float(t[ok].max()) if ok.any() else 0.0
 
 
-def membership_metrics(members: dict[str, np.ndarray], nonmembers: dict[str, np.ndarray]
-                       ) -> dict[str, Any]:
+def membership_metrics(members: dict[str, np.ndarray], nonmembers: dict[str, np.ndarray],
+                       seed: int = 0) -> dict[str, Any]:
     from sklearn.metrics import roc_auc_score
 
     n_m, n_n = len(members["loss"]), len(nonmembers["loss"])
@@ -73,6 +74,8 @@ def membership_metrics(members: dict[str, np.ndarray], nonmembers: dict[str, np.
         s = np.concatenate([members[a], nonmembers[a]])
         res["attacks"][a] = {
             "auroc": float(roc_auc_score(y, s)),
+            **dict(zip(("auroc_ci95_low", "auroc_ci95_high"),
+                       auroc_ci(members[a], nonmembers[a], seed), strict=True)),
             "tpr_at_1fpr": tpr_at_fpr(members[a], nonmembers[a], 0.01),
             "member_mean": float(members[a].mean()),
             "nonmember_mean": float(nonmembers[a].mean()),

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from trustmoe.eval.bootstrap import auroc_ci
 from trustmoe.eval.loglik import Scored
 from trustmoe.io import TrustmoeError
 
@@ -67,11 +68,12 @@ def sequence_scores(scored: Sequence[Scored], features: FeatureModel | None) -> 
         "energy": np.array([s.lse.mean() for s in scored]),
         "neg_entropy": np.array([-s.entropy.mean() for s in scored]),
     }
-    if features is not None and all(s.hidden is not None for s in scored):
+    if features is not None and scored and all(s.hidden is not None for s in scored):
         h = np.stack([s.hidden for s in scored])  # type: ignore[misc]
         out["mahalanobis"] = -features.mahalanobis(h)
         out["knn"] = -features.knn(h)
-    return out
+    # a backend without the logits' scale (an OpenAI server) leaves max_logit/energy NaN
+    return {k: v for k, v in out.items() if not np.isnan(v).all()}
 
 
 def ood_metrics(id_score: np.ndarray, ood_score: np.ndarray, tpr: float = 0.95) -> dict[str, Any]:
@@ -123,13 +125,16 @@ def char_noise(texts: Sequence[str], seed: int, rate: float = 0.25) -> list[str]
     return out
 
 
-def evaluate_sets(id_scores: dict[str, np.ndarray], ood_sets: dict[str, dict[str, np.ndarray]]
-                  ) -> dict[str, Any]:
-    """Metrics for every OOD set and score; plus the best score per set by AUROC."""
+def evaluate_sets(id_scores: dict[str, np.ndarray], ood_sets: dict[str, dict[str, np.ndarray]],
+                  seed: int = 0) -> dict[str, Any]:
+    """Metrics for every OOD set and score; plus the best score per set by AUROC (with a
+    stratified bootstrap 95% interval for that best score's AUROC)."""
     result: dict[str, Any] = {}
     for name, scores in ood_sets.items():
         per = {s: ood_metrics(id_scores[s], scores[s]) for s in SCORE_NAMES
                if s in scores and s in id_scores}
         best = max(per, key=lambda s: per[s]["auroc"])
+        lo, hi = auroc_ci(id_scores[best], scores[best], seed)
+        per[best]["auroc_ci95_low"], per[best]["auroc_ci95_high"] = lo, hi
         result[name] = {"n": len(next(iter(scores.values()))), "scores": per, "best": best}
     return result

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from trustmoe.eval.loglik import BOS_ID, Scored, _stats
+from trustmoe.eval.loglik import Scored, scored_slice, stats, to_host
 from trustmoe.io import TrustmoeError
 
 if TYPE_CHECKING:
@@ -29,9 +29,11 @@ if TYPE_CHECKING:
 Group = tuple[list[int], list[list[int]]]  # (context ids without BOS, continuations)
 
 
-def _layout(ctx: list[int], conts: list[list[int]]) -> tuple[list[int], list[int], list[int]]:
-    """Packed ids, positions and the owner of each token (-1 = context, j = continuation j)."""
-    ids, pos, owner = [BOS_ID, *ctx], list(range(len(ctx) + 1)), [-1] * (len(ctx) + 1)
+def _layout(ctx: list[int], conts: list[list[int]], prefix: int
+            ) -> tuple[list[int], list[int], list[int]]:
+    """Packed ids, positions and the owner of each token (-1 = context, j = continuation j).
+    `prefix` is the model's BOS (`LM.prefix_id`)."""
+    ids, pos, owner = [prefix, *ctx], list(range(len(ctx) + 1)), [-1] * (len(ctx) + 1)
     for j, c in enumerate(conts):
         ids += c
         pos += list(range(len(ctx) + 1, len(ctx) + 1 + len(c)))
@@ -52,7 +54,7 @@ def pack(packs: Sequence[tuple[list[int], list[int], list[int]]]
          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Right-pad packed layouts: ids, positions (B, T), mask (B, T, T), owner (B, T)."""
     B, T = len(packs), max(len(p[0]) for p in packs)
-    ids = torch.full((B, T), BOS_ID, dtype=torch.long)
+    ids = torch.zeros((B, T), dtype=torch.long)  # padding id: never attended to by real rows
     pos = torch.zeros(B, T, dtype=torch.long)
     owner = torch.full((B, T), -2, dtype=torch.long)  # -2 = padding
     for b, (i, p, o) in enumerate(packs):
@@ -81,7 +83,7 @@ def predictor_positions(n_ctx: int, conts: Sequence[Sequence[int]]) -> list[list
 
 @torch.no_grad()
 def score_groups(
-    model: Transformer, groups: Sequence[Group], *, batch_size: int = 8,
+    model: Transformer, groups: Sequence[Group], *, prefix: int, batch_size: int = 8,
     routing: RoutingCollector | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[list[Scored]]:
@@ -91,7 +93,7 @@ def score_groups(
     for i, (ctx, conts) in enumerate(groups):
         if not conts or any(len(c) == 0 for c in conts):
             raise TrustmoeError(f"group {i} has an empty continuation")
-        prepared.append(_layout(_truncate(ctx, conts, max_pos), conts))
+        prepared.append(_layout(_truncate(ctx, conts, max_pos), conts, prefix))
     order = sorted(range(len(groups)), key=lambda i: (-len(prepared[i][0]), i))
     out: list[list[Scored]] = [[] for _ in groups]
     was_training = model.training
@@ -132,14 +134,9 @@ def _batch(model: Transformer, packs: list[tuple[list[int], list[int], list[int]
     tgt_pos = torch.tensor([s + k for (_b, s, n) in spans for k in range(n)], device=dev)
     z = logits[rr, ss]  # (n_scored, V)
     targets = ids.to(dev)[rr, tgt_pos]
-    st = {k: v.cpu().numpy() if k == "greedy" else v.double().cpu().numpy()
-          for k, v in _stats(z, targets, 1.0).items()}
+    host = to_host(stats(z, targets))
     tg = targets.cpu().numpy()
     off = 0
     for (b, _s, n) in spans:
-        sl = slice(off, off + n)
-        out[idxs[b]].append(Scored(
-            targets=tg[sl], logprobs=st["logprobs"][sl], greedy=st["greedy"][sl],
-            entropy=st["entropy"][sl], logp_var=st["logp_var"][sl], max_prob=st["max_prob"][sl],
-            max_logit=st["max_logit"][sl], lse=st["lse"][sl], sum_p2=st["sum_p2"][sl]))
+        out[idxs[b]].append(scored_slice(host, tg, slice(off, off + n)))
         off += n

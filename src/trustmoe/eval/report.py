@@ -1,6 +1,7 @@
 """`report.html`: one self-contained page; plots are inline base64 PNGs (matplotlib Agg).
 
-Sections: headline numbers, reliability diagrams, OOD score histograms and ROC curves,
+Sections: what was measured (backend, and what it could not give), headline numbers with
+bootstrap 95% intervals, reliability diagrams, OOD score histograms and ROC curves,
 robustness bars, membership AUROCs, routing heatmaps. With `--compare`, a table puts every
 scalar of two `eval.json` files side by side with the delta. Each plot is also written as a
 PNG next to the page.
@@ -23,7 +24,7 @@ from jinja2 import Environment, select_autoescape
 from trustmoe.io import atomic_write_bytes, atomic_write_text
 
 SKIP_KEYS = {"reliability", "roc", "hist", "layers", "timing_s", "settings", "config",
-             "coactivation", "tokens_per_expert", "load"}
+             "coactivation", "tokens_per_expert", "load", "backend", "examples"}
 
 TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>trustmoe eval — {{ title }}</title>
@@ -40,6 +41,12 @@ img{max-width:100%;border:1px solid #eee;margin:.3em 0} .pos{color:#1a7f37} .neg
 weights sha256 {{ (res.model.weights_sha256 or "n/a")[:16] }}…) · data {{ res.data.dir }}
 ({{ res.data.val_documents }} held-out / {{ res.data.train_documents }} training documents) ·
 seed {{ res.settings.seed }} · {{ "quick" if res.settings.quick else "full" }} mode</p>
+<p>Measured through the <b>{{ res.backend.kind }}</b> backend{% if res.backend.quantize %}
+({{ res.backend.quantize }} weights){% endif %}{% if res.backend.url %} at
+{{ res.backend.url }} (model {{ res.backend.model }}){% endif %}.
+{% if res.backend.limits %}What this backend cannot give, and what was done instead:</p>
+<ul>{% for k, v in res.backend.limits.items() %}<li><b>{{ k }}</b>: {{ v }}</li>{% endfor %}</ul>
+{% else %}</p>{% endif %}
 <h2>Headline</h2>
 <table><tr><th>metric</th><th>value</th></tr>
 {% for k, v in headline %}<tr><td>{{ k }}</td><td>{{ v }}</td></tr>{% endfor %}</table>
@@ -49,9 +56,11 @@ seed {{ res.settings.seed }} · {{ "quick" if res.settings.quick else "full" }} 
 <td class="{{ 'pos' if d and d[0] != '-' else 'neg' }}">{{ d }}</td></tr>{% endfor %}</table>
 {% endif %}
 <h2>Multiple-choice tasks</h2>
-<table><tr><th>task</th><th>n</th><th>acc</th><th>acc_norm</th><th>chance</th></tr>
+<table><tr><th>task</th><th>n</th><th>acc</th><th>acc 95% CI</th><th>acc_norm</th>
+<th>chance</th></tr>
 {% for name, m in res.tasks.items() %}<tr><td>{{ name }}</td><td>{{ m.n }}</td>
 <td>{{ "%.3f ± %.3f"|format(m.acc, m.acc_stderr or 0) }}</td>
+<td>{{ ci(m.acc_ci95_low, m.acc_ci95_high) }}</td>
 <td>{{ "%.3f ± %.3f"|format(m.acc_norm, m.acc_norm_stderr or 0) }}</td>
 <td>{{ "%.3f"|format(m.chance) }}</td></tr>{% endfor %}</table>
 {% for name, img in plots %}<h2>{{ name }}</h2><img alt="{{ name }}"
@@ -186,28 +195,59 @@ def _membership_plot(res: dict[str, Any]) -> Any:
     return fig
 
 
+def ci(lo: float | None, hi: float | None) -> str:
+    """A 95% interval as text ("n/a" when not computed)."""
+    if lo is None or hi is None:
+        return "n/a"
+    return f"[{_fmt(lo)}, {_fmt(hi)}]"
+
+
 def headline(res: dict[str, Any]) -> list[tuple[str, str]]:
     p, nt = res["perplexity"], res["calibration"]["next_token"]
-    rows = [("perplexity", _fmt(p["perplexity"])), ("bits per byte", _fmt(p["bits_per_byte"])),
-            ("next-token ECE (15 bins) before → after T",
-             f"{_fmt(nt['test_before']['ece_15_equal_width'])} → "
-             f"{_fmt(nt['test_after']['ece_15_equal_width'])} (T={nt['temperature']:.3f})"),
+    est = " (estimated from top-k)" if nt.get("estimated") else ""
+    tb = nt["test_before"]
+    rows = [("perplexity (95% CI)", f"{_fmt(p['perplexity'])} "
+             f"{ci(p.get('perplexity_ci95_low'), p.get('perplexity_ci95_high'))}"),
+            ("bits per byte", _fmt(p["bits_per_byte"])),
+            (f"next-token ECE (15 bins) before → after T{est}",
+             f"{_fmt(tb['ece_15_equal_width'])} {ci(tb.get('ece_ci95_low'), tb.get('ece_ci95_high'))}"
+             f" → {_fmt(nt['test_after']['ece_15_equal_width'])} (T={nt['temperature']:.3f})"),
             ("next-token ECE (10 equal-mass)", _fmt(nt["all_tokens"]["ece_10_equal_mass"])),
             ("next-token Brier / NLL", f"{_fmt(nt['all_tokens']['brier'])} / "
                                        f"{_fmt(nt['all_tokens']['nll'])}")]
     for name, r in res["ood"].items():
         m = r["scores"][r["best"]]
         rows.append((f"OOD {name} (best: {r['best']})",
-                     f"AUROC {_fmt(m['auroc'])}, FPR@95 {_fmt(m['fpr_at_95tpr'])}"))
+                     f"AUROC {_fmt(m['auroc'])} {ci(m.get('auroc_ci95_low'), m.get('auroc_ci95_high'))}"
+                     f", FPR@95 {_fmt(m['fpr_at_95tpr'])}"))
     a = res["attack"]
-    rows.append(("attack success rate (≤{} subs)".format(a["max_substitutions"]),
+    rows.append(("attack success rate (≤{} subs, {})".format(a["max_substitutions"],
+                                                           a.get("method", "gradient")),
                  f"{_fmt(a['attack_success_rate'])} "
                  f"(acc {_fmt(a['original_accuracy'])} → {_fmt(a['accuracy_under_attack'])})"))
     rows.append(("membership best AUROC", _fmt(res["membership"]["max_auroc"])))
+    ext = res["membership"].get("extraction") or {}
+    if ext:
+        rows.append(("verbatim extraction, training / held-out",
+                     f"{_fmt(ext['members']['exact_match_rate'])} / "
+                     f"{_fmt(ext['nonmembers']['exact_match_rate'])}"))
+    con = res.get("contamination") or {}
+    if con:
+        rows.append(("task items found in training data (13-grams)",
+                     f"{con['hits']} of {con['items']} (dataset audit: "
+                     f"{'n/a' if con['dataset_audit_hits'] is None else con['dataset_audit_hits']})"))
+    q = res.get("quantization") or {}
+    if q.get("quantize"):
+        rows.append((f"{q['quantize']} vs fp32 perplexity",
+                     "n/a" if q["perplexity_delta"] is None else
+                     f"{_fmt(q['fp32_perplexity'])} → {_fmt(p['perplexity'])} "
+                     f"({100 * q['perplexity_delta']:+.3f}%)"))
     moe = res["moe"].get("id") or {}
     if moe:
         rows.append(("dead experts / router entropy", f"{_fmt(moe['dead_fraction'])} / "
                                                       f"{_fmt(moe['router_entropy'])}"))
+    elif res["moe"].get("unavailable"):
+        rows.append(("MoE routing", "not measured on this backend"))
     return rows
 
 
@@ -226,7 +266,7 @@ def write_report(out_dir: Path, res: dict[str, Any], other: dict[str, Any] | Non
         plots.append((title, base64.b64encode(data).decode("ascii")))
     env = Environment(autoescape=select_autoescape(default=True))
     html = env.from_string(TEMPLATE).render(
-        title=Path(res["model"]["dir"]).name, res=res, headline=headline(res), plots=plots,
+        title=Path(res["model"]["dir"]).name, res=res, headline=headline(res), plots=plots, ci=ci,
         compare=compare_rows(res, other) if other else None,
         compare_title=(other or {}).get("model", {}).get("dir", "other"),
     )

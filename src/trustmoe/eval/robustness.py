@@ -20,7 +20,7 @@ import numpy as np
 from trustmoe.eval.tasks import Instance, Task, mean_stderr, score_task
 
 if TYPE_CHECKING:
-    from trustmoe.model.transformer import Transformer
+    from trustmoe.eval.lm import LM
 
 KEYBOARD_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
 CONTRACTIONS = {
@@ -126,13 +126,12 @@ def perturb_task(task: Task, name: str, seed: int) -> Task:
 
 
 def robustness(
-    model: Transformer, encode: Callable[[str], list[int]], task: Task, *, seed: int = 0,
-    batch_size: int = 8, perturbations: tuple[str, ...] = tuple(PERTURBATIONS),
+    lm: LM, task: Task, *, seed: int = 0, perturbations: tuple[str, ...] = tuple(PERTURBATIONS),
     base_correct: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Accuracy before/after each perturbation and per-instance worst case."""
+    """Accuracy before/after each perturbation and per-instance worst case (any backend)."""
     if base_correct is None:
-        base_correct = score_task(model, encode, task, batch_size=batch_size).correct()
+        base_correct = score_task(lm, task).correct()
     worst = base_correct.copy()
     per: dict[str, Any] = {}
     for name in perturbations:
@@ -142,7 +141,7 @@ def robustness(
         if changed == 0:
             per[name] = {"changed": 0, "acc": float(base_correct.mean())}
             continue
-        corr = score_task(model, encode, pt, batch_size=batch_size).correct()
+        corr = score_task(lm, pt).correct()
         worst = np.minimum(worst, corr)
         per[name] = {"changed": int(changed), "acc": float(corr.mean()),
                      "delta": float(corr.mean() - base_correct.mean()),

@@ -1,10 +1,30 @@
-"""`run_eval`: one model dir + one dataset dir -> `eval.json`, `report.html`, plots.
+"""`run_eval`: one LM backend + one dataset dir -> `eval.json`, `report.html`, plots.
 
-Every number comes from the one primitive, `loglik`/`score_requests`: one pass over held-out
-documents feeds perplexity, next-token calibration, the OOD in-distribution side, membership
-non-members and ID routing; one pass over training documents feeds the OOD feature model and
-membership members. Sample sizes are fixed by `quick` and the seed, so two runs give the same
-numbers; batch size changes nothing beyond float noise.
+Every number comes through the `LM` interface (`trustmoe.eval.lm`), so the same run measures
+the torch model (`backend="model"`), the engine that `trustmoe serve` runs, fp32 or quantized
+(`backend="engine"`, the default: evaluate what is served), or any OpenAI-compatible server
+(`model_url=`). One pass over held-out documents feeds perplexity, next-token calibration, the
+OOD in-distribution side, membership non-members and ID routing; one pass over training
+documents feeds the OOD feature model and membership members. Sample sizes are fixed by
+`quick` and the seed, so two runs give the same numbers; batch size changes nothing beyond
+float noise. Small held-out splits are evaluated with bootstrap 95% intervals.
+
+eval.json's `summary` block is flat and stable (the registry's promotion gates read it):
+
+- `backend`, `quantize`: what was measured; `estimated_distribution`: true when the
+  distribution summaries are top-k estimates (OpenAI backend).
+- `perplexity`, `perplexity_ci95_low/high`, `bits_per_byte`: held-out documents, whole.
+- `ece`, `ece_ci95_low/high`: next-token ECE (15 equal-width bins, test half, T = 1);
+  `ece_after_temperature`, `temperature`: after temperature scaling.
+- `accuracy`, `accuracy_ci95_low/high`: multiple-choice acc over every task instance.
+- `ood_auroc`, `ood_auroc_ci95_low/high`: the worst OOD set's best-score AUROC.
+- `membership_auroc`: the strongest membership signal (training vs held-out documents).
+- `attack_success_rate`: token-substitution attack (gradient or black-box).
+- `contamination_hits`: evaluated task items found in the training split (13-grams);
+  `dataset_contamination_hits`: eval-set items the dataset's own audit found.
+- `extraction_exact_train`, `extraction_exact_heldout`: greedy verbatim extraction rates.
+- `fp32_perplexity`, `quantized_perplexity_delta`: with int8/int4 weights, the float engine's
+  perplexity on the same documents and q / fp32 - 1 (else null).
 """
 
 from __future__ import annotations
@@ -12,7 +32,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,32 +40,16 @@ import torch
 
 from trustmoe.eval import calibration as cal
 from trustmoe.eval import membership as mia
-from trustmoe.eval import ood
+from trustmoe.eval import stages as st
 from trustmoe.eval.corpus import Corpus, load_corpus, read_texts
-from trustmoe.eval.loglik import Scored, loglik
-from trustmoe.eval.moe_diag import RoutingCollector, compare_routing, summarize_routing
-from trustmoe.eval.tasks import Task, builtin_tasks, load_task_file, perplexity, score_task
+from trustmoe.eval.lm import LM, open_lm
+from trustmoe.eval.moe_diag import compare_routing, summarize_routing
+from trustmoe.eval.stages import Sizes
+from trustmoe.eval.tasks import builtin_tasks, load_task_file, perplexity, score_task
 from trustmoe.io import TrustmoeError, atomic_dir, read_json, sha256_file
 
-
-@dataclass
-class Sizes:
-    n_val: int
-    n_train: int
-    max_tokens: int  # per document
-    n_task: int  # instances per built-in task
-    n_robust: int  # instances per task under perturbation
-    n_attack: int
-    attack_subs: int
-    attack_candidates: int
-    n_calib_docs: int  # per calibration split (fit / test)
-    calib_tokens: int  # tokens per calibration document (logits are kept for these)
-
-    @classmethod
-    def for_mode(cls, quick: bool) -> Sizes:
-        if quick:
-            return cls(48, 48, 192, 24, 16, 6, 2, 8, 12, 96)
-        return cls(128, 128, 512, 200, 100, 16, 3, 16, 32, 192)
+__all__ = ["Sizes", "run_eval", "summary"]
+MIN_DOCS = 2  # per split: calibration needs a fit and a test document, membership one each
 
 
 def _json_safe(x: Any) -> Any:
@@ -92,104 +95,220 @@ class _Stages:
             self._p.stop()
 
 
-def _scores(model: Any, docs: list[list[int]], bs: int, window: int, routing: Any = None,
-            hidden: bool = True) -> list[Scored]:
-    return loglik(model, docs, batch_size=bs, max_len=window, stride=max(1, window // 2),
-                  return_hidden=hidden, routing=routing)
+STAGES = ["load data", "held-out pass", "training pass", "quantization", "calibration", "tasks",
+          "robustness", "attack", "ood", "membership", "contamination", "report"]
 
 
 def run_eval(
-    model_dir: Path, data_dir: Path, out_dir: Path, *, quick: bool = False,
-    progress: bool = True, task_files: Sequence[Path] = (), ood_sets: Sequence[Path] = (),
-    compare: Path | None = None, seed: int = 0, batch_size: int = 16,
-    store_temperature: bool = True, device: str | None = None, sizes: Sizes | None = None,
+    model_dir: Path | None, data_dir: Path, out_dir: Path, *, backend: str = "engine",
+    quantize: str | None = None, model_url: str | None = None, tokenizer: Path | None = None,
+    served_model: str | None = None, api_key: str | None = None, top_logprobs: int = 20,
+    quick: bool = False, progress: bool = True, task_files: Sequence[Path] = (),
+    ood_sets: Sequence[Path] = (), compare: Path | None = None, seed: int = 0,
+    batch_size: int = 16, store_temperature: bool = True, device: str | None = None,
+    sizes: Sizes | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a model; write `out_dir/eval.json` + `report.html`; return a short summary."""
-    from trustmoe.model.hf import load
+    """Evaluate a backend; write `out_dir/eval.json` + `report.html`; return a short summary.
 
-    model_dir, data_dir, out_dir = Path(model_dir), Path(data_dir), Path(out_dir)
+    `model_url` selects the OpenAI backend (then `tokenizer` or `model_dir` names the served
+    model's tokenizer dir). The fitted temperature is stored in `model_dir/trustmoe.json` only
+    when the float weights themselves were evaluated (model, or engine without quantization).
+    """
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    model_dir = Path(model_dir) if model_dir is not None else None
+    if model_url is not None:
+        backend = "openai"
     if batch_size < 1:
         raise TrustmoeError(f"batch size must be >= 1, got {batch_size}")
-    _check_out_dir(out_dir, model_dir, data_dir)
+    _check_out_dir(out_dir, *[p for p in (model_dir, data_dir, tokenizer) if p is not None])
     tasks_in = [load_task_file(Path(p)) for p in task_files]  # fail fast on bad input
     ood_in = {Path(p).stem or str(p): read_texts(Path(p)) for p in ood_sets}
     other = read_json(Path(compare) / "eval.json", "comparison eval.json") if compare else None
-    model = load(model_dir, device=device)
-    tok_path = model_dir / "tokenizer.json"
-    if not tok_path.exists():
-        tok_path = data_dir / "tokenizer.json"
-        if not tok_path.exists():
-            raise TrustmoeError(f"no tokenizer.json in {model_dir} or {data_dir}")
+    lm = open_lm(backend, model_dir=model_dir, quantize=quantize, model_url=model_url,
+                 tokenizer=tokenizer, device=device, batch_size=batch_size,
+                 top_logprobs=top_logprobs, api_key=api_key, served_model=served_model)
+    try:
+        res = _evaluate(lm, model_dir, data_dir, out_dir, tasks_in, ood_in, other,
+                        quick=quick, progress=progress, seed=seed, batch_size=batch_size,
+                        sizes=sizes or Sizes.for_mode(quick), device=device)
+    finally:
+        lm.close()
+    floats = lm.kind in ("model", "engine") and res["summary"]["quantize"] is None
+    if store_temperature and model_dir is not None and floats:  # once all else succeeded
+        nt = res["calibration"]["next_token"]
+        cal.store_temperature(model_dir, nt["temperature"], {
+            "method": "temperature scaling (min NLL on held-out tokens)",
+            "backend": lm.kind, "fit_tokens": nt["fit_tokens"],
+            "test_tokens": nt["test_before"]["n"],
+            "ece_before": nt["test_before"]["ece_15_equal_width"],
+            "ece_after": nt["test_after"]["ece_15_equal_width"], "eval_dir": str(out_dir),
+        })
+    return summary(res, out_dir)
+
+
+def _evaluate(lm: LM, model_dir: Path | None, data_dir: Path, out_dir: Path, tasks_in: list[Any],
+              ood_in: dict[str, list[str]], other: dict[str, Any] | None, *, quick: bool,
+              progress: bool, seed: int, batch_size: int, sizes: Sizes, device: str | None
+              ) -> dict[str, Any]:
+    if lm.codec is None:
+        raise TrustmoeError("the model has no tokenizer.json: evaluation needs text")
     torch.manual_seed(seed)
-    sz = sizes or Sizes.for_mode(quick)
-    window = model.config.max_position_embeddings
-    stages = _Stages(["load data", "held-out pass", "training pass", "calibration", "tasks",
-                      "robustness", "attack", "ood", "membership", "report"], progress)
-    res: dict[str, Any] = {"schema": 1}
+    sz = sizes
+    stages = _Stages(STAGES, progress)
+    res: dict[str, Any] = {"schema": 2, "backend": lm.describe()}
     try:
         corpus: Corpus = stages.run("load data", lambda: load_corpus(
-            data_dir, tok_path, n_train=sz.n_train, n_val=sz.n_val, seed=seed,
+            data_dir, lm.codec, n_train=sz.n_train, n_val=sz.n_val, seed=seed,  # type: ignore[arg-type]
             max_tokens=sz.max_tokens))
-        if len(corpus.val) < 4 or len(corpus.train) < 2:
-            raise TrustmoeError(f"{data_dir} has too few documents to evaluate "
-                                f"({len(corpus.val)} held-out, {len(corpus.train)} training)")
+        if len(corpus.val) < MIN_DOCS or len(corpus.train) < MIN_DOCS:
+            raise TrustmoeError(
+                f"{data_dir} has too few documents to evaluate ({len(corpus.val)} held-out, "
+                f"{len(corpus.train)} training; at least {MIN_DOCS} of each): rebuild it with "
+                "more held out (`trustmoe data build --min-val-docs N`)")
         val_texts = [corpus.text(d) for d in corpus.val]
-        rc_id = RoutingCollector(model)
-        with rc_id:
-            val = stages.run("held-out pass", lambda: _scores(model, corpus.val, batch_size,
-                                                               window, rc_id))
-        train = stages.run("training pass", lambda: _scores(model, corpus.train, batch_size,
-                                                             window))
-        res["perplexity"] = perplexity(val, val_texts)
-        res["calibration"] = stages.run("calibration", lambda: _calibration(
-            model, corpus, val, sz, batch_size))
-        res["calibration"]["next_token"]["stored_in_model_dir"] = store_temperature
-        enc = corpus.encode
+        rc_id = lm.routing_collector()
+        if rc_id is not None:
+            with rc_id:
+                val = stages.run("held-out pass", lambda: st.doc_scores(lm, corpus.val, rc_id))
+        else:
+            val = stages.run("held-out pass", lambda: st.doc_scores(lm, corpus.val))
+        train = stages.run("training pass", lambda: st.doc_scores(lm, corpus.train))
+        res["perplexity"] = perplexity(val, val_texts, seed)
+        res["quantization"] = stages.run("quantization", lambda: _quantization(
+            lm, model_dir, corpus, res["perplexity"], batch_size, device))
+        res["calibration"] = stages.run("calibration", lambda: st.calibration(
+            lm, corpus, val, sz, seed))
         tasks = builtin_tasks(corpus, sz.n_task, seed) + tasks_in
         if not tasks:
             raise TrustmoeError("no multiple-choice tasks: held-out documents are too short")
-        scored_tasks = stages.run("tasks", lambda: {
-            t.name: score_task(model, enc, t, batch_size=batch_size) for t in tasks})
+        scored_tasks = stages.run("tasks", lambda: {t.name: score_task(lm, t, seed=seed)
+                                                    for t in tasks})
         res["tasks"] = {k: v.metrics for k, v in scored_tasks.items()}
         res["calibration"]["multiple_choice"] = {
             k: cal.from_probs(v.probs(), v.golds) for k, v in scored_tasks.items()}
-        res["robustness"] = stages.run("robustness", lambda: _robustness(
-            model, enc, tasks, scored_tasks, sz, seed, batch_size))
-        res["attack"] = stages.run("attack", lambda: _attack(model, enc, tasks, sz, seed))
-        res["ood"], routing_ood = stages.run("ood", lambda: _ood(
-            model, corpus, val, train, ood_in, sz, seed, batch_size, window))
-        res["membership"] = stages.run("membership", lambda: mia.membership_metrics(
-            mia.document_scores(train, [corpus.text(d) for d in corpus.train]),
-            mia.document_scores(val, val_texts)))
-        id_routing = summarize_routing(rc_id)
-        res["moe"] = {"id": id_routing, "ood": routing_ood,
-                      "id_vs_ood": {k: compare_routing(id_routing, v)
-                                    for k, v in routing_ood.items()}}
-        res["model"] = {"dir": str(model_dir), "weights_sha256": sha256_file(
-            model_dir / "model.safetensors") if (model_dir / "model.safetensors").exists()
-            else None, "config": model.config.to_dict(),
-            "parameters": model.config.num_parameters()}
+        res["robustness"] = stages.run("robustness", lambda: st.robustness(
+            lm, tasks, scored_tasks, sz, seed))
+        res["attack"] = stages.run("attack", lambda: st.attack(lm, tasks, sz, seed))
+        res["ood"], routing_ood = stages.run("ood", lambda: st.ood_family(
+            lm, corpus, val, train, ood_in, sz, seed))
+        res["membership"] = stages.run("membership", lambda: _membership(
+            lm, corpus, val, train, sz, seed))
+        res["contamination"] = stages.run("contamination", lambda: _contamination(
+            tasks, data_dir))
+        res["moe"] = _moe(lm, rc_id, routing_ood)
+        res["model"] = _model_info(lm, model_dir)
         manifest = data_dir / "manifest.json"
         res["data"] = {"dir": str(data_dir), "manifest_sha256": sha256_file(manifest)
                        if manifest.exists() else None, "val_documents": len(corpus.val),
                        "train_documents": len(corpus.train)}
         res["settings"] = {"quick": quick, "seed": seed, "batch_size": batch_size,
-                           "window": window, **sz.__dict__}
+                           "window": lm.max_length, "backend": lm.kind, **sz.__dict__}
+        res["summary"] = _summary_block(res, scored_tasks, seed)
         from trustmoe.eval.report import write_report
 
         res = _json_safe(res)
         stages.run("report", lambda: _write(out_dir, res, other, stages.timing, write_report))
     finally:
         stages.close()
-    if store_temperature:  # only once everything else succeeded
-        nt = res["calibration"]["next_token"]
-        cal.store_temperature(model_dir, nt["temperature"], {
-            "method": "temperature scaling (min NLL on held-out tokens)",
-            "fit_tokens": nt["fit_tokens"], "test_tokens": nt["test_before"]["n"],
-            "ece_before": nt["test_before"]["ece_15_equal_width"],
-            "ece_after": nt["test_after"]["ece_15_equal_width"], "eval_dir": str(out_dir),
-        })
-    return summary(res, out_dir)
+    return res
+
+
+def _membership(lm: LM, corpus: Corpus, val: list[Any], train: list[Any], sz: Sizes,
+                seed: int) -> dict[str, Any]:
+    from trustmoe.eval.extraction import extraction
+
+    out = mia.membership_metrics(
+        mia.document_scores(train, [corpus.text(d) for d in corpus.train]),
+        mia.document_scores(val, [corpus.text(d) for d in corpus.val]), seed)
+    out["extraction"] = extraction(lm, corpus.train, corpus.val, n=sz.n_extract)
+    return out
+
+
+def _contamination(tasks: list[Any], data_dir: Path) -> dict[str, Any]:
+    from trustmoe.eval.contamination import task_contamination
+
+    return task_contamination(tasks, data_dir)
+
+
+def _quantization(lm: LM, model_dir: Path | None, corpus: Corpus, ppl: dict[str, Any],
+                  batch_size: int, device: str | None) -> dict[str, Any]:
+    """With a quantized engine: the float engine's perplexity on the same documents."""
+    from trustmoe.eval.backend_engine import EngineLM
+
+    q = lm.quantize if isinstance(lm, EngineLM) else None
+    out: dict[str, Any] = {"quantize": q, "fp32_perplexity": None, "perplexity_delta": None}
+    if q is None:
+        return out
+    if model_dir is None or not (model_dir / "model.safetensors").exists():
+        out["note"] = "no float weights beside the quantized artifact: delta not measured"
+        return out
+    with EngineLM.from_dir(model_dir, device=device, batch_size=batch_size) as ref:
+        base = perplexity(st.doc_scores(ref, corpus.val, hidden=False),
+                          [corpus.text(d) for d in corpus.val])
+    out["fp32_perplexity"] = base["perplexity"]
+    out["perplexity_delta"] = ppl["perplexity"] / base["perplexity"] - 1.0
+    return out
+
+
+def _moe(lm: LM, rc_id: Any, routing_ood: dict[str, Any]) -> dict[str, Any]:
+    if rc_id is None:
+        return {"id": {}, "ood": {}, "id_vs_ood": {},
+                "unavailable": lm.caps.limits().get("routing", "")}
+    id_routing = summarize_routing(rc_id)
+    return {"id": id_routing, "ood": routing_ood,
+            "id_vs_ood": {k: compare_routing(id_routing, v) for k, v in routing_ood.items()}}
+
+
+def _model_info(lm: LM, model_dir: Path | None) -> dict[str, Any]:
+    from trustmoe.model.hf import load_config
+
+    weights = None
+    if model_dir is not None:
+        for name in ("model.safetensors", "model.quant.safetensors"):
+            if (model_dir / name).exists():
+                weights = sha256_file(model_dir / name)
+        cfg = load_config(model_dir)
+        return {"dir": str(model_dir), "weights_sha256": weights, "config": cfg.to_dict(),
+                "parameters": cfg.num_parameters()}
+    d = lm.describe()
+    return {"dir": f"{d.get('url')} ({d.get('model')})", "weights_sha256": None, "config": {},
+            "parameters": 0}
+
+
+def _summary_block(res: dict[str, Any], scored_tasks: dict[str, Any], seed: int
+                   ) -> dict[str, Any]:
+    """The flat block gates read (documented in the module docstring)."""
+    ppl, nt = res["perplexity"], res["calibration"]["next_token"]
+    acc = st.pooled_accuracy(scored_tasks, seed)
+    worst = min(res["ood"], key=lambda k: res["ood"][k]["scores"][res["ood"][k]["best"]]["auroc"])
+    best = res["ood"][worst]["scores"][res["ood"][worst]["best"]]
+    mem = res["membership"]
+    ext = mem["extraction"]
+    q = res["quantization"]
+    return {
+        "backend": res["backend"]["kind"], "quantize": q["quantize"],
+        "estimated_distribution": not res["backend"]["exact_distribution"],
+        "perplexity": ppl["perplexity"], "perplexity_ci95_low": ppl["perplexity_ci95_low"],
+        "perplexity_ci95_high": ppl["perplexity_ci95_high"],
+        "bits_per_byte": ppl["bits_per_byte"],
+        "ece": nt["test_before"]["ece_15_equal_width"],
+        "ece_ci95_low": nt["test_before"]["ece_ci95_low"],
+        "ece_ci95_high": nt["test_before"]["ece_ci95_high"],
+        "ece_after_temperature": nt["test_after"]["ece_15_equal_width"],
+        "temperature": nt["temperature"],
+        "accuracy": acc["accuracy"], "accuracy_ci95_low": acc["accuracy_ci95_low"],
+        "accuracy_ci95_high": acc["accuracy_ci95_high"],
+        "ood_auroc": best["auroc"], "ood_auroc_ci95_low": best.get("auroc_ci95_low"),
+        "ood_auroc_ci95_high": best.get("auroc_ci95_high"),
+        "membership_auroc": mem["max_auroc"],
+        "attack_success_rate": res["attack"]["attack_success_rate"],
+        "contamination_hits": res["contamination"]["hits"],
+        "dataset_contamination_hits": res["contamination"]["dataset_audit_hits"],
+        "extraction_exact_train": ext["members"]["exact_match_rate"],
+        "extraction_exact_heldout": ext["nonmembers"]["exact_match_rate"],
+        "fp32_perplexity": q["fp32_perplexity"],
+        "quantized_perplexity_delta": q["perplexity_delta"],
+    }
 
 
 def _check_out_dir(out_dir: Path, *inputs: Path) -> None:
@@ -221,8 +340,13 @@ def summary(res: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     ppl = res["perplexity"]
     nt = res["calibration"]["next_token"]
     oods = {k: v["scores"][v["best"]]["auroc"] for k, v in res["ood"].items()}
+    s = res["summary"]
     return {
-        "perplexity": round(ppl["perplexity"], 3), "bits_per_byte": round(ppl["bits_per_byte"], 4),
+        "backend": s["backend"], "quantize": s["quantize"],
+        "perplexity": round(ppl["perplexity"], 3),
+        "perplexity_ci95": [_r(ppl.get("perplexity_ci95_low"), 3),
+                            _r(ppl.get("perplexity_ci95_high"), 3)],
+        "bits_per_byte": round(ppl["bits_per_byte"], 4),
         "tasks": {k: round(v["acc"], 4) for k, v in res["tasks"].items()},
         "ece_before": round(nt["test_before"]["ece_15_equal_width"], 4),
         "ece_after": round(nt["test_after"]["ece_15_equal_width"], 4),
@@ -230,83 +354,12 @@ def summary(res: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "ood_best_auroc": {k: round(v, 4) for k, v in oods.items()},
         "attack_success_rate": res["attack"].get("attack_success_rate"),
         "membership_max_auroc": round(res["membership"]["max_auroc"], 4),
+        "contamination_hits": s["contamination_hits"],
+        "quantized_perplexity_delta": _r(s["quantized_perplexity_delta"], 5),
         "report": str(out_dir / "report.html"),
         "eval_json": str(out_dir / "eval.json"),
     }
 
 
-def _calibration(model: Any, corpus: Corpus, val: list[Scored], sz: Sizes, bs: int
-                 ) -> dict[str, Any]:
-    """All-token calibration from the stats; temperature fitted on half the docs, tested on the rest."""
-    conf = np.concatenate([s.max_prob for s in val])
-    correct = np.concatenate([s.greedy for s in val]).astype(np.float64)
-    p_true = np.exp(np.concatenate([s.logprobs for s in val]))
-    sum_p2 = np.concatenate([s.sum_p2 for s in val])
-    all_tokens = cal.summary(conf, correct, p_true, sum_p2)
-    fit_docs = [d[: sz.calib_tokens] for d in corpus.val[0::2][: sz.n_calib_docs]]
-    test_docs = [d[: sz.calib_tokens] for d in corpus.val[1::2][: sz.n_calib_docs]]
-    fit = loglik(model, fit_docs, batch_size=bs, return_logits=True)
-    test = loglik(model, test_docs, batch_size=bs, return_logits=True)
-
-    def cat(ss: list[Scored]) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.cat([s.logits for s in ss if s.logits is not None]),
-                torch.from_numpy(np.concatenate([s.targets for s in ss])))
-
-    fz, fy = cat(fit)
-    tz, ty = cat(test)
-    t = cal.fit_temperature(fz, fy)
-    before, after = cal.from_logits(tz, ty, 1.0), cal.from_logits(tz, ty, t)
-    return {"next_token": {"all_tokens": all_tokens, "temperature": t,
-                           "fit_tokens": int(fy.numel()), "test_before": before,
-                           "test_after": after}}
-
-
-def _robustness(model: Any, enc: Any, tasks: list[Task], scored: dict[str, Any], sz: Sizes,
-                seed: int, bs: int) -> dict[str, Any]:
-    from trustmoe.eval.robustness import robustness
-
-    out = {}
-    for t in tasks:
-        sub = Task(t.name, t.instances[: sz.n_robust])
-        base = scored[t.name].correct()[: sz.n_robust]
-        out[t.name] = robustness(model, enc, sub, seed=seed, batch_size=bs, base_correct=base)
-    return out
-
-
-def _attack(model: Any, enc: Any, tasks: list[Task], sz: Sizes, seed: int) -> dict[str, Any]:
-    from trustmoe.eval.attack import run_attack
-
-    task = next((t for t in tasks if t.name == "next-words"), tasks[0])
-    return run_attack(model, enc, task, n=sz.n_attack, max_subs=sz.attack_subs,
-                      n_candidates=sz.attack_candidates, seed=seed)
-
-
-def _ood(model: Any, corpus: Corpus, val: list[Scored], train: list[Scored],
-         extra: dict[str, list[str]], sz: Sizes, seed: int, bs: int, window: int
-         ) -> tuple[dict[str, Any], dict[str, Any]]:
-    feats = np.stack([s.hidden for s in train if s.hidden is not None])
-    fm = ood.FeatureModel.fit(feats)
-    id_scores = ood.sequence_scores(val, fm)
-    val_texts = [corpus.text(d) for d in corpus.val]
-    sets: dict[str, list[list[int]]] = {
-        "shuffled-tokens": ood.shuffle_tokens(corpus.val, seed),
-        "char-noise": [corpus.encode(t)[: sz.max_tokens] for t in ood.char_noise(val_texts, seed)],
-    }
-    for name, texts in extra.items():
-        docs = [corpus.encode(t)[: sz.max_tokens] for t in texts[: sz.n_val]]
-        sets[f"ood:{name}"] = [d for d in docs if d]
-    scores, routing = {}, {}
-    for name, docs in sets.items():
-        if not docs:
-            raise TrustmoeError(f"OOD set {name} has no tokens after tokenization")
-        rc = RoutingCollector(model)
-        with rc:
-            scored = _scores(model, docs, bs, window, rc)
-        scores[name] = ood.sequence_scores(scored, fm)
-        routing[name] = summarize_routing(rc)
-    result = ood.evaluate_sets(id_scores, scores)
-    for name, s in scores.items():  # keep the raw scores of the best detector for histograms
-        best = result[name]["best"]
-        result[name]["hist"] = {"score": best, "id": id_scores[best].round(5).tolist(),
-                                "ood": s[best].round(5).tolist()}
-    return result, routing
+def _r(x: Any, nd: int) -> float | None:
+    return None if x is None else round(float(x), nd)

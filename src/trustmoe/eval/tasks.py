@@ -4,9 +4,10 @@ Multiple choice follows lm-evaluation-harness exactly: each choice is the contin
 `delimiter + choice` of the context (trailing context whitespace moves to the continuation,
 and the continuation's tokens are those of `context + continuation` after the context's);
 `acc` is the argmax of the summed log-likelihood and `acc_norm` the argmax of the summed
-log-likelihood divided by the choice's length in characters. Each item runs as one packed
-forward pass (`packed.score_groups`), its context computed once for all choices. Standard
-errors are the sample standard deviation over sqrt(n), as lm-eval reports.
+log-likelihood divided by the choice's length in characters. The requests go to any backend
+through `LM.loglikelihood` (the torch backend packs each item into one forward pass, its
+context computed once for all choices). Standard errors are the sample standard deviation over
+sqrt(n), as lm-eval reports; `acc_ci95_low/high` are bootstrap percentile intervals.
 
 Task file: JSONL, one object per line: {"context": str, "choices": [str, ...], "gold": int}
 (optional "delimiter", default " ").
@@ -24,15 +25,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from trustmoe.eval.bootstrap import ci95, mean_ci
 from trustmoe.eval.corpus import iter_jsonl
+from trustmoe.eval.lm import ContinuationRequest
 from trustmoe.eval.loglik import Scored
-from trustmoe.eval.packed import score_groups
 from trustmoe.io import TrustmoeError
 
 if TYPE_CHECKING:
     from trustmoe.eval.corpus import Corpus
+    from trustmoe.eval.lm import LM
     from trustmoe.eval.moe_diag import RoutingCollector
-    from trustmoe.model.transformer import Transformer
 
 
 @dataclass
@@ -124,41 +126,74 @@ def builtin_tasks(corpus: Corpus, n: int, seed: int = 0, n_choices: int = 4) -> 
 
     next-line: given up to 4 lines of a document, pick its real next line among lines of other
     documents. next-words: given up to 48 words of a document, pick its real next 8 words
-    among 8-word spans of other documents.
+    among 8-word spans of other documents. One instance per document first; when that gives
+    fewer than n (a small held-out split), further rounds take other positions of the same
+    documents until n or until every position is used.
     """
     texts = [corpus.text(d) for d in corpus.val]
     rng = random.Random(seed)
     tasks = []
     lines = [[ln for ln in t.split("\n") if ln.strip()] for t in texts]
     pool = [(i, ln) for i, ls in enumerate(lines) for ln in ls[1:]]
-    inst: list[Instance] = []
-    for i, ls in enumerate(lines):
-        if len(ls) < 2 or len(inst) >= n:
-            continue
-        k = rng.randrange(1, len(ls))
+
+    def next_line(i: int, k: int) -> Instance | None:
+        ls = lines[i]
         wrong = [ln for j, ln in pool if j != i and ln != ls[k]]
         if len(set(wrong)) < n_choices - 1:
-            continue
-        inst.append(_mc("\n".join(ls[max(0, k - 4):k]) + "\n", ls[k], rng.sample(sorted(set(wrong)),
-                                                                     n_choices - 1), rng, ""))
+            return None
+        return _mc("\n".join(ls[max(0, k - 4):k]) + "\n", ls[k],
+                   rng.sample(sorted(set(wrong)), n_choices - 1), rng, "")
+
+    inst = _rounds([range(1, len(ls)) if len(ls) >= 2 else range(0) for ls in lines], n, rng,
+                   next_line)
     if len(inst) >= 4:
         tasks.append(Task("next-line", inst))
     words = [re.findall(r"\S+", t) for t in texts]
     spans = [(i, " ".join(w[s:s + 8])) for i, w in enumerate(words)
              for s in range(4, max(4, len(w) - 8), 8)]
-    inst = []
-    for i, w in enumerate(words):
-        if len(w) < 12 or len(inst) >= n:
-            continue
-        c = rng.randrange(4, len(w) - 7)
+
+    def next_words(i: int, c: int) -> Instance | None:
+        w = words[i]
         gold = " ".join(w[c:c + 8])
         wrong = sorted({s for j, s in spans if j != i and s != gold})
         if len(wrong) < n_choices - 1:
-            continue
-        inst.append(_mc(" ".join(w[max(0, c - 48):c]), gold, rng.sample(wrong, n_choices - 1), rng, " "))
+            return None
+        return _mc(" ".join(w[max(0, c - 48):c]), gold, rng.sample(wrong, n_choices - 1), rng, " ")
+
+    inst = _rounds([range(4, len(w) - 7) if len(w) >= 12 else range(0) for w in words], n, rng,
+                   next_words)
     if len(inst) >= 4:
         tasks.append(Task("next-words", inst))
     return tasks
+
+
+def _rounds(positions: list[range], n: int, rng: random.Random,
+            make: Callable[[int, int], Instance | None]) -> list[Instance]:
+    """Up to n instances: a random position of each document per round, never one twice."""
+    inst: list[Instance] = []
+    used: set[tuple[int, int]] = set()
+    first = True
+    while len(inst) < n:
+        for i, pos in enumerate(positions):
+            if len(inst) >= n:
+                break
+            if first:  # one random position per document (the rng order of earlier versions)
+                if not pos:
+                    continue
+                k = rng.randrange(pos.start, pos.stop)
+            else:
+                free = [x for x in pos if (i, x) not in used]
+                if not free:
+                    continue
+                k = rng.choice(free)
+            used.add((i, k))
+            made = make(i, k)
+            if made is not None:
+                inst.append(made)
+        first = False
+        if all((i, x) in used for i, pos in enumerate(positions) for x in pos):
+            break
+    return inst
 
 
 def _mc(context: str, gold: str, wrong: list[str], rng: random.Random, delim: str) -> Instance:
@@ -182,24 +217,34 @@ def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: 
     return ctx, whole[len(ctx):]
 
 
-def score_task(
-    model: Transformer, encode: Callable[[str], list[int]], task: Task, *,
-    batch_size: int = 8, routing: RoutingCollector | None = None,
-) -> TaskResult:
-    groups = []
+def lm_encoder(lm: LM) -> Callable[[str], list[int]]:
+    """Text -> ids without BOS with the LM's codec (requests add the BOS)."""
+    codec = lm.codec
+    if codec is None:
+        raise TrustmoeError("this backend has no tokenizer: text tasks need one")
+    return lambda text: codec.encode(text, add_bos=False)
+
+
+def score_task(lm: LM, task: Task, *, routing: RoutingCollector | None = None,
+               seed: int = 0) -> TaskResult:
+    encode = lm_encoder(lm)
+    reqs: list[ContinuationRequest] = []
+    spans: list[tuple[int, int]] = []
     for inst in task.instances:
         pairs = [encode_pair(encode, inst.context, inst.delimiter + ch) for ch in inst.choices]
-        groups.append((pairs[0][0], [cont for _ctx, cont in pairs]))
-    # one packed forward per instance: the context is computed once for all its choices
-    scored = score_groups(model, groups, batch_size=batch_size, routing=routing)
-    lls = [[s.total for s in per] for per in scored]
+        spans.append((len(reqs), len(pairs)))
+        reqs += [ContinuationRequest(ctx, cont) for ctx, cont in pairs]
+    flat = lm.loglikelihood(reqs, routing=routing)
+    lls = [[s.total for s in flat[a:a + n]] for a, n in spans]
     res = TaskResult(
         name=task.name, lls=[np.array(x) for x in lls], golds=[x.gold for x in task.instances],
         choice_chars=[np.array([float(len(c)) for c in x.choices]) for x in task.instances],
     )
     acc, acc_norm = res.correct(False), res.correct(True)
+    lo, hi = mean_ci(acc, seed)
     res.metrics = {
         "n": len(task.instances), "acc": float(acc.mean()), "acc_stderr": mean_stderr(acc),
+        "acc_ci95_low": lo, "acc_ci95_high": hi,
         "acc_norm": float(acc_norm.mean()), "acc_norm_stderr": mean_stderr(acc_norm),
         "chance": float(np.mean([1 / len(x.choices) for x in task.instances])),
     }
@@ -209,18 +254,29 @@ def score_task(
 # ---------------------------------------------------------------- perplexity
 
 
-def perplexity(scored: Sequence[Scored], texts: Sequence[str]) -> dict[str, float]:
-    """Token perplexity, bits per UTF-8 byte and word perplexity over whole documents."""
+def perplexity(scored: Sequence[Scored], texts: Sequence[str], seed: int = 0
+               ) -> dict[str, float]:
+    """Token perplexity, bits per UTF-8 byte and word perplexity over whole documents, with
+    bootstrap 95% intervals over documents (documents are the sampling unit)."""
     tokens = sum(s.n for s in scored)
     if tokens == 0:
         raise TrustmoeError("no tokens to compute perplexity on")
-    nll = -sum(s.total for s in scored)
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    doc_nll = np.array([-s.total for s in scored])
+    doc_tok = np.array([float(s.n) for s in scored])
+    doc_bytes = np.array([float(len(t.encode("utf-8"))) for t in texts])
+    nll = float(doc_nll.sum())
+    n_bytes = int(doc_bytes.sum())
     n_words = sum(len(re.findall(r"\S+", t)) for t in texts)
+    p_lo, p_hi = ci95(lambda i: math.exp(doc_nll[i].sum() / max(doc_tok[i].sum(), 1)),
+                      len(scored), seed)
+    b_lo, b_hi = ci95(lambda i: doc_nll[i].sum() / math.log(2) / max(doc_bytes[i].sum(), 1),
+                      len(scored), seed)
     return {
         "documents": len(texts), "tokens": tokens, "bytes": n_bytes,
         "nll_per_token": nll / tokens,
         "perplexity": math.exp(nll / tokens),
+        "perplexity_ci95_low": p_lo, "perplexity_ci95_high": p_hi,
         "bits_per_byte": nll / math.log(2) / max(n_bytes, 1),
+        "bits_per_byte_ci95_low": b_lo, "bits_per_byte_ci95_high": b_hi,
         "word_perplexity": math.exp(nll / max(n_words, 1)),
     }

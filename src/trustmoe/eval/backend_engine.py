@@ -1,0 +1,115 @@
+"""The engine backend: evaluate exactly what `trustmoe serve` runs (fp32, int8 or int4).
+
+Each request goes to the engine as a prompt with `max_tokens=0` and
+`SamplingParams(prompt_logprobs=0, prompt_logits=True)`: the engine's own forward pass (paged
+KV cache, fused and quantized weights, its MoE paths) computes the logits at every prompt
+position, and the summaries are taken from them with the same maths as the torch backend, so
+fp32 numbers agree to float noise and int8/int4 numbers measure the quantized weights.
+Requests are fed through `add_request`/`step` as the scheduler admits them (continuous
+batching); prefix caching is off for scored prompts (every position must be computed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from itertools import count
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from trustmoe.eval.backend_model import engine_generate
+from trustmoe.eval.lm import LM, Capabilities, GenerateRequest, Generation
+from trustmoe.eval.loglik import Request, Scored, check_requests, scored_slice, stats, to_host
+from trustmoe.io import TrustmoeError
+
+if TYPE_CHECKING:
+    from trustmoe.data.tokenizer import TextCodec
+    from trustmoe.engine import Engine
+    from trustmoe.eval.moe_diag import RoutingCollector
+
+_ids = count()
+
+
+class EngineLM(LM):
+    kind = "engine"
+
+    def __init__(self, engine: Engine, *, codec: TextCodec | None = None,
+                 model_dir: Path | None = None) -> None:
+        if codec is None and engine.tokenizer is not None:
+            codec = engine.codec
+        cfg = engine.config
+        prefix = None if codec is not None else (
+            cfg.bos_token_id if cfg.bos_token_id is not None else engine.eos_token_id)
+        super().__init__(codec, engine.max_model_len, cfg.vocab_size, Capabilities(),
+                         prefix_id=prefix)
+        self.engine, self.model_dir = engine, model_dir
+
+    @classmethod
+    def from_dir(cls, model_dir: Path, *, quantize: str | None = None, device: str | None = None,
+                 batch_size: int = 16, tokenizer: Path | None = None) -> EngineLM:
+        """An engine on a model dir (or a quantized artifact); `quantize` as `trustmoe serve`."""
+        from trustmoe.data.tokenizer import TextCodec
+        from trustmoe.engine import Engine
+        from trustmoe.model.hf import load_config
+
+        if batch_size < 1:
+            raise TrustmoeError(f"batch size must be >= 1, got {batch_size}")
+        cfg = load_config(model_dir)
+        try:  # one prefill chunk per window: a scored prompt is never cut
+            engine = Engine(model_dir, quantize=quantize, device=device, max_num_seqs=batch_size,
+                            prefill_chunk=max(256, cfg.max_position_embeddings))
+        except ValueError as e:
+            raise TrustmoeError(f"cannot load {model_dir} into the engine: {e}") from None
+        codec = None
+        tok_dir = tokenizer or (model_dir if (model_dir / "tokenizer.json").exists() else None)
+        if tok_dir is not None:
+            codec = TextCodec.from_dir(tok_dir, bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_id)
+        return cls(engine, codec=codec, model_dir=model_dir)
+
+    @property
+    def quantize(self) -> str | None:
+        q = getattr(self.engine.weights, "quantize", None)
+        return q if isinstance(q, str) else None
+
+    def score(self, requests: Sequence[Request], *, hidden: bool = False, logits: bool = False,
+              routing: RoutingCollector | None = None,
+              on_batch: Callable[[int], None] | None = None) -> list[Scored]:
+        from trustmoe.engine import QueueFullError, SamplingParams
+
+        check_requests(requests, self.max_length)
+        eng = self.engine
+        params = SamplingParams(max_tokens=0, prompt_logprobs=0, prompt_logits=True)
+        base = f"eval-{next(_ids)}-"
+        todo = list(range(len(requests)))[::-1]
+        pending: dict[str, int] = {}
+        results: list[Scored | None] = [None] * len(requests)
+        while todo or pending:
+            while todo:
+                i = todo[-1]
+                try:
+                    pending[eng.add_request(requests[i].ids, params, f"{base}{i}")] = i
+                except QueueFullError:
+                    break
+                todo.pop()
+            for o in eng.step():
+                if not o.finished or o.request_id not in pending:
+                    continue
+                i = pending.pop(o.request_id)
+                if o.prompt_logits is None:
+                    raise TrustmoeError(f"the engine returned no prompt logits for request {i}")
+                r = requests[i]
+                z = o.prompt_logits[r.start - 1:]  # (n, V): rows predicting ids[start:]
+                tgt = torch.tensor(r.ids[r.start:], dtype=torch.long, device=z.device)
+                results[i] = scored_slice(to_host(stats(z, tgt)), tgt.cpu().numpy(), slice(None),
+                                          logits=z.float().cpu() if logits else None)
+                if on_batch is not None:
+                    on_batch(1)
+        return [s for s in results if s is not None]
+
+    def generate_until(self, requests: Sequence[GenerateRequest]) -> list[Generation]:
+        return engine_generate(self.engine, requests, self.prefix_id)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "dir": str(self.model_dir) if self.model_dir else None,
+                "quantize": self.quantize, "device": str(self.engine.device)}
