@@ -119,10 +119,21 @@ def test_cli_errors_are_one_line(model_dir: Path, data_dir: Path, tmp_path: Path
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert "missing field(s) choices, gold" in p.stderr and "Traceback" not in p.stderr
+    for extra, msg in ((["--backend", "model", "--quantize", "int8"], "--backend engine"),
+                       (["--backend", "tpu"], "--backend must be"),
+                       (["--model-url", "http://127.0.0.1:9/v1"], "--tokenizer")):
+        cmd = [sys.executable, "-m", "trustmoe.cli", "eval", str(model_dir), "--data",
+               str(data_dir), "--out", str(tmp_path / "o"), *extra]
+        if extra[0] == "--model-url":
+            cmd.remove(str(model_dir))
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr
     from trustmoe.cli import app
 
     r = CliRunner().invoke(app, ["eval", "--help"])
     assert r.exit_code == 0 and "--ood" in r.output and "--compare" in r.output
+    for flag in ("--backend", "--quantize", "--model-url", "--tokenizer", "--top-logprobs"):
+        assert flag in r.output, flag
 
 
 def test_dense_model_has_no_routing_section(tmp_path: Path, data_dir: Path) -> None:
