@@ -1,4 +1,4 @@
-"""The MoE transformer, its Hugging Face import/export and a simple decode loop."""
+"""The MoE transformer and its Hugging Face import/export (decoding lives in `trustmoe.engine`)."""
 
 from trustmoe.model.hf import ModelLoadError, load, load_config, save_model
 from trustmoe.model.transformer import ModelOutput, Transformer
