@@ -62,13 +62,13 @@ def one_at_a_time(model: Transformer, reqs: list[Request]) -> list[float]:
     return out
 
 
-def engine_backend(model: Transformer, batch_size: int, device: str) -> LM:
+def engine_backend(model: Transformer, batch_size: int) -> LM:
     """The engine backend on the same weights (what `trustmoe serve` would run)."""
     from trustmoe.engine import Engine
     from trustmoe.eval.backend_engine import EngineLM
 
     cfg = model.config
-    return EngineLM(Engine(model, device=device, max_num_seqs=batch_size,
+    return EngineLM(Engine(model, max_num_seqs=batch_size,  # on the module's device
                            prefill_chunk=max(256, cfg.max_position_embeddings)))
 
 
@@ -123,7 +123,7 @@ def main() -> None:
     lm.loglikelihood(ind[:4])  # warm-up
     lm.loglikelihood(mc[:8])
     one_at_a_time(model, reqs[:2])
-    eng = engine_backend(model, args.batch_size, args.device) if args.engine else None
+    eng = engine_backend(model, args.batch_size) if args.engine else None
     t: dict[str, list[float]] = {"ours": [], "naive": [], "packed": [], "mc_naive": []}
     if eng is not None:
         eng.loglikelihood(ind[:4])  # warm-up

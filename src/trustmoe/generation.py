@@ -29,15 +29,16 @@ def open_engine(model: str | Path | Transformer | Engine, *, quantize: str | Non
 
     if isinstance(model, Engine):
         return model
-    if device == "auto":
-        device = None  # the engine's own choice: CUDA when present, else CPU
     tok: Any = tokenizer
     if isinstance(tokenizer, str | Path):
         from trustmoe.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(tokenizer)
+    opts: dict[str, Any] = {"quantize": quantize}
+    if device not in (None, "auto"):  # else the engine's own choice (CUDA when present)
+        opts["device"] = device
     try:
-        return Engine(model, quantize=quantize, device=device, tokenizer=tok)
+        return Engine(model, tokenizer=tok, **opts)
     except ValueError as e:
         raise TrustmoeError(str(e)) from None
 

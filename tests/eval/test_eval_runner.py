@@ -176,17 +176,17 @@ def test_small_corpus_reports_intervals(tmp_path: Path) -> None:
 
     import torch
 
-    from conftest import WORDS
     from trustmoe.config import get_preset
     from trustmoe.data.build import BuildOptions, build_dataset
     from trustmoe.model.hf import save_model
     from trustmoe.model.transformer import Transformer
 
+    words = "the a river stone bird flew over quiet valley morning light green hill".split()
     src = tmp_path / "docs"
     src.mkdir()
     rng = random.Random(0)
     for i in range(10):
-        lines = [" ".join(rng.choice(WORDS) for _ in range(8)).capitalize() + "."
+        lines = [" ".join(rng.choice(words) for _ in range(8)).capitalize() + "."
                  for _ in range(6)]
         (src / f"doc{i}.txt").write_text("\n".join(lines) + "\n")
     data = tmp_path / "data"

@@ -56,9 +56,13 @@ class EngineLM(LM):
         if batch_size < 1:
             raise TrustmoeError(f"batch size must be >= 1, got {batch_size}")
         cfg = load_config(model_dir)
-        try:  # one prefill chunk per window: a scored prompt is never cut
-            engine = Engine(model_dir, quantize=quantize, device=device, max_num_seqs=batch_size,
-                            prefill_chunk=max(256, cfg.max_position_embeddings))
+        opts: dict[str, Any] = {"quantize": quantize, "max_num_seqs": batch_size,
+                                # one prefill chunk per window: a scored prompt is never cut
+                                "prefill_chunk": max(256, cfg.max_position_embeddings)}
+        if device not in (None, "auto"):
+            opts["device"] = device
+        try:
+            engine = Engine(model_dir, **opts)
         except ValueError as e:
             raise TrustmoeError(f"cannot load {model_dir} into the engine: {e}") from None
         codec = None

@@ -131,7 +131,7 @@ class ModelLM(LM):
 
         if self._engine is None:  # the engine's sampler on these very weights
             self._engine = Engine(self.model, tokenizer=self.codec.tokenizer if self.codec
-                                  else None, device=str(self.model.device))
+                                  else None)
         return engine_generate(self._engine, requests, self.prefix_id)
 
     def describe(self) -> dict[str, Any]:
