@@ -124,9 +124,7 @@ def _tokenize_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
     if texts is not None:
         if any(t == "" for t in texts):  # not just a BOS: nothing was asked
             raise APIError(400, "prompt must not be empty", "prompt")
-        if len(texts) == 1:
-            return [state.engine.encode(texts[0])]
-        return state.engine.codec.encode_batch(texts, add_bos=True)
+        return [state.engine.encode(t) for t in texts]
     prompts = [prompt] if prompt and isinstance(prompt[0], int) else list(prompt)
     for p in prompts:
         for t in p:
