@@ -11,7 +11,8 @@ from engine_helpers import random_prompts
 from trustmoe.config import get_preset
 from trustmoe.engine import Engine, SamplingParams
 from trustmoe.engine.fast_decode import FastDecoder
-from trustmoe.model import Transformer, cpu_kernels
+from trustmoe.engine import cpu_kernels
+from trustmoe.model import Transformer
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: kernels not built")
 
@@ -117,7 +118,7 @@ def test_prefill_moe_in_fixed_blocks_is_row_independent() -> None:
     """Batch-invariant prefill runs every expert GEMM in zero-padded blocks of a probed fixed
     size, so a row's result does not depend on which prompts share the step."""
     from trustmoe.engine.invariance import blocked_mm, probe_block_rows
-    from trustmoe.model.quantize import FloatWeight
+    from trustmoe.engine.quantize import FloatWeight
 
     m = _model()
     eng = Engine(m, kv_cache_mb=4)

@@ -15,7 +15,7 @@ from trustmoe.engine.kv_cache import PagedKVCache
 from trustmoe.engine.runner import Chunk, ModelRunner, build_weights
 from trustmoe.io import TrustmoeError
 from trustmoe.model import Transformer
-from trustmoe.model.quantize import (
+from trustmoe.engine.quantize import (
     Int4Weight,
     Int8Weight,
     make_weight,

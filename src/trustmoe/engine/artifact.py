@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from trustmoe.engine.weights import LayerWeights, RunnerWeights, rope_tables
 from trustmoe.io import TrustmoeError, atomic_dir, atomic_write_json, read_json, sha256_file
-from trustmoe.model.quantize import FloatWeight, Int4Weight, Int8Weight, Weight
+from trustmoe.engine.quantize import FloatWeight, Int4Weight, Int8Weight, Weight
 
 QUANT_FILE = "model.quant.safetensors"
 META_FILE = "quantization.json"

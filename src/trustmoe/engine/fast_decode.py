@@ -3,7 +3,7 @@
 At batch 1 a layer is ~50 small torch ops whose dispatch costs about as much as reading the
 weights. `FastDecoder.hidden` runs the one-token chunks of a step (up to
 `cpu_kernels.MAX_ROWS` per call) through `tm_attn_block` and `tm_moe_block` of
-`trustmoe/model/csrc/decode.c`: RMSNorm, fused QKV, RoPE, the paged-KV write and attention
+`trustmoe/engine/csrc/decode.c`: RMSNorm, fused QKV, RoPE, the paged-KV write and attention
 read in place through each sequence's slots, the output projection, routing, the selected
 experts and the shared expert, each block in one OpenMP region. Weights stay where the runner
 keeps them (fp32, int8 or int4), described to C once at start-up. Every output element is
@@ -24,9 +24,9 @@ from torch import Tensor
 
 from trustmoe.engine.kv_cache import PagedKVCache
 from trustmoe.engine.weights import RunnerWeights
-from trustmoe.model import cpu_kernels
-from trustmoe.model.cpu_kernels import TmWeight
-from trustmoe.model.quantize import Weight
+from trustmoe.engine import cpu_kernels
+from trustmoe.engine.cpu_kernels import TmWeight
+from trustmoe.engine.quantize import Weight
 
 MAX_EXPERTS = 256  # routing scratch in decode.c
 MAX_HEAD_DIM = 512

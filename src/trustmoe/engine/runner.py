@@ -2,7 +2,7 @@
 
 The runner reads the Transformer's public parameters once (`build_weights`) into a lean
 layout: fused QKV, fused gate+up per expert, every matrix a `Weight` (fp, int8 or int4, see
-`trustmoe.model.quantize`). One call to `forward` runs every scheduled chunk (a prefill piece
+`trustmoe.engine.quantize`). One call to `forward` runs every scheduled chunk (a prefill piece
 or one decode token per sequence) as a single batch: linears over all rows, attention per
 sequence over its own blocks, MoE per row group.
 
@@ -11,7 +11,7 @@ different row counts. With `batch_invariant=True` every matmul is run per *row g
 prefill chunk is its own group (its shape does not depend on the other sequences), and decode
 rows are packed into groups of at most `G` rows, where `G` is probed at start-up as the
 largest row count whose results equal the one-row results bit for bit: 16 on CPU with the
-compiled few-row kernels (`trustmoe.model.cpu_kernels`, invariant by construction), 3 with
+compiled few-row kernels (`trustmoe.engine.cpu_kernels`, invariant by construction), 3 with
 MKL alone on AVX2. So a request's logits are the same bits alone or in any batch.
 
 MoE paths: `sorted` (prefill and CPU decode; tokens grouped by expert, experts read in place),
@@ -32,8 +32,8 @@ from trustmoe.engine.fast_decode import FastDecoder
 from trustmoe.engine.invariance import blocked_mm, probe_block_rows, probe_invariant_rows
 from trustmoe.engine.kv_cache import PagedKVCache
 from trustmoe.engine.weights import LayerWeights, RunnerWeights, build_weights, rope_tables
-from trustmoe.model import cpu_kernels
-from trustmoe.model.quantize import FloatWeight, Weight
+from trustmoe.engine import cpu_kernels
+from trustmoe.engine.quantize import FloatWeight, Weight
 
 GATHER_MAX_ROWS = 8  # decode-sized row groups take the gather path when it is on
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from trustmoe.config import ModelConfig
 from trustmoe.model.moe import MoE
-from trustmoe.model.quantize import Weight, make_weight
+from trustmoe.engine.quantize import Weight, make_weight
 from trustmoe.model.transformer import Block, Transformer
 
 

@@ -3,7 +3,7 @@
 Every weight is an object with `mm(x)` = `x @ W.T` (x: (M, K) -> (M, N)) and `nbytes`.
 
 On CPU, inputs of up to `cpu_kernels.MAX_ROWS` rows (decoding) go through the compiled
-few-row kernels of `trustmoe.model.cpu_kernels`: they read W once with both threads, and sum
+few-row kernels of `trustmoe.engine.cpu_kernels`: they read W once with both threads, and sum
 each output in the same order for any row count, so results are batch-invariant. Larger
 inputs (prefill) use torch's GEMM. Where the kernels cannot be built, torch is used throughout.
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trustmoe.model import cpu_kernels
+from trustmoe.engine import cpu_kernels
 
 QUANT_MODES = ("int8", "int4")
 
