@@ -2,22 +2,69 @@
 
 `ModelConfig` uses Hugging Face Mixtral/Llama field names so that `config.json` round-trips
 without a translation table; our own extras (shared expert, capacity factor, z-loss) are
-stored in `trustmoe.json` and default to off.
+stored in `trustmoe.json` and default to off. `resolve_device` is the one device rule.
+(The engine's settings are `trustmoe.engine.config.EngineConfig`.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from trustmoe.io import TrustmoeError
+
+if TYPE_CHECKING:
+    import torch
 
 
-class ConfigError(ValueError):
+class ConfigError(TrustmoeError, ValueError):
     """A configuration value that cannot work (raised with one clear message)."""
+
+
+AUTO_DEVICE = "auto"
+
+
+def resolve_device(spec: str | None = AUTO_DEVICE) -> torch.device:
+    """The one device rule for training, evaluation, generation and the engine.
+
+    "auto" (or None / "") -> "cuda" when CUDA is available, else "cpu"; otherwise "cpu",
+    "cuda", "cuda:N" or "mps", which must exist on this machine. Anything else raises
+    ConfigError with one clear message.
+    """
+    import torch
+
+    if spec is None or spec.strip() in ("", AUTO_DEVICE):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec.strip())
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {spec!r} requested but CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {spec!r} requested but this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"device {spec!r} requested but MPS is not available here")
+    elif dev.type != "cpu":
+        raise ConfigError(f"unsupported device {spec!r}; use auto, cpu, cuda or cuda:N")
+    return dev
 
 
 @dataclass
 class ModelConfig:
+    """The model's shape and options (Hugging Face field names; `trustmoe.json` for extras).
+
+    Training-only options — they change nothing at inference: `capacity_factor` (tokens
+    beyond an expert's capacity are dropped only while the module is in `train()` mode;
+    `eval()`, the engine and its C kernels are dropless everywhere), `router_aux_loss_coef`
+    and `router_z_loss_coef` (loss terms). Every other field is part of the function the
+    model computes, and the engine honours each one (tests/engine/test_parity_matrix.py).
+    """
+
     vocab_size: int = 8192
     hidden_size: int = 256
     intermediate_size: int = 512  # per expert (SwiGLU hidden width)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from trustmoe.config import resolve_device
 from trustmoe.data.tokenizer import load_tokenizer
 from trustmoe.io import TrustmoeError
 from trustmoe.model.hf import load
@@ -22,8 +23,7 @@ def generate_text(
     device: str = "auto",
 ) -> dict[str, Any]:
     model_dir = Path(model_dir)
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else device
-    dev = "cpu" if dev == "auto" else dev
+    dev = resolve_device(device)
     model = load(model_dir, device=dev)
     tok = load_tokenizer(model_dir / "tokenizer.json")
     ids = tok.encode(prompt).ids

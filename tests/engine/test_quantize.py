@@ -12,9 +12,6 @@ from engine_helpers import random_prompts
 from trustmoe.engine import Engine, SamplingParams
 from trustmoe.engine.artifact import QUANT_FILE, save_quantized
 from trustmoe.engine.kv_cache import PagedKVCache
-from trustmoe.engine.runner import Chunk, ModelRunner, build_weights
-from trustmoe.io import TrustmoeError
-from trustmoe.model import Transformer
 from trustmoe.engine.quantize import (
     Int4Weight,
     Int8Weight,
@@ -23,6 +20,11 @@ from trustmoe.engine.quantize import (
     quantize_int8,
     unpack_int4,
 )
+from trustmoe.engine.runner import Chunk, ModelRunner
+from trustmoe.engine.weights import build_weights
+from trustmoe.io import TrustmoeError
+from trustmoe.model import Transformer
+from trustmoe.model.hf import hf_state_dict
 
 
 def _w(N: int = 96, K: int = 128, seed: int = 0) -> torch.Tensor:
@@ -112,7 +114,7 @@ def test_corrupt_artifact_is_one_clear_error(tiny_dir: Path, tmp_path: Path) -> 
 
 def test_gather_moe_path_matches_sorted_path(tiny_model: Transformer) -> None:
     cfg = tiny_model.config
-    w = build_weights(tiny_model)
+    w = build_weights(hf_state_dict(tiny_model), cfg)
     outs = []
     for path in ("sorted", "gather"):
         kv = PagedKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_size, 8, 16,
