@@ -17,7 +17,7 @@
 Inference is dropless: `ModelConfig.capacity_factor` is a training-only option.
 """
 
-from trustmoe.engine.config import EngineConfig
+from trustmoe.config import EngineConfig
 from trustmoe.engine.engine import Engine, EngineStats, GenerationResult
 from trustmoe.engine.output import RequestOutput
 from trustmoe.engine.sampling import SamplingParams, TokenLogprob

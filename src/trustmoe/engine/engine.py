@@ -21,8 +21,8 @@ from typing import Any, cast
 import torch
 from tokenizers import Tokenizer
 
+from trustmoe.config import EngineConfig
 from trustmoe.engine.artifact import load_weights
-from trustmoe.engine.config import EngineConfig
 from trustmoe.engine.kv_cache import BlockPool, PagedKVCache
 from trustmoe.engine.output import OutputBuilder, RequestOutput
 from trustmoe.engine.runner import Chunk, ModelRunner

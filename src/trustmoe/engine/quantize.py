@@ -33,8 +33,6 @@ from torch import Tensor
 
 from trustmoe.engine import cpu_kernels
 
-QUANT_MODES = ("int8", "int4")
-
 
 class Weight:
     """x @ W.T for some stored form of W (N, K)."""

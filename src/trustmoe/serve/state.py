@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from trustmoe.config import SERVER_MAX_CONCURRENCY
 from trustmoe.engine import PromptTooLongError, QueueFullError, RequestOutput, SamplingParams
 from trustmoe.serve.bridge import AsyncEngine, EngineDeadError, ServedEngine, StreamItem
 from trustmoe.serve.chat import ChatTemplate
@@ -71,7 +72,8 @@ class Lease:
 
 class ServerState:
     def __init__(self, engine: ServedEngine, *, model_name: str | None = None,
-                 served_names: list[str] | None = None, max_concurrency: int = 256,
+                 served_names: list[str] | None = None,
+                 max_concurrency: int = SERVER_MAX_CONCURRENCY,
                  chat_template: ChatTemplate | None = None, api_key: str | None = None) -> None:
         self.engine = engine
         self.model_name = model_name or engine.model_name or "trustmoe"
