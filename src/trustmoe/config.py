@@ -192,7 +192,8 @@ class EngineConfig:
     max_queue: int = _f(256, "Most requests waiting for a batch slot; more are refused "
                              "(QueueFullError; HTTP 429).")
     prefill_chunk: int = _f(256, "Most prompt tokens run per step (long prompts are split).")
-    device: str = _f(AUTO_DEVICE, "auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
+    device: str = _f(AUTO_DEVICE, "auto (cuda when available, else cpu; for a Transformer its own "
+                                  "device), cpu, cuda or cuda:N.")
     dtype: str | None = _f(None, "Float weight dtype: None (float32 for a model directory, the "
                                  "module's own for a Transformer), float32, bfloat16 or float16.")
     batch_invariant: bool = _f(True, "A request gives the same bits alone or in any batch "

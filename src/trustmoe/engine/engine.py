@@ -21,7 +21,7 @@ from typing import Any, cast
 import torch
 from tokenizers import Tokenizer
 
-from trustmoe.config import EngineConfig
+from trustmoe.config import AUTO_DEVICE, EngineConfig
 from trustmoe.engine.artifact import load_weights
 from trustmoe.engine.kv_cache import BlockPool, PagedKVCache
 from trustmoe.engine.output import OutputBuilder, RequestOutput
@@ -85,13 +85,18 @@ class Engine:
         """`model`: a model directory (Hugging Face safetensors or a quantized artifact) or a
         `Transformer`. `config`: every setting (default `EngineConfig()`); `overrides` are
         EngineConfig field names, e.g. `Engine(path, quantize="int8", kv_cache_mb=64)`.
+        `device="auto"` is `resolve_device("auto")` for a directory and the module's own
+        device for a `Transformer`.
         Raises ConfigError (a ValueError) naming a setting that cannot work."""
         cfg = (config or EngineConfig()).replace(**overrides) if overrides else (config or EngineConfig())
         cfg.validate()
         self.engine_config = cfg
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
-        dev = cfg.resolve_device()
+        if isinstance(model, Transformer) and cfg.device == AUTO_DEVICE:
+            dev = model.device  # "auto" for a module in memory: where it already is
+        else:
+            dev = cfg.resolve_device()
         self.device = dev
         weights, tok, name = self._load(model, cfg, dev)
         if tokenizer is not None:
