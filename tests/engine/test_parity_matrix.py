@@ -140,11 +140,14 @@ def test_capacity_factor_drops_only_in_training() -> None:
 
 @pytest.mark.parametrize("variant", ["shared-expert", "tied-embeddings", "dense"])
 def test_model_directory_gives_the_same_engine(variant: str, tmp_path: Path) -> None:
-    """Weights read by name from model.safetensors equal those read from the module."""
+    """Weights read by name from model.safetensors equal those read from the module (to fp32
+    round-off: without the kernels' arena, MKL's results depend on the weights' alignment)."""
     m = _model(VARIANTS[variant])
     save_model(m, tmp_path)
     prompts = random_prompts([7, 12], m.config.vocab_size, seed=2)
     a = _engine_run(_engine(m, fast=False), prompts)
     b = _engine_run(_engine(tmp_path, fast=False), prompts)
     for (ia, ra, pa), (ib, rb, pb) in zip(a, b, strict=True):
-        assert ia == ib and pa == pb and torch.equal(ra, rb)
+        assert ia == ib
+        torch.testing.assert_close(ra, rb, atol=ATOL, rtol=0)
+        torch.testing.assert_close(torch.tensor(pa), torch.tensor(pb), atol=ATOL, rtol=0)
