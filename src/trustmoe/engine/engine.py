@@ -88,8 +88,9 @@ class Engine:
         `device="auto"` is `resolve_device("auto")` for a directory and the module's own
         device for a `Transformer`.
         Raises ConfigError (a ValueError) naming a setting that cannot work."""
-        cfg = (config or EngineConfig()).replace(**overrides) if overrides else (config or EngineConfig())
-        cfg.validate()
+        cfg = config or EngineConfig()
+        cfg = cfg.replace(**overrides) if overrides else cfg
+        cfg.validate()  # a config whose fields were assigned after construction
         self.engine_config = cfg
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
