@@ -138,3 +138,22 @@ def test_quantize_model_dir_writes_a_loadable_artifact(tiny_dir: Path, tmp_path:
     with pytest.raises(TrustmoeError, match="int8 or int4"):
         quantize_model_dir(tiny_dir, tmp_path / "bad", "int2")
     assert not (tmp_path / "bad").exists()
+
+
+def test_quantize_command_uses_the_engine_settings(tiny_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from trustmoe.cli import app
+    from trustmoe.config import ConfigError, EngineConfig
+
+    r = CliRunner().invoke(app, ["quantize", str(tiny_dir), str(tmp_path / "q4"), "--method",
+                                 "int4", "--group-size", "32", "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["method"] == "int4" and info["group_size"] == 32
+    assert Engine(tmp_path / "q4", kv_cache_mb=4).weights.quantize == "int4"
+    r = CliRunner().invoke(app, ["quantize", "--help"])
+    assert f"[default: {EngineConfig().group_size}]" in r.output  # the one declared default
+    r = CliRunner().invoke(app, ["quantize", str(tiny_dir), str(tmp_path / "bad"), "--method", "int2"])
+    assert isinstance(r.exception, ConfigError) and "int8" in str(r.exception)
+    assert not (tmp_path / "bad").exists()

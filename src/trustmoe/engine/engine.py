@@ -94,10 +94,9 @@ class Engine:
         self.engine_config = cfg
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
-        if isinstance(model, Transformer) and cfg.device == AUTO_DEVICE:
-            dev = model.device  # "auto" for a module in memory: where it already is
-        else:
-            dev = cfg.resolve_device()
+        in_memory = isinstance(model, Transformer) and cfg.device == AUTO_DEVICE
+        # "auto" for a module in memory: where it already is
+        dev = model.device if isinstance(model, Transformer) and in_memory else cfg.resolve_device()
         self.device = dev
         weights, tok, name = self._load(model, cfg, dev)
         if tokenizer is not None:
