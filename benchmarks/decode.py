@@ -157,7 +157,7 @@ def bench_shape(name: str, shape: dict[str, Any], args: argparse.Namespace) -> d
 
 
 def kernel_note(device: str) -> str:
-    from trustmoe.model import cpu_kernels
+    from trustmoe.engine import cpu_kernels
 
     if device != "cpu":
         return "torch matmuls (int8/int4 dequantized per call)"

@@ -42,7 +42,7 @@ import sys, torch
 torch.set_num_threads(1)
 from trustmoe.engine import Engine
 import trustmoe.data.tokenizer, trustmoe.engine.artifact, trustmoe.model.hf
-from trustmoe.model.quantize import make_weight
+from trustmoe.engine.quantize import make_weight
 x = torch.randn(2, 64)  # page in the BLAS and compile the CPU kernels before the baseline
 for mode in (None, "int8", "int4"):
     make_weight(torch.randn(64, 64), mode, 32).mm(x)

@@ -9,9 +9,10 @@ import torch
 from engine_helpers import random_prompts
 from transformers import AutoModelForCausalLM
 
-from trustmoe.config import get_preset
+from trustmoe.config import ConfigError, get_preset
 from trustmoe.engine import (
     Engine,
+    EngineConfig,
     PromptTooLongError,
     QueueFullError,
     SamplingParams,
@@ -214,3 +215,19 @@ def test_prompt_top_logprobs_match_a_full_forward(tiny_model: Transformer) -> No
         assert list(a.values()) == pytest.approx(list(b.values()), abs=1e-5)
     plain = eng.generate([prompts[0]], params=SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
     assert plain.prompt_logprobs is not None and plain.prompt_top_logprobs is None
+
+
+def test_engine_takes_a_config_and_keyword_overrides(tiny_model: Transformer) -> None:
+    base = EngineConfig(kv_cache_mb=1, block_size=8, max_num_seqs=3, prefill_chunk=32)
+    eng = Engine(tiny_model, base, max_queue=5, device="cpu")
+    c = eng.engine_config
+    assert (c.kv_cache_mb, c.block_size, c.max_num_seqs, c.max_queue, c.device) == (1, 8, 3, 5, "cpu")
+    assert base.max_queue == 256  # the caller's config is not changed
+    assert eng.block_size == 8 and eng.scheduler.max_num_seqs == 3 and eng.scheduler.max_queue == 5
+    assert eng.scheduler.prefill_chunk == 32
+    per_block = 2 * 2 * 2 * 8 * 16 * 4  # K and V, layers, kv heads, block, head dim, fp32
+    assert eng.pool.num_blocks == 2**20 // per_block
+    with pytest.raises(ConfigError, match="unknown engine setting"):
+        Engine(tiny_model, bogus=1)
+    with pytest.raises(ConfigError, match="unknown device 'gpu'"):
+        Engine(tiny_model, device="gpu")

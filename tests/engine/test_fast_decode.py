@@ -9,9 +9,9 @@ import torch
 from engine_helpers import random_prompts
 
 from trustmoe.config import get_preset
-from trustmoe.engine import Engine, SamplingParams
+from trustmoe.engine import Engine, SamplingParams, cpu_kernels
 from trustmoe.engine.fast_decode import FastDecoder
-from trustmoe.model import Transformer, cpu_kernels
+from trustmoe.model import Transformer
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: kernels not built")
 
@@ -87,7 +87,7 @@ def test_more_rows_than_one_kernel_call_takes() -> None:
 
 def test_unsupported_says_why() -> None:
     m = _model()
-    eng = Engine(m, kv_cache_mb=4, dtype=torch.bfloat16)
+    eng = Engine(m, kv_cache_mb=4, dtype="bfloat16")
     assert eng.runner.fast is None
     assert FastDecoder.unsupported(eng.weights, eng.kv, torch.device("cpu")) == "not fp32"
 
@@ -96,9 +96,10 @@ def test_unsupported_says_why() -> None:
 def test_weights_are_packed_in_read_order_without_changing_them(mode: str | None) -> None:
     from trustmoe.engine.arena import pack_weights
     from trustmoe.engine.weights import build_weights
+    from trustmoe.model.hf import hf_state_dict
 
     m = _model(shared_expert_intermediate_size=48)
-    w = build_weights(m, mode, group_size=16)
+    w = build_weights(hf_state_dict(m), m.config, mode, group_size=16)
     order = []
     for lw in w.layers:
         order += [lw.wqkv, lw.wo, lw.router, lw.shared_gate, lw.shared13, lw.shared2]
@@ -117,7 +118,7 @@ def test_prefill_moe_in_fixed_blocks_is_row_independent() -> None:
     """Batch-invariant prefill runs every expert GEMM in zero-padded blocks of a probed fixed
     size, so a row's result does not depend on which prompts share the step."""
     from trustmoe.engine.invariance import blocked_mm, probe_block_rows
-    from trustmoe.model.quantize import FloatWeight
+    from trustmoe.engine.quantize import FloatWeight
 
     m = _model()
     eng = Engine(m, kv_cache_mb=4)

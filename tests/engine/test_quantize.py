@@ -12,10 +12,7 @@ from engine_helpers import random_prompts
 from trustmoe.engine import Engine, SamplingParams
 from trustmoe.engine.artifact import QUANT_FILE, save_quantized
 from trustmoe.engine.kv_cache import PagedKVCache
-from trustmoe.engine.runner import Chunk, ModelRunner, build_weights
-from trustmoe.io import TrustmoeError
-from trustmoe.model import Transformer
-from trustmoe.model.quantize import (
+from trustmoe.engine.quantize import (
     Int4Weight,
     Int8Weight,
     make_weight,
@@ -23,6 +20,11 @@ from trustmoe.model.quantize import (
     quantize_int8,
     unpack_int4,
 )
+from trustmoe.engine.runner import Chunk, ModelRunner
+from trustmoe.engine.weights import build_weights
+from trustmoe.io import TrustmoeError
+from trustmoe.model import Transformer
+from trustmoe.model.hf import hf_state_dict
 
 
 def _w(N: int = 96, K: int = 128, seed: int = 0) -> torch.Tensor:
@@ -112,7 +114,7 @@ def test_corrupt_artifact_is_one_clear_error(tiny_dir: Path, tmp_path: Path) -> 
 
 def test_gather_moe_path_matches_sorted_path(tiny_model: Transformer) -> None:
     cfg = tiny_model.config
-    w = build_weights(tiny_model)
+    w = build_weights(hf_state_dict(tiny_model), cfg)
     outs = []
     for path in ("sorted", "gather"):
         kv = PagedKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_size, 8, 16,
@@ -135,4 +137,23 @@ def test_quantize_model_dir_writes_a_loadable_artifact(tiny_dir: Path, tmp_path:
     assert eng.weights.quantize == "int8" and eng.tokenizer is not None
     with pytest.raises(TrustmoeError, match="int8 or int4"):
         quantize_model_dir(tiny_dir, tmp_path / "bad", "int2")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_quantize_command_uses_the_engine_settings(tiny_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from trustmoe.cli import app
+    from trustmoe.config import ConfigError, EngineConfig
+
+    r = CliRunner().invoke(app, ["quantize", str(tiny_dir), str(tmp_path / "q4"), "--method",
+                                 "int4", "--group-size", "32", "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["method"] == "int4" and info["group_size"] == 32
+    assert Engine(tmp_path / "q4", kv_cache_mb=4).weights.quantize == "int4"
+    r = CliRunner().invoke(app, ["quantize", "--help"])
+    assert f"[default: {EngineConfig().group_size}]" in r.output  # the one declared default
+    r = CliRunner().invoke(app, ["quantize", str(tiny_dir), str(tmp_path / "bad"), "--method", "int2"])
+    assert isinstance(r.exception, ConfigError) and "int8" in str(r.exception)
     assert not (tmp_path / "bad").exists()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trustmoe.config import ModelConfig, get_preset
+from trustmoe.model import functional as tf
 from trustmoe.model.moe import (
     MoE,
     RouterOutput,
@@ -29,28 +30,39 @@ ATOL = 1e-5
 
 
 def reference_moe(moe: MoE, x: Tensor, capacity_factor: float | None = None) -> Tensor:
-    """Loop over experts, straight from the definition. x: (..., d) -> (..., d)."""
+    """The functional core's loop-over-experts definition on this layer's weights.
+
+    x: (..., d) -> (..., d)."""
     flat = x.reshape(-1, x.shape[-1])  # (N, d)
-    N, E, k, h = flat.shape[0], moe.num_experts, moe.top_k, moe.hidden
-    probs = torch.softmax((flat @ moe.gate.weight.T).float(), dim=-1)  # (N, E)
-    weights, chosen = torch.topk(probs, k, dim=-1)  # (N, k)
-    if moe.norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    y = torch.zeros_like(flat)
-    for e in range(E):
-        tok, slot = torch.where(chosen == e)  # token order
-        if capacity_factor is not None:  # an expert keeps its first `capacity` tokens
-            capacity = max(1, math.ceil(capacity_factor * N * k / E))
-            tok, slot = tok[:capacity], slot[:capacity]
-        w1, w3, w2 = moe.w13[e, :h], moe.w13[e, h:], moe.w2[e]
-        out = (F.silu(flat[tok] @ w1.T) * (flat[tok] @ w3.T)) @ w2.T  # (n_e, d)
-        y = y.index_add(0, tok, out * weights[tok, slot, None])
+    shared = None
     if moe.shared_expert is not None and moe.shared_expert_gate is not None:
         se = moe.shared_expert
-        shared = (F.silu(flat @ se.gate_proj.weight.T) * (flat @ se.up_proj.weight.T)) \
-            @ se.down_proj.weight.T
-        y = y + torch.sigmoid(flat @ moe.shared_expert_gate.weight.T) * shared
+        shared = (torch.cat([se.gate_proj.weight, se.up_proj.weight]), se.down_proj.weight,
+                  moe.shared_expert_gate.weight)
+    capacity = None if capacity_factor is None else tf.expert_capacity(
+        capacity_factor, flat.shape[0] * moe.top_k, moe.num_experts)
+    y = tf.moe(flat, moe.gate.weight, moe.w13, moe.w2, moe.top_k, moe.norm_topk_prob, shared,
+               capacity)
     return y.view_as(x)
+
+
+def test_core_moe_is_the_textbook_definition() -> None:
+    """`functional.moe` against the formula written out token by token (no sorting at all)."""
+    moe = _moe(_cfg(num_local_experts=5, num_experts_per_tok=2, shared_expert_intermediate_size=24))
+    x = torch.randn(7, 32, generator=torch.Generator().manual_seed(11))
+    h = moe.hidden
+    assert moe.shared_expert is not None and moe.shared_expert_gate is not None
+    se, sg = moe.shared_expert, moe.shared_expert_gate.weight
+    rows = []
+    for t in range(7):
+        p = torch.softmax(moe.gate.weight @ x[t], dim=-1)
+        w, ids = torch.topk(p, 2)
+        w = w / w.sum()
+        y = sum(w[j] * (moe.w2[e] @ (F.silu(moe.w13[e, :h] @ x[t]) * (moe.w13[e, h:] @ x[t])))
+                for j, e in enumerate(ids.tolist()))
+        shared = se.down_proj.weight @ (F.silu(se.gate_proj.weight @ x[t]) * (se.up_proj.weight @ x[t]))
+        rows.append(y + torch.sigmoid(sg @ x[t]) * shared)
+    torch.testing.assert_close(reference_moe(moe, x), torch.stack(rows), rtol=0, atol=ATOL)
 
 
 def _cfg(**kw: object) -> ModelConfig:
@@ -192,6 +204,19 @@ def test_capacity_factor_drops_and_keeps_exactly() -> None:
     assert bool(full_rows.any())
     torch.testing.assert_close(y[full_rows], y_full[full_rows], rtol=0, atol=ATOL)
     assert bool((y[empty_rows] == 0).all())
+
+
+def test_capacity_factor_is_training_only() -> None:
+    """In eval() mode a capacity factor drops nothing: the layer equals the dropless one."""
+    moe = _moe(_cfg(num_local_experts=4, num_experts_per_tok=2, capacity_factor=0.5))
+    with torch.no_grad():
+        moe.gate.weight[0] += 0.8 * moe.gate.weight[1]
+    x = torch.randn(4, 8, 32)
+    assert moe.training and moe(x)[1].dropped > 0
+    moe.eval()
+    y, r = moe(x)
+    assert r.dropped == 0
+    torch.testing.assert_close(y, reference_moe(moe, x), rtol=0, atol=ATOL)
 
 
 def test_large_capacity_factor_is_dropless() -> None:

@@ -73,3 +73,19 @@ def test_serve_process_end_to_end(tiny_model_dir: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
     assert proc.returncode is not None
+
+
+def test_serve_options_are_the_engine_config() -> None:
+    """Every engine option of `trustmoe serve` shows the default EngineConfig declares."""
+    from trustmoe.config import EngineConfig
+
+    r = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "400"})
+    assert r.exit_code == 0
+    cfg = EngineConfig()
+    for opt, value in (("--kv-cache-mb", cfg.kv_cache_mb), ("--block-size", cfg.block_size),
+                       ("--max-num-seqs", cfg.max_num_seqs), ("--max-queue", cfg.max_queue),
+                       ("--prefill-chunk", cfg.prefill_chunk), ("--group-size", cfg.group_size),
+                       ("--device", cfg.device)):
+        line = next(ln for ln in r.output.splitlines() if opt in ln)
+        assert f"[default: {value}]" in line, line
+    assert "--no-batch-invariant" in r.output and "--no-prefix-caching" in r.output

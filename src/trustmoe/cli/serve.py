@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from trustmoe.config import SERVER_MAX_CONCURRENCY, EngineConfig
 from trustmoe.io import TrustmoeError
 
 export_app = typer.Typer(help="Export a model directory to other runtimes' formats.",
@@ -21,22 +22,43 @@ def _check_model_dir(model_dir: Path) -> None:
         raise TrustmoeError(f"{model_dir} is not a model directory (no config.json)")
 
 
+_ENGINE = EngineConfig()  # every engine option's default and help come from this one place
+
+
+def _quantize_mode(value: str) -> str | None:
+    """The CLI spells "no quantization" as `none`."""
+    return None if value == "none" else value
+
+
 def serve_command(
     model_dir: Path = typer.Argument(..., help="HF-format Mixtral/Llama model directory."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all)."),
     port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
-    quantize: str = typer.Option("none", help="Weight-only quantization at load: none|int8|int4."),
-    kv_cache_mb: float = typer.Option(256.0, min=1.0, help="KV-cache memory budget in MiB."),
-    max_num_seqs: int = typer.Option(32, min=1, help="Most sequences in one running batch."),
-    max_queue: int = typer.Option(256, min=1,
-                                  help="Most requests waiting for a batch slot; more get 429."),
+    quantize: str = typer.Option(_ENGINE.quantize or "none",
+                                 help="Weight-only quantization at load: none, int8 or int4."),
+    group_size: int = typer.Option(_ENGINE.group_size, help=EngineConfig.help("group_size")),
+    kv_cache_mb: float = typer.Option(_ENGINE.kv_cache_mb, help=EngineConfig.help("kv_cache_mb")),
+    block_size: int = typer.Option(_ENGINE.block_size, help=EngineConfig.help("block_size")),
+    max_num_seqs: int = typer.Option(_ENGINE.max_num_seqs, help=EngineConfig.help("max_num_seqs")),
+    max_queue: int = typer.Option(_ENGINE.max_queue, help=EngineConfig.help("max_queue")),
+    prefill_chunk: int = typer.Option(_ENGINE.prefill_chunk,
+                                      help=EngineConfig.help("prefill_chunk")),
+    device: str = typer.Option(_ENGINE.device, help=EngineConfig.help("device")),
+    num_threads: int | None = typer.Option(_ENGINE.num_threads,
+                                           help=EngineConfig.help("num_threads")),
+    batch_invariant: bool = typer.Option(_ENGINE.batch_invariant,
+                                         "--batch-invariant/--no-batch-invariant",
+                                         help=EngineConfig.help("batch_invariant")),
+    prefix_caching: bool = typer.Option(_ENGINE.enable_prefix_caching,
+                                        "--prefix-caching/--no-prefix-caching",
+                                        help=EngineConfig.help("enable_prefix_caching")),
     max_concurrency: int = typer.Option(
-        256, min=1, help="Most requests (choices) in flight in the server; more get 429."),
+        SERVER_MAX_CONCURRENCY, min=1,
+        help="Most requests (choices) in flight in the server; more get 429."),
     api_key: str = typer.Option("", envvar="TRUSTMOE_API_KEY", show_default=False,
                                 help="Require `Authorization: Bearer KEY` on every route but "
                                      "/health (or set TRUSTMOE_API_KEY)."),
     served_model_name: str = typer.Option("", help="Model name clients use (default: dir name)."),
-    device: str = typer.Option("", help="cpu or cuda (default: cuda when present)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Serve a model with an OpenAI-compatible API (completions, chat, streaming, metrics).
@@ -46,8 +68,12 @@ def serve_command(
     Retry-After. Stop with Ctrl-C.
     """
     _check_model_dir(model_dir)
-    if quantize not in ("none", "int8", "int4"):
-        raise TrustmoeError(f"--quantize must be none, int8 or int4, got {quantize!r}")
+    config = EngineConfig(  # ConfigError (one line, exit 2) for a setting that cannot work
+        quantize=_quantize_mode(quantize), group_size=group_size, kv_cache_mb=kv_cache_mb,
+        block_size=block_size, max_num_seqs=max_num_seqs, max_queue=max_queue,
+        prefill_chunk=prefill_chunk, device=device, num_threads=num_threads,
+        batch_invariant=batch_invariant, enable_prefix_caching=prefix_caching,
+    )
     # The engine thread shares the cores with the HTTP event loop. OpenMP workers that spin
     # long after each parallel region starve it (a ~5x collapse measured on 2 cores), and ones
     # that sleep at once pay a wake-up at every barrier of the decode kernels; a short spin
@@ -57,11 +83,9 @@ def serve_command(
         os.environ.setdefault("GOMP_SPINCOUNT", "20000")
     from trustmoe.serve.app import serve
 
-    kw = {"device": device} if device else {}
-    serve(model_dir, host, port, quantize=None if quantize == "none" else quantize,
-          kv_cache_mb=kv_cache_mb, max_num_seqs=max_num_seqs, max_queue=max_queue,
-          max_concurrency=max_concurrency, api_key=api_key or None,
-          served_model_name=served_model_name or None, log_level=log_level, **kw)
+    serve(model_dir, host, port, config=config, max_concurrency=max_concurrency,
+          api_key=api_key or None, served_model_name=served_model_name or None,
+          log_level=log_level)
 
 
 @export_app.command("gguf")

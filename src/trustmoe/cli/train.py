@@ -1,4 +1,4 @@
-"""`trustmoe train` and `trustmoe generate`."""
+"""`trustmoe train`, `trustmoe generate` and `trustmoe quantize`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from trustmoe.config import EngineConfig
 from trustmoe.io import TrustmoeError
 
 console = Console()
+_ENGINE = EngineConfig()  # engine option defaults and help come from this one place
 
 
 def train_cmd(
@@ -107,7 +109,7 @@ def quantize_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Model directory to quantize.")],
     out: Annotated[Path, typer.Argument(help="Directory for the quantized artifact.")],
     method: Annotated[str, typer.Option(help="int8 (per output channel) or int4 (group-wise).")] = "int8",
-    group_size: Annotated[int, typer.Option(help="int4 group size (divides the input width).")] = 64,
+    group_size: Annotated[int, typer.Option(help=EngineConfig.help("group_size"))] = _ENGINE.group_size,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Save weight-only quantized weights as their own safetensors artifact.
@@ -115,11 +117,13 @@ def quantize_cmd(
     The artifact (model.quant.safetensors + quantization.json, with the source's SHA-256) loads
     with `trustmoe serve OUT` or `trustmoe.engine.Engine(OUT)`.
     """
+    # the engine's own rules for these settings (one clear error, exit 2)
+    config = EngineConfig(quantize=method, group_size=group_size, device="cpu")
     from trustmoe.engine.artifact import quantize_model_dir
 
-    if group_size <= 0:
-        raise TrustmoeError(f"--group-size must be positive, got {group_size}")
-    res = quantize_model_dir(model_dir, out, method=method, group_size=group_size)
+    if not (model_dir / "config.json").exists():
+        raise TrustmoeError(f"{model_dir} is not a model directory (no config.json)")
+    res = quantize_model_dir(model_dir, out, method=str(config.quantize), group_size=config.group_size)
     if json_out:
         print(json.dumps(res))
     else:

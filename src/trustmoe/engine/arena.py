@@ -16,8 +16,8 @@ import mmap
 import torch
 from torch import Tensor
 
+from trustmoe.engine.quantize import FloatWeight, Int4Weight, Int8Weight, Weight
 from trustmoe.engine.weights import RunnerWeights
-from trustmoe.model.quantize import FloatWeight, Int4Weight, Int8Weight, Weight
 
 ALIGN = 64  # bytes: every tensor starts on its own cache line
 HUGE = 2 << 20  # bytes: the block starts on a huge-page boundary

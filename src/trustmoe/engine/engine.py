@@ -1,10 +1,13 @@
 """The inference engine: requests in, token and text deltas out.
 
-    engine = Engine("runs/demo/model", quantize="int8")
+    engine = Engine("runs/demo/model", quantize="int8")          # or Engine(path, EngineConfig(...))
     engine.generate(["Once upon a time"], max_tokens=32)[0].text
 
-`step()` is one schedule -> execute -> update cycle (see `scheduler.py` and `runner.py`);
-`generate()` drives it until every prompt is done. Not thread-safe: one thread calls `step()`.
+Every setting is a field of `EngineConfig` (`config.py`); keyword overrides are its field
+names. Weights are read by name (`weights.py`), from a model directory or a `Transformer`'s
+Hugging Face state dict. `step()` is one schedule -> execute -> update cycle (see
+`scheduler.py` and `runner.py`); `generate()` drives it until every prompt is done. Not
+thread-safe: one thread calls `step()`.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from typing import Any, cast
 import torch
 from tokenizers import Tokenizer
 
+from trustmoe.config import AUTO_DEVICE, EngineConfig
 from trustmoe.data.tokenizer import TextCodec
+from trustmoe.engine.artifact import load_weights
 from trustmoe.engine.kv_cache import BlockPool, PagedKVCache
-from trustmoe.engine.output import OutputBuilder
+from trustmoe.engine.output import OutputBuilder, RequestOutput
 from trustmoe.engine.runner import Chunk, ModelRunner
 from trustmoe.engine.sampling import (
     SampleState,
@@ -37,28 +42,8 @@ from trustmoe.engine.scheduler import (
     Sequence,
 )
 from trustmoe.engine.weights import RunnerWeights, build_weights
+from trustmoe.model.hf import hf_state_dict
 from trustmoe.model.transformer import Transformer
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    new_token_ids: list[int]
-    new_text: str
-    token_ids: list[int]
-    text: str
-    finished: bool
-    finish_reason: str | None
-    logprobs: list[TokenLogprob]
-    prompt_logprobs: list[float | None] | None
-    num_cached_prompt_tokens: int
-    arrival_time: float
-    first_token_time: float | None
-    # with prompt_logprobs = k > 0: per prompt position (first: None), its top-k alternatives
-    prompt_top_logprobs: list[dict[int, float] | None] | None = None
-    # with SamplingParams.prompt_logits: (P-1, V) fp32 raw logits, row i predicts prompt token i+1
-    prompt_logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -95,92 +80,68 @@ def _release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class Engine:
-    def __init__(
-        self, model: str | Path | Transformer, *, quantize: str | None = None,
-        group_size: int = 64, kv_cache_mb: float = 256, block_size: int = 16,
-        max_num_seqs: int = 32, max_queue: int = 256, prefill_chunk: int = 256,
-        device: str | None = None, dtype: torch.dtype | None = None, tokenizer: Any = None,
-        batch_invariant: bool = True, enable_prefix_caching: bool = True,
-        moe_path: str = "auto", exact_int8: bool = False, num_threads: int | None = None,
-        fast_decode: bool = True,
-    ) -> None:
-        """Extra options beyond the contract: `batch_invariant` (bit-identical results alone or
-        batched; False batches decode matmuls freely for more throughput),
-        `enable_prefix_caching`, `moe_path` ("auto" | "sorted" | "gather"), `exact_int8`
-        (where the compiled CPU kernels are unavailable: weight-only int8 numerics instead of
-        fbgemm's dynamic activation quantization), `num_threads` (sets torch's process-wide
-        intra-op threads; on a busy 2-core machine 1 thread, or OMP_WAIT_POLICY=PASSIVE, avoids
-        OpenMP spin-wait collapses of ~5x) and `fast_decode` (CPU decode rows through the
-        whole-block C kernels of `trustmoe.engine.fast_decode`; False keeps torch ops)."""
-        if num_threads is not None:
-            if not isinstance(num_threads, int) or num_threads < 1:
-                raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
-            torch.set_num_threads(num_threads)
-        if quantize not in (None, "int8", "int4"):
-            raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
-        for name, v in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
-                        ("max_queue", max_queue), ("prefill_chunk", prefill_chunk),
-                        ("group_size", group_size)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if not kv_cache_mb > 0:
-            raise ValueError(f"kv_cache_mb must be > 0, got {kv_cache_mb}")
-        dev = torch.device(device) if device else default_device()
+    def __init__(self, model: str | Path | Transformer, config: EngineConfig | None = None, *,
+                 tokenizer: Tokenizer | None = None, **overrides: Any) -> None:
+        """`model`: a model directory (Hugging Face safetensors or a quantized artifact) or a
+        `Transformer`. `config`: every setting (default `EngineConfig()`); `overrides` are
+        EngineConfig field names, e.g. `Engine(path, quantize="int8", kv_cache_mb=64)`.
+        `device="auto"` is `resolve_device("auto")` for a directory and the module's own
+        device for a `Transformer`.
+        Raises ConfigError (a ValueError) naming a setting that cannot work."""
+        cfg = config or EngineConfig()
+        cfg = cfg.replace(**overrides) if overrides else cfg
+        cfg.validate()  # a config whose fields were assigned after construction
+        self.engine_config = cfg
+        if cfg.num_threads is not None:
+            torch.set_num_threads(cfg.num_threads)
+        in_memory = isinstance(model, Transformer) and cfg.device == AUTO_DEVICE
+        # "auto" for a module in memory: where it already is
+        dev = model.device if isinstance(model, Transformer) and in_memory else cfg.resolve_device()
         self.device = dev
-        weights, tok, name = self._load(model, quantize, group_size, dev, dtype, exact_int8)
+        weights, tok, name = self._load(model, cfg, dev)
         if tokenizer is not None:
             tok = tokenizer
         self.tokenizer: Tokenizer | None = tok
         self.model_name = name
         self.weights: RunnerWeights = weights
-        cfg = weights.cfg
-        self.config = cfg
-        self.max_model_len = cfg.max_position_embeddings
-        self.eos_token_id: int | None = cfg.eos_token_id
+        mcfg = weights.cfg
+        self.config = mcfg
+        self.max_model_len = mcfg.max_position_embeddings
+        self.eos_token_id: int | None = mcfg.eos_token_id
         if self.eos_token_id is None and tok is not None:
             self.eos_token_id = tok.token_to_id("<|endoftext|>")
-        per_block = PagedKVCache.bytes_per_block(cfg.num_hidden_layers, cfg.num_key_value_heads,
-                                                 cfg.head_size, block_size, weights.dtype)
-        num_blocks = max(1, int(kv_cache_mb * 2**20) // per_block)
+        block_size = cfg.block_size
+        per_block = PagedKVCache.bytes_per_block(mcfg.num_hidden_layers, mcfg.num_key_value_heads,
+                                                 mcfg.head_size, block_size, weights.dtype)
+        num_blocks = max(1, int(cfg.kv_cache_mb * 2**20) // per_block)
         self.block_size = block_size
-        self.kv = PagedKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_size,
+        self.kv = PagedKVCache(mcfg.num_hidden_layers, mcfg.num_key_value_heads, mcfg.head_size,
                                num_blocks, block_size, weights.dtype, dev)
-        self.pool = BlockPool(num_blocks, enable_prefix_caching)
-        self.scheduler = Scheduler(self.pool, block_size, max_num_seqs, max_queue,
-                                   prefill_chunk, self.max_model_len, dev)
-        self.runner = ModelRunner(weights, self.kv, dev, batch_invariant, moe_path, fast_decode)
-        self.outputs = OutputBuilder(self)
+        self.pool = BlockPool(num_blocks, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.pool, block_size, cfg.max_num_seqs, cfg.max_queue,
+                                   cfg.prefill_chunk, self.max_model_len, dev)
+        self.runner = ModelRunner(weights, self.kv, dev, cfg.batch_invariant, cfg.moe_path,
+                                  cfg.fast_decode)
+        self.outputs = OutputBuilder(self.decode, self.eos_token_id, self.max_model_len)
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []
         self._ids = itertools.count()
 
     @staticmethod
-    def _load(model: str | Path | Transformer, quantize: str | None, group_size: int,
-              device: torch.device, dtype: torch.dtype | None, exact_int8: bool,
+    def _load(model: str | Path | Transformer, cfg: EngineConfig, device: torch.device,
               ) -> tuple[RunnerWeights, Tokenizer | None, str]:
         if isinstance(model, Transformer):
-            w = build_weights(model, quantize, group_size, device, dtype, exact_int8)
+            dtype = cfg.torch_dtype or model.embed_tokens.weight.dtype
+            w = build_weights(hf_state_dict(model), model.config, cfg.quantize, cfg.group_size,
+                              device, dtype, cfg.exact_int8)
             return w, None, "model"
         from trustmoe.data.tokenizer import load_tokenizer
-        from trustmoe.engine.artifact import is_quantized_dir, load_quantized
-        from trustmoe.model.hf import load
 
         path = Path(model)
         tok = load_tokenizer(path) if (path / "tokenizer.json").exists() else None
-        if is_quantized_dir(path):
-            w = load_quantized(path, device, exact_int8)
-            if quantize is not None and quantize != w.quantize:
-                raise ValueError(f"{path} holds {w.quantize} weights; cannot apply {quantize}")
-            return w, tok, path.resolve().name
-        m = load(path, device="cpu")
-        w = build_weights(m, quantize, group_size, device, dtype, exact_int8)
-        del m
-        _release_freed_memory()  # the float model we read from is garbage now
+        w = load_weights(path, cfg.quantize, cfg.group_size, device, cfg.torch_dtype, cfg.exact_int8)
+        _release_freed_memory()  # the file's tensors we read from are garbage now
         return w, tok, path.resolve().name
 
     # ------------------------------------------------------------ text

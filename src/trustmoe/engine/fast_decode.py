@@ -3,14 +3,16 @@
 At batch 1 a layer is ~50 small torch ops whose dispatch costs about as much as reading the
 weights. `FastDecoder.hidden` runs the one-token chunks of a step (up to
 `cpu_kernels.MAX_ROWS` per call) through `tm_attn_block` and `tm_moe_block` of
-`trustmoe/model/csrc/decode.c`: RMSNorm, fused QKV, RoPE, the paged-KV write and attention
+`trustmoe/engine/csrc/decode.c`: RMSNorm, fused QKV, RoPE, the paged-KV write and attention
 read in place through each sequence's slots, the output projection, routing, the selected
 experts and the shared expert, each block in one OpenMP region. Weights stay where the runner
 keeps them (fp32, int8 or int4), described to C once at start-up. Every output element is
 computed the same way whatever rows share the call, so results are batch-invariant.
 
 Used when the runner is on the CPU in fp32 with the kernels built (`FastDecoder.unsupported`
-says why not otherwise); prefill chunks keep the torch path.
+says why not otherwise); prefill chunks keep the torch path. The C code is an accelerated copy
+of `trustmoe.model.functional` (the same routing formulation, RoPE tables and combine order
+of slots); `tests/engine/test_parity_matrix.py` proves it equal to the model on every option.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from trustmoe.engine import cpu_kernels
+from trustmoe.engine.cpu_kernels import TmWeight
 from trustmoe.engine.kv_cache import PagedKVCache
+from trustmoe.engine.quantize import Weight
 from trustmoe.engine.weights import RunnerWeights
-from trustmoe.model import cpu_kernels
-from trustmoe.model.cpu_kernels import TmWeight
-from trustmoe.model.quantize import Weight
 
 MAX_EXPERTS = 256  # routing scratch in decode.c
 MAX_HEAD_DIM = 512
@@ -112,6 +114,11 @@ class FastDecoder:
         self.nslots = kv.k.shape[2]
         self.k_ptrs = [t.data_ptr() for t in kv.k_layers]
         self.v_ptrs = [t.data_ptr() for t in kv.v_layers]
+        # RoPE: the C code computes x * cos + roll(x, hd/2) * sin_signed, which equals
+        # functional.apply_rope (x * cos + rotate_half(x) * sin) with sin's first half negated
+        half = cfg.head_size // 2
+        self.cos = weights.cos.contiguous()  # (P, hd)
+        self.sin_signed = torch.cat([-weights.sin[:, :half], weights.sin[:, half:]], 1).contiguous()
         self.head = _must(weights.lm_head)
         self.head_p = ctypes.pointer(self.head)
         self.vocab = weights.lm_head.out_features
@@ -143,7 +150,7 @@ class FastDecoder:
         if M == 1:  # views, no gathers
             p = positions[0]
             x = self.w.embed[tokens[0]: tokens[0] + 1].clone()  # (1, d)
-            cos, sin = self.w.cos[p: p + 1], self.w.sin[p: p + 1]  # (1, hd)
+            cos, sin = self.cos[p: p + 1], self.sin_signed[p: p + 1]  # (1, hd)
             slots = slot_lists[0]
             offs = torch.tensor([0, slots.shape[0]])
             new_slot = slots[-1:]
@@ -151,7 +158,7 @@ class FastDecoder:
         else:
             x = self.w.embed[torch.tensor(tokens)]  # (M, d)
             pos = torch.tensor(positions)
-            cos, sin = self.w.cos[pos], self.w.sin[pos]  # (M, hd)
+            cos, sin = self.cos[pos], self.sin_signed[pos]  # (M, hd)
             slots = torch.cat(slot_lists)
             lens = [s.shape[0] for s in slot_lists]
             ends = list(itertools.accumulate(lens))

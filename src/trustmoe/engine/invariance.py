@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from trustmoe.model import cpu_kernels
-from trustmoe.model.quantize import Weight
+from trustmoe.engine import cpu_kernels
+from trustmoe.engine.quantize import Weight
 
 
 def probe_invariant_rows(weights: list[Weight], dtype: torch.dtype, device: torch.device,

@@ -7,15 +7,36 @@ UTF-8 sequence or could still be the start of a stop string.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from trustmoe.engine.sampling import prompt_logprob_values
+from trustmoe.engine.sampling import TokenLogprob, prompt_logprob_values
+from trustmoe.engine.scheduler import Sequence
 
-if TYPE_CHECKING:
-    from trustmoe.engine.engine import Engine, RequestOutput
-    from trustmoe.engine.scheduler import Sequence
+
+@dataclass
+class RequestOutput:
+    """What one engine step says about one request: its new tokens and text, and the totals."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    new_token_ids: list[int]
+    new_text: str
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None
+    logprobs: list[TokenLogprob]
+    prompt_logprobs: list[float | None] | None
+    num_cached_prompt_tokens: int
+    arrival_time: float
+    first_token_time: float | None
+    # with prompt_logprobs = k > 0: per prompt position (first: None), its top-k alternatives
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    # with SamplingParams.prompt_logits: (P-1, V) fp32 raw logits, row i predicts prompt token i+1
+    prompt_logits: torch.Tensor | None = None
 
 
 def top_alternatives(logits: torch.Tensor, k: int) -> list[dict[int, float] | None]:
@@ -40,8 +61,11 @@ def held_back(text: str, stops: list[str]) -> int:
 
 
 class OutputBuilder:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    """Text deltas and stop decisions; needs only the engine's detokenizer, EOS id and context."""
+
+    def __init__(self, decode: Callable[[list[int]], str], eos_token_id: int | None,
+                 max_model_len: int) -> None:
+        self.decode, self.eos_token_id, self.max_model_len = decode, eos_token_id, max_model_len
         self._logits: dict[str, list[torch.Tensor]] = {}  # request id -> prompt logit rows
 
     def add_prompt_logprobs(self, s: Sequence, start: int, logits: torch.Tensor) -> None:
@@ -65,16 +89,15 @@ class OutputBuilder:
     def update_text(self, s: Sequence, token: int) -> None:
         """Append `token`'s text, then decide whether the sequence is finished."""
         p = s.params
-        eng = self.engine
-        special = (token == eng.eos_token_id and not p.ignore_eos) or (
+        special = (token == self.eos_token_id and not p.ignore_eos) or (
             p.stop_token_ids is not None and token in p.stop_token_ids)
         if special:
             s.finished, s.finish_reason = True, "stop"
             self._flush(s, exclude_last=True)
             return
         ids = s.output_ids
-        prefix = eng.decode(ids[s.prefix_offset: s.read_offset])
-        full = eng.decode(ids[s.prefix_offset:])
+        prefix = self.decode(ids[s.prefix_offset: s.read_offset])
+        full = self.decode(ids[s.prefix_offset:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             old = len(s.text)
             s.text += full[len(prefix):]
@@ -87,7 +110,7 @@ class OutputBuilder:
                     s.text = s.text[: min(hits)]
                     s.finished, s.finish_reason = True, "stop"
                     return
-        if len(ids) >= p.max_tokens or len(s.prompt_ids) + len(ids) >= eng.max_model_len:
+        if len(ids) >= p.max_tokens or len(s.prompt_ids) + len(ids) >= self.max_model_len:
             s.finished, s.finish_reason = True, "length"
             self._flush(s, exclude_last=False)
 
@@ -95,8 +118,8 @@ class OutputBuilder:
         """At the end, decode whatever is still pending (e.g. an incomplete UTF-8 tail)."""
         ids = s.output_ids[:-1] if exclude_last else s.output_ids
         if s.read_offset < len(ids):
-            prefix = self.engine.decode(ids[s.prefix_offset: s.read_offset])
-            full = self.engine.decode(ids[s.prefix_offset:])
+            prefix = self.decode(ids[s.prefix_offset: s.read_offset])
+            full = self.decode(ids[s.prefix_offset:])
             s.text += full[len(prefix):]
             s.read_offset = len(ids)
         if s.params.stop:
@@ -106,8 +129,6 @@ class OutputBuilder:
                 s.finish_reason = "stop"
 
     def make(self, s: Sequence, new_ids: list[int], finished: bool) -> RequestOutput:
-        from trustmoe.engine.engine import RequestOutput
-
         end = len(s.text)
         if not finished and s.params.stop:
             end -= held_back(s.text, s.params.stop)

@@ -1,17 +1,20 @@
 """The engine's forward pass over one flat batch of sequence chunks with a paged KV cache.
 
-The runner reads the Transformer's public parameters once (`build_weights`) into a lean
-layout: fused QKV, fused gate+up per expert, every matrix a `Weight` (fp, int8 or int4, see
-`trustmoe.model.quantize`). One call to `forward` runs every scheduled chunk (a prefill piece
-or one decode token per sequence) as a single batch: linears over all rows, attention per
-sequence over its own blocks, MoE per row group.
+The runner works on `RunnerWeights` (read by name, see `weights.py`): fused QKV, fused
+gate+up per expert, every matrix a `Weight` (fp, int8 or int4, see `trustmoe.engine.quantize`).
+Every piece of maths — RMSNorm, RoPE, attention, routing, SwiGLU, the expert combine, the
+shared-expert gate — is `trustmoe.model.functional`'s, the same functions the training model
+calls; this module only batches and groups them. One call to `forward` runs every scheduled
+chunk (a prefill piece or one decode token per sequence) as a single batch: linears over all
+rows, attention per sequence over its own blocks, MoE per row group. Inference is dropless:
+there is no capacity factor here (it is a training-only option of the model).
 
 Batch invariance: GEMM libraries pick different code paths (and so round differently) for
 different row counts. With `batch_invariant=True` every matmul is run per *row group*: a
 prefill chunk is its own group (its shape does not depend on the other sequences), and decode
 rows are packed into groups of at most `G` rows, where `G` is probed at start-up as the
 largest row count whose results equal the one-row results bit for bit: 16 on CPU with the
-compiled few-row kernels (`trustmoe.model.cpu_kernels`, invariant by construction), 3 with
+compiled few-row kernels (`trustmoe.engine.cpu_kernels`, invariant by construction), 3 with
 MKL alone on AVX2. So a request's logits are the same bits alone or in any batch.
 
 MoE paths: `sorted` (prefill and CPU decode; tokens grouped by expert, experts read in place),
@@ -24,16 +27,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from trustmoe.engine import cpu_kernels
 from trustmoe.engine.arena import pack_weights
 from trustmoe.engine.fast_decode import FastDecoder
 from trustmoe.engine.invariance import blocked_mm, probe_block_rows, probe_invariant_rows
 from trustmoe.engine.kv_cache import PagedKVCache
-from trustmoe.engine.weights import LayerWeights, RunnerWeights, build_weights, rope_tables
-from trustmoe.model import cpu_kernels
-from trustmoe.model.quantize import FloatWeight, Weight
+from trustmoe.engine.quantize import FloatWeight, Weight
+from trustmoe.engine.weights import LayerWeights, RunnerWeights
+from trustmoe.model import functional as tf
 
 GATHER_MAX_ROWS = 8  # decode-sized row groups take the gather path when it is on
 
@@ -157,31 +160,23 @@ class ModelRunner:
             new_slots = torch.cat([c.slots[c.start:] for c in chunks])  # (N,)
             cos, sin = self.w.cos[pos].unsqueeze(1), self.w.sin[pos].unsqueeze(1)  # (N, 1, hd)
         groups = self._groups(chunks)
-        masks = [self._mask(c) for c in chunks]
+        masks = [tf.causal_mask(c.start, len(c.tokens), dev) for c in chunks]  # (T, S) or None
         x = self.w.embed[tok]  # (N, d)
         for i, lw in enumerate(self.w.layers):
             x = x + self._attention(i, lw, x, cos, sin, chunks, new_slots, masks, groups)
-            h = _rms(x, lw.ln2, self.cfg.rms_norm_eps)
+            h = tf.rms_norm(x, lw.ln2, self.cfg.rms_norm_eps)
             x = x + self._mlp(lw, h, groups)
         return self._logits(x, chunks)
-
-    def _mask(self, c: Chunk) -> Tensor | None:
-        T = len(c.tokens)
-        if T == 1:
-            return None
-        q = torch.arange(T, device=self.device)[:, None] + c.start
-        k = torch.arange(c.start + T, device=self.device)[None, :]
-        return k <= q  # (T, S)
 
     def _attention(self, layer: int, lw: LayerWeights, x: Tensor, cos: Tensor, sin: Tensor,
                    chunks: list[Chunk], new_slots: Tensor, masks: list[Tensor | None],
                    groups: list[slice]) -> Tensor:
         N = x.shape[0]
         H, Hkv, hd = self.H, self.Hkv, self.hd
-        h = _rms(x, lw.ln1, self.cfg.rms_norm_eps)
+        h = tf.rms_norm(x, lw.ln1, self.cfg.rms_norm_eps)
         qkv = self._lin(h, lw.wqkv, groups)  # (N, (H + 2Hkv) * hd)
         qk = qkv.narrow(1, 0, (H + Hkv) * hd).view(N, H + Hkv, hd)  # RoPE on q and k at once
-        qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)  # cos, sin: (N, 1, hd)
+        qk = tf.apply_rope(qk, cos, sin)  # cos, sin: (N, 1, hd)
         q, k = qk.narrow(1, 0, H), qk.narrow(1, H, Hkv)  # (N, H, hd), (N, Hkv, hd)
         v = qkv.narrow(1, (H + Hkv) * hd, Hkv * hd).view(N, Hkv, hd)
         self.kv.write(layer, new_slots, k.transpose(0, 1), v.transpose(0, 1))
@@ -195,8 +190,7 @@ class ModelRunner:
                 k3, v3 = self.kv.read(layer, ch.slots)  # (Hkv, S, hd)
                 kk, vv = k3.unsqueeze(0), v3.unsqueeze(0)
             qq = (q if len(chunks) == 1 else q[ch.rows]).transpose(0, 1).unsqueeze(0)
-            y = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask,
-                                               enable_gqa=Hkv != H)  # (1, H, T, hd)
+            y = tf.attention(qq, kk, vv, mask)  # (1, H, T, hd)
             outs.append(y.transpose(1, 2).reshape(-1, H * hd))  # (T, H*hd)
         att = outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, H*hd)
         return self._lin(att, lw.wo, groups)
@@ -204,15 +198,9 @@ class ModelRunner:
     def _mlp(self, lw: LayerWeights, h: Tensor, groups: list[slice]) -> Tensor:
         # h: (N, d) -> (N, d)
         if lw.router is None:
-            return self._lin(_swiglu(self._lin(h, lw.w13[0], groups)), lw.w2[0], groups)
+            return self._lin(tf.swiglu_packed(self._lin(h, lw.w13[0], groups)), lw.w2[0], groups)
         logits = self._lin(h, lw.router, groups)  # (N, E)
-        if logits.dtype != torch.float32:
-            logits = logits.float()
-        if self.cfg.norm_topk_prob:  # softmax over the top-k logits == renormalised top-k probs
-            top, ids = logits.topk(self.cfg.num_experts_per_tok, dim=-1)  # (N, k)
-            wts = top.softmax(dim=-1)
-        else:
-            wts, ids = logits.softmax(dim=-1).topk(self.cfg.num_experts_per_tok, dim=-1)
+        _, wts, ids = tf.route(logits, self.cfg.num_experts_per_tok, self.cfg.norm_topk_prob)
         if wts.dtype != h.dtype:
             wts = wts.to(h.dtype)
         if self.moe_block_rows:  # all rows at once: each expert's weights read once per step
@@ -223,8 +211,8 @@ class ModelRunner:
                      else self._moe_sorted(lw, h[g], wts[g], ids[g]) for g in groups]
             y = parts[0] if len(parts) == 1 else torch.cat(parts)
         if lw.shared13 is not None and lw.shared2 is not None and lw.shared_gate is not None:
-            gate = torch.sigmoid(self._lin(h, lw.shared_gate, groups))  # (N, 1)
-            y = y + gate * self._lin(_swiglu(self._lin(h, lw.shared13, groups)), lw.shared2, groups)
+            shared = self._lin(tf.swiglu_packed(self._lin(h, lw.shared13, groups)), lw.shared2, groups)
+            y = y + tf.gate_shared(self._lin(h, lw.shared_gate, groups), shared)  # gate: (N, 1)
         return y
 
     def _moe_sorted(self, lw: LayerWeights, x: Tensor, wts: Tensor, ids: Tensor,
@@ -232,13 +220,9 @@ class ModelRunner:
         # x: (n, d); wts, ids: (n, k) -> (n, d); experts read in place, one matmul per expert
         # (block: every expert matmul in zero-padded blocks of exactly `block` rows)
         n, k = ids.shape
-        if n == 1 and block is None:  # one token: its k experts in slot order (same arithmetic as below)
-            y: Tensor | None = None
-            for e, wt in zip(ids.tolist()[0], wts.tolist()[0], strict=True):
-                out = lw.w2[e].mm(_swiglu(lw.w13[e].mm(x))) * wt  # (1, d)
-                y = out if y is None else y + out
-            assert y is not None
-            return y
+        if n == 1 and block is None:  # one token: its k experts in slot order
+            outs = [lw.w2[e].mm(tf.swiglu_packed(lw.w13[e].mm(x))) for e in ids.tolist()[0]]
+            return tf.moe_combine(torch.stack(outs, dim=1), wts)  # (1, k, d) -> (1, d)
         flat = ids.flatten()  # (n*k,)
         order = torch.argsort(flat, stable=True)  # (n*k,) assignments grouped by expert
         counts = torch.bincount(flat, minlength=len(lw.w13)).tolist()
@@ -249,17 +233,14 @@ class ModelRunner:
             if cnt:
                 seg = slice(start, start + cnt)
                 if block:
-                    ys[seg] = blocked_mm(lw.w2[e], _swiglu(blocked_mm(lw.w13[e], xs[seg], block)), block)
+                    act = tf.swiglu_packed(blocked_mm(lw.w13[e], xs[seg], block))
+                    ys[seg] = blocked_mm(lw.w2[e], act, block)
                 else:
-                    ys[seg] = lw.w2[e].mm(_swiglu(lw.w13[e].mm(xs[seg])))
+                    ys[seg] = lw.w2[e].mm(tf.swiglu_packed(lw.w13[e].mm(xs[seg])))
                 start += cnt
         per_slot = torch.empty_like(ys)
         per_slot[order] = ys  # (n*k, d) back in (token, slot) order
-        per_slot = per_slot.view(n, k, -1)
-        y = per_slot[:, 0] * wts[:, 0:1]
-        for j in range(1, k):
-            y = y + per_slot[:, j] * wts[:, j: j + 1]
-        return y
+        return tf.moe_combine(per_slot.view(n, k, -1), wts)
 
     def _moe_gather(self, lw: LayerWeights, x: Tensor, wts: Tensor, ids: Tensor) -> Tensor:
         # gpt-fast style: gather the selected experts' weights; no data-dependent shapes
@@ -267,10 +248,9 @@ class ModelRunner:
         w13 = lw.w13_stack[ids]  # (n, k, 2h, d)
         w2 = lw.w2_stack[ids]  # (n, k, d, h)
         gu = torch.einsum("nd,nkhd->nkh", x, w13)  # (n, k, 2h)
-        g, u = gu.chunk(2, dim=-1)
-        act = F.silu(g) * u  # (n, k, h)
+        act = tf.swiglu_packed(gu)  # (n, k, h)
         ys = torch.einsum("nkh,nkdh->nkd", act, w2)  # (n, k, d)
-        return torch.einsum("nkd,nk->nd", ys, wts)
+        return tf.moe_combine(ys, wts)
 
     def _logits(self, x: Tensor, chunks: list[Chunk]) -> list[Tensor | None]:
         sel: list[Tensor] = []
@@ -287,7 +267,7 @@ class ModelRunner:
         if not sel:
             return [None] * len(chunks)
         h = torch.cat(sel)
-        h = _rms(h, self.w.norm, self.cfg.rms_norm_eps)
+        h = tf.rms_norm(h, self.w.norm, self.cfg.rms_norm_eps)
         if self.batch_invariant:  # each chunk's rows alone, single rows packed by G
             sizes = [b - a for a, b in (s for s in spans if s)]
             fake = [Chunk([0] * m, 0, torch.empty(0)) for m in sizes]
@@ -302,18 +282,4 @@ class ModelRunner:
         return [None if s is None else logits[s[0]: s[1]] for s in spans]
 
 
-def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
-    # x: (N, d); RMSNorm in fp32 exactly as Hugging Face Llama/Mixtral compute it
-    h = x if x.dtype == torch.float32 else x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return w * (h if x.dtype == torch.float32 else h.to(x.dtype))
-
-
-def _swiglu(gu: Tensor) -> Tensor:
-    # gu: (M, 2h) = [gate; up] -> (M, h)
-    g, u = gu.chunk(2, dim=-1)
-    return F.silu(g) * u
-
-
-__all__ = ["Chunk", "FloatWeight", "LayerWeights", "ModelRunner", "RunnerWeights", "build_weights",
-           "rope_tables"]
+__all__ = ["Chunk", "ModelRunner"]

@@ -1,21 +1,47 @@
-"""The runner's weight layout: fused QKV, fused gate+up per expert, every matrix a `Weight`.
+"""The runner's weight layout, read from one documented naming.
 
-`build_weights` reads a `Transformer`'s public parameters once into this layout (quantizing
-when asked); `trustmoe.engine.artifact` reads a saved quantized artifact into the same one.
+The engine reads weights only by name, from a `Mapping[str, Tensor]`: the Hugging Face
+Mixtral/Llama state-dict names that `model.safetensors` holds (what `trustmoe.model.save_model`
+writes and `transformers` saves; `trustmoe.model.hf.hf_state_dict(model)` gives them for a
+model in memory, `canonical_hf_names` maps transformers' fused in-memory layout onto them).
+With i a layer, e an expert, H/Hkv query/key-value heads of width hd, E experts of width h,
+`L` = `model.layers.{i}` and `M` = `L.block_sparse_moe` (MoE layers) or `L.mlp` (dense):
+
+| name                                          | shape                  | runner layout              |
+| --------------------------------------------- | ---------------------- | -------------------------- |
+| `model.embed_tokens.weight`                   | (V, d)                 | `embed`                    |
+| `L.input_layernorm.weight`                    | (d,)                   | `ln1`                      |
+| `L.self_attn.q_proj.weight`, `k_proj`, `v_proj` | (H*hd, d), (Hkv*hd, d) | `wqkv` rows [q; k; v]      |
+| `L.self_attn.o_proj.weight`                   | (d, H*hd)              | `wo`                       |
+| `L.post_attention_layernorm.weight`           | (d,)                   | `ln2`                      |
+| `M.gate.weight`                               | (E, d)                 | `router` (kept in float)   |
+| `M.experts.{e}.w1.weight`, `w3`               | (h, d)                 | `w13[e]` rows [w1; w3]     |
+| `M.experts.{e}.w2.weight`                     | (d, h)                 | `w2[e]`                    |
+| `M.shared_expert.gate_proj.weight`, `up_proj` | (hs, d)                | `shared13` rows [gate; up] |
+| `M.shared_expert.down_proj.weight`            | (d, hs)                | `shared2`                  |
+| `M.shared_expert_gate.weight`                 | (1, d)                 | `shared_gate` (float)      |
+| `M.gate_proj.weight`, `up_proj` (dense)       | (h, d)                 | `w13[0]` rows [gate; up]   |
+| `M.down_proj.weight` (dense)                  | (d, h)                 | `w2[0]`                    |
+| `model.norm.weight`                           | (d,)                   | `norm`                     |
+| `lm_head.weight` (absent when tied)           | (V, d)                 | `lm_head` (else the embed) |
+
+A quantized artifact (`trustmoe.engine.artifact`) uses the same names, each matrix stored in
+one of the forms of `trustmoe.engine.quantize.Weight.parts()` (`NAME.q` + `NAME.scale`, ...);
+for a tied model it also stores the quantized head as `lm_head.weight`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 from torch import Tensor
 
 from trustmoe.config import ModelConfig
-from trustmoe.model.moe import MoE
-from trustmoe.model.quantize import Weight, make_weight
-from trustmoe.model.transformer import Block, Transformer
+from trustmoe.engine.quantize import FloatWeight, Weight, cat_rows, make_weight, read_weight
+from trustmoe.model import functional as tf
+from trustmoe.model.hf import ModelLoadError
 
 
 @dataclass
@@ -41,8 +67,8 @@ class RunnerWeights:
     layers: list[LayerWeights]
     norm: Tensor  # (d,)
     lm_head: Weight  # (V, d)
-    cos: Tensor  # (max_pos, hd)
-    sin: Tensor
+    cos: Tensor  # (max_pos, hd) `functional.rope_tables`
+    sin: Tensor  # (max_pos, hd)
     dtype: torch.dtype
     quantize: str | None = None
 
@@ -58,64 +84,169 @@ class RunnerWeights:
         return sum(w.nbytes for w in self.all_weights()) + self.embed.numel() * self.embed.element_size()
 
 
-def rope_tables(cfg: ModelConfig, device: torch.device) -> tuple[Tensor, Tensor]:
-    hd = cfg.head_size
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-    t = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
-    freqs = torch.outer(t, inv)  # (P, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (P, hd)
-    # sin with the first half negated: rotate_half(x) * sin == x.roll(hd/2) * signed_sin
-    sin = emb.sin()
-    sin[:, : hd // 2] = -sin[:, : hd // 2]
-    return emb.cos().to(device), sin.to(device)
+def _moe_prefix(cfg: ModelConfig, i: int) -> str:
+    return f"model.layers.{i}.{'block_sparse_moe' if cfg.is_moe else 'mlp'}"
+
+
+class _Reader:
+    """Reads named tensors from the state, checking presence and shape, and records what it read."""
+
+    def __init__(self, state: Mapping[str, Tensor], quantize: str | None, group_size: int,
+                 device: torch.device, dtype: torch.dtype, exact_int8: bool) -> None:
+        self.state, self.quantize, self.group_size = state, quantize, group_size
+        self.device, self.dtype, self.exact = device, dtype, exact_int8
+        self.used: set[str] = set()
+
+    def tensor(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        if name not in self.state:
+            raise ModelLoadError(f"missing tensor {name}")
+        t = self.state[name]
+        if tuple(t.shape) != shape:
+            raise ModelLoadError(f"tensor {name} has shape {tuple(t.shape)}, config expects {shape}")
+        self.used.add(name)
+        return t.detach().to(self.device, self.dtype)
+
+    def weight(self, names: list[str], rows: list[int], cols: int, quantize: bool = True) -> Weight:
+        """The matrices `names` ((rows[j], cols) each) stacked by rows, as one Weight."""
+        mode = self.quantize if quantize else None
+        if all(n in self.state for n in names):  # float: fuse first, then quantize once
+            ts = [self.tensor(n, (r, cols)) for n, r in zip(names, rows, strict=True)]
+            t = ts[0] if len(ts) == 1 else torch.cat(ts)
+            return make_weight(t.float() if mode else t, mode, self.group_size, self.exact)
+        parts: list[Weight] = []
+        for n, r in zip(names, rows, strict=True):
+            try:
+                w = read_weight(self.state, n, self.exact)
+            except KeyError as e:
+                raise ModelLoadError(f"missing tensor {e.args[0]}") from None
+            if w is None:
+                raise ModelLoadError(f"missing tensor {n}")
+            if (w.out_features, w.in_features) != (r, cols):
+                raise ModelLoadError(f"tensor {n} stands for a ({w.out_features}, {w.in_features}) "
+                                     f"matrix, config expects ({r}, {cols})")
+            self.used.update(n + suffix for suffix in w.parts())
+            parts.append(w.to(self.device) if not isinstance(w, FloatWeight)
+                         else FloatWeight(w.w.to(self.device, self.dtype)))
+        try:
+            return cat_rows(parts)
+        except ValueError as e:
+            raise ModelLoadError(f"{names[0]}: {e}") from None
 
 
 @torch.no_grad()
-def build_weights(model: Transformer, quantize: str | None = None, group_size: int = 64,
-                  device: torch.device | None = None, dtype: torch.dtype | None = None,
-                  exact_int8: bool = False) -> RunnerWeights:
-    """Read the model's parameters into the runner's layout (quantizing if asked)."""
-    cfg = model.config
-    device = device or model.device
-    dtype = dtype or model.embed_tokens.weight.dtype
+def build_weights(state: Mapping[str, Tensor], cfg: ModelConfig, quantize: str | None = None,
+                  group_size: int = 64, device: torch.device | None = None,
+                  dtype: torch.dtype | None = None, exact_int8: bool = False) -> RunnerWeights:
+    """Read the tensors named in the table above into the runner's layout (quantizing if asked).
 
-    def W(t: Tensor, q: str | None = quantize) -> Weight:
-        w = make_weight(t.detach().to(device=device, dtype=torch.float32 if q else dtype), q,
-                        group_size, exact_int8)
-        return w
-
+    `state` holds float tensors, or (a quantized artifact) their stored parts; `dtype`
+    (default fp32) is that of the float weights; quantized weights compute in fp32.
+    Raises ModelLoadError naming a missing, misshaped or unexpected tensor.
+    """
+    device = device or torch.device("cpu")
+    dtype = dtype or torch.float32
+    if quantize is not None:
+        dtype = torch.float32
+    r = _Reader(state, quantize, group_size, device, dtype, exact_int8)
+    d, H, Hkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+    h, E = cfg.intermediate_size, cfg.num_local_experts
     layers: list[LayerWeights] = []
-    for blk in cast(list[Block], list(model.layers)):
-        a = blk.self_attn
-        wqkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], dim=0)
-        mlp = blk.mlp
+    for i in range(cfg.num_hidden_layers):
+        a = f"model.layers.{i}.self_attn"
         lw = LayerWeights(
-            ln1=blk.input_layernorm.weight.detach().to(device, dtype), wqkv=W(wqkv),
-            wo=W(a.o_proj.weight), ln2=blk.post_attention_layernorm.weight.detach().to(device, dtype),
+            ln1=r.tensor(f"model.layers.{i}.input_layernorm.weight", (d,)),
+            wqkv=r.weight([f"{a}.q_proj.weight", f"{a}.k_proj.weight", f"{a}.v_proj.weight"],
+                          [H * hd, Hkv * hd, Hkv * hd], d),
+            wo=r.weight([f"{a}.o_proj.weight"], [d], H * hd),
+            ln2=r.tensor(f"model.layers.{i}.post_attention_layernorm.weight", (d,)),
             router=None, w13=[], w2=[],
         )
-        if isinstance(mlp, MoE):
-            lw.router = W(mlp.gate.weight, None)
-            lw.w13 = [W(mlp.w13[e]) for e in range(mlp.num_experts)]
-            lw.w2 = [W(mlp.w2[e]) for e in range(mlp.num_experts)]
-            if quantize is None and device.type != "cpu":
-                lw.w13_stack = mlp.w13.detach().to(device, dtype)
-                lw.w2_stack = mlp.w2.detach().to(device, dtype)
-            if mlp.shared_expert is not None and mlp.shared_expert_gate is not None:
-                se = mlp.shared_expert
-                lw.shared13 = W(torch.cat([se.gate_proj.weight, se.up_proj.weight], dim=0))
-                lw.shared2 = W(se.down_proj.weight)
-                lw.shared_gate = W(mlp.shared_expert_gate.weight, None)
+        p = _moe_prefix(cfg, i)
+        if cfg.is_moe:
+            lw.router = r.weight([f"{p}.gate.weight"], [E], d, quantize=False)
+            ex = f"{p}.experts"
+            lw.w13 = [r.weight([f"{ex}.{e}.w1.weight", f"{ex}.{e}.w3.weight"], [h, h], d)
+                      for e in range(E)]
+            lw.w2 = [r.weight([f"{ex}.{e}.w2.weight"], [d], h) for e in range(E)]
+            hs = cfg.shared_expert_intermediate_size
+            if hs:
+                se = f"{p}.shared_expert"
+                lw.shared13 = r.weight([f"{se}.gate_proj.weight", f"{se}.up_proj.weight"], [hs, hs], d)
+                lw.shared2 = r.weight([f"{se}.down_proj.weight"], [d], hs)
+                lw.shared_gate = r.weight([f"{p}.shared_expert_gate.weight"], [1], d, quantize=False)
+            if device.type != "cpu" and all(isinstance(w, FloatWeight) for w in lw.w13 + lw.w2):
+                _stack_experts(lw)
         else:
-            lw.w13 = [W(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0))]
-            lw.w2 = [W(mlp.down_proj.weight)]
+            lw.w13 = [r.weight([f"{p}.gate_proj.weight", f"{p}.up_proj.weight"], [h, h], d)]
+            lw.w2 = [r.weight([f"{p}.down_proj.weight"], [d], h)]
         layers.append(lw)
-    cos, sin = rope_tables(cfg, device)
-    return RunnerWeights(
-        cfg=cfg, embed=model.embed_tokens.weight.detach().to(device, dtype), layers=layers,
-        norm=model.norm.weight.detach().to(device, dtype), lm_head=W(model.lm_head.weight),
-        cos=cos.to(dtype), sin=sin.to(dtype), dtype=dtype, quantize=quantize,
-    )
+    embed = r.tensor("model.embed_tokens.weight", (cfg.vocab_size, d))
+    head = "lm_head.weight"
+    if cfg.tie_word_embeddings and not any(k.startswith(head) for k in state):
+        lm_head = make_weight(embed.float() if quantize else embed, quantize, group_size, exact_int8)
+    else:
+        lm_head = r.weight([head], [cfg.vocab_size], d)
+    norm = r.tensor("model.norm.weight", (d,))
+    unexpected = sorted(set(state) - r.used)
+    if unexpected:
+        raise ModelLoadError(f"unexpected tensor {unexpected[0]} ({len(unexpected)} in all)")
+    cos, sin = tf.rope_tables(tf.rope_inv_freq(hd, cfg.rope_theta, device),
+                              cfg.max_position_embeddings)
+    return RunnerWeights(cfg=cfg, embed=embed, layers=layers, norm=norm, lm_head=lm_head,
+                         cos=cos.to(dtype), sin=sin.to(dtype), dtype=dtype, quantize=quantize)
 
 
-__all__ = ["LayerWeights", "RunnerWeights", "build_weights", "rope_tables"]
+def _stack_experts(lw: LayerWeights) -> None:
+    """Float experts off the CPU: one (E, ...) stack each for the gather path, the per-expert
+    weights views into it (no second copy)."""
+    lw.w13_stack = torch.stack([w.w for w in lw.w13 if isinstance(w, FloatWeight)])  # (E, 2h, d)
+    lw.w2_stack = torch.stack([w.w for w in lw.w2 if isinstance(w, FloatWeight)])  # (E, d, h)
+    lw.w13 = [FloatWeight(lw.w13_stack[e]) for e in range(len(lw.w13))]
+    lw.w2 = [FloatWeight(lw.w2_stack[e]) for e in range(len(lw.w2))]
+
+
+def weights_state_dict(w: RunnerWeights) -> dict[str, Tensor]:
+    """The runner's weights back under the names of the table, each in its stored form."""
+    cfg = w.cfg
+    H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+    out: dict[str, Tensor] = {"model.embed_tokens.weight": w.embed, "model.norm.weight": w.norm}
+
+    def put(name: str, weight: Weight) -> None:
+        for suffix, t in weight.parts().items():
+            out[name + suffix] = t
+
+    def put_rows(names: list[str], weight: Weight, sizes: list[int] | None = None) -> None:
+        # a fused matrix back into its parts (halves unless `sizes` says otherwise)
+        sizes = sizes or [weight.out_features // 2] * 2
+        start = 0
+        for name, n in zip(names, sizes, strict=True):
+            put(name, weight.rows(start, start + n))
+            start += n
+
+    for i, lw in enumerate(w.layers):
+        a = f"model.layers.{i}.self_attn"
+        out[f"model.layers.{i}.input_layernorm.weight"] = lw.ln1
+        out[f"model.layers.{i}.post_attention_layernorm.weight"] = lw.ln2
+        put_rows([f"{a}.q_proj.weight", f"{a}.k_proj.weight", f"{a}.v_proj.weight"], lw.wqkv,
+                 [H * hd, Hkv * hd, Hkv * hd])
+        put(f"{a}.o_proj.weight", lw.wo)
+        p = _moe_prefix(cfg, i)
+        if lw.router is None:
+            put_rows([f"{p}.gate_proj.weight", f"{p}.up_proj.weight"], lw.w13[0])
+            put(f"{p}.down_proj.weight", lw.w2[0])
+            continue
+        put(f"{p}.gate.weight", lw.router)
+        for e, (w13, w2) in enumerate(zip(lw.w13, lw.w2, strict=True)):
+            put_rows([f"{p}.experts.{e}.w1.weight", f"{p}.experts.{e}.w3.weight"], w13)
+            put(f"{p}.experts.{e}.w2.weight", w2)
+        if lw.shared13 is not None and lw.shared2 is not None and lw.shared_gate is not None:
+            se = f"{p}.shared_expert"
+            put_rows([f"{se}.gate_proj.weight", f"{se}.up_proj.weight"], lw.shared13)
+            put(f"{se}.down_proj.weight", lw.shared2)
+            put(f"{p}.shared_expert_gate.weight", lw.shared_gate)
+    if not cfg.tie_word_embeddings or not isinstance(w.lm_head, FloatWeight):
+        put("lm_head.weight", w.lm_head)  # a tied head is stored only when quantized
+    return out
+
+
+__all__ = ["LayerWeights", "RunnerWeights", "build_weights", "weights_state_dict"]

@@ -1,7 +1,8 @@
-"""RMSNorm, rotary position embeddings and grouped-query attention.
+"""RMSNorm, rotary position embeddings and grouped-query attention as modules.
 
-Layouts match Hugging Face Llama/Mixtral exactly (non-interleaved "rotate half" RoPE), so
-weights move between the two without permutation.
+The maths is `trustmoe.model.functional`'s; these modules only hold the parameters. Layouts
+match Hugging Face Llama/Mixtral exactly (non-interleaved "rotate half" RoPE), so weights
+move between the two without permutation.
 """
 
 from __future__ import annotations
@@ -9,10 +10,10 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trustmoe.config import ModelConfig
+from trustmoe.model import functional as tf
 
 
 class RMSNorm(nn.Module):
@@ -22,11 +23,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # computed in fp32 as HF does, then cast back
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return tf.rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -38,17 +35,21 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", tf.rope_inv_freq(head_dim, theta), persistent=False)
         self.max_positions = max_positions
         self._build(max_positions)
 
+    def reset(self, device: torch.device | str | None = None) -> None:
+        """Recompute every table (after the module was made on the meta device)."""
+        self.register_buffer("inv_freq", tf.rope_inv_freq(self.head_dim, self.theta, device),
+                             persistent=False)
+        self._build(self.max_positions)
+
     def _build(self, n: int) -> None:
-        t = torch.arange(n, dtype=torch.float32, device=self.inv_freq.device)
-        freqs = torch.outer(t, self.inv_freq)  # (n, hd/2)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (n, hd)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        cos, sin = tf.rope_tables(self.inv_freq, n)  # (n, hd)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         # positions: (B, T) or (T,) int64 -> cos, sin: (..., T, hd)
@@ -56,18 +57,6 @@ class RotaryEmbedding(nn.Module):
         if needed > self.cos.shape[0]:
             self._build(max(needed, 2 * self.cos.shape[0]))
         return self.cos[positions], self.sin[positions]
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: (B, H, T, hd); cos/sin: (B, T, hd) or (T, hd)
-    if cos.dim() == 3:
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (x * cos.to(x.dtype)) + (rotate_half(x) * sin.to(x.dtype))
 
 
 class KVCacheLike(Protocol):
@@ -99,18 +88,17 @@ class Attention(nn.Module):
         cache: KVCacheLike | None = None,
         attn_mask: Tensor | None = None,
     ) -> Tensor:
-        # x: (B, T, d) -> (B, T, d)
+        # x: (B, T, d); cos, sin: (T, hd) or (B, T, hd) -> (B, T, d)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos.dim() == 3:  # per-sequence positions: line them up with the head axis
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd)
+        q, k = tf.apply_rope(q, cos, sin), tf.apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, hd)
-        gqa = self.n_head != self.n_kv
-        if attn_mask is None and k.shape[2] == T:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        causal = attn_mask is None and k.shape[2] == T
+        y = tf.attention(q, k, v, attn_mask, causal=causal)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)  # (B, T, H*hd)
         return self.o_proj(y)

@@ -15,19 +15,28 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from trustmoe.model.transformer import Transformer
-
 CHUNK_BYTES = 16 * 2**20  # one (rows, V) fp32 work buffer stays in L3
 
 
-def optimize_for_training(model: Transformer) -> Transformer:
+class FusedLossModel(Protocol):
+    """What the switch needs of a model (the `Transformer` is one): its flag and device."""
+
+    fused_loss: bool
+
+    @property
+    def device(self) -> torch.device: ...
+
+
+M = TypeVar("M", bound=FusedLossModel)
+
+
+def optimize_for_training(model: M) -> M:
     """Switch `model` to the fused loss (in place), tune the CPU allocator, and return it.
 
     The returned object is the same module, so saving, checkpointing, `load_state_dict` and

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +120,13 @@ def config_from_hf(d: dict[str, Any], extras: dict[str, Any] | None = None) -> M
 # ---------------------------------------------------------------- weights
 
 
-def to_hf_state_dict(model: Transformer) -> dict[str, Tensor]:
-    """Our parameter names and stacked experts -> HF names, one tensor per expert matrix."""
+def hf_state_dict(model: Transformer) -> dict[str, Tensor]:
+    """The model's tensors under the Hugging Face Mixtral/Llama names `model.safetensors` uses.
+
+    Detached views on the model's device (no copy): one tensor per expert matrix
+    (`...block_sparse_moe.experts.{e}.w1.weight`, w3, w2), `lm_head.weight` absent when tied.
+    This is also the naming the engine reads (`trustmoe.engine.weights`).
+    """
     cfg = model.config
     out: dict[str, Tensor] = {}
     h = cfg.intermediate_size
@@ -145,23 +151,49 @@ def to_hf_state_dict(model: Transformer) -> dict[str, Tensor]:
         if cfg.is_moe:
             name = name.replace(".mlp.", ".block_sparse_moe.")
         out[f"model.{name}"] = t
-    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+    return {k: v.detach() for k, v in out.items()}
 
 
-def from_hf_state_dict(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+def to_hf_state_dict(model: Transformer) -> dict[str, Tensor]:
+    """`hf_state_dict` as contiguous CPU tensors, ready for `safetensors.save_file`."""
+    return {k: v.contiguous().cpu() for k, v in hf_state_dict(model).items()}
+
+
+def canonical_hf_names(sd: Mapping[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """Any Hugging Face layout we read -> the one naming of `hf_state_dict` (views, no copy).
+
+    transformers 5 keeps MoE layers in memory as `model.layers.{i}.mlp.gate.weight` and fused
+    `mlp.experts.gate_up_proj` (E, 2h, d) / `mlp.experts.down_proj` (E, d, h); on disk (and
+    here) they are `block_sparse_moe.gate.weight` and per-expert w1/w3/w2.
+    """
+    out: dict[str, Tensor] = {}
+    h = cfg.intermediate_size
+    for name, t in sd.items():
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\."
+                         r"(gate_up_proj|down_proj)", name)
+        if m:
+            base = f"model.layers.{m.group(1)}.block_sparse_moe.experts"
+            for e in range(t.shape[0]):
+                if m.group(2) == "gate_up_proj":
+                    out[f"{base}.{e}.w1.weight"], out[f"{base}.{e}.w3.weight"] = t[e, :h], t[e, h:]
+                else:
+                    out[f"{base}.{e}.w2.weight"] = t[e]
+            continue
+        if cfg.is_moe:
+            name = name.replace(".mlp.", ".block_sparse_moe.")
+        out[name] = t
+    return out
+
+
+def from_hf_state_dict(sd: Mapping[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """HF names (legacy per-expert or fused v5 tensors) -> our state dict."""
     ours: dict[str, Tensor] = {}
     experts: dict[tuple[int, int, str], Tensor] = {}
-    for name, t in sd.items():
-        n = name.removeprefix("model.")
-        n = n.replace(".block_sparse_moe.", ".mlp.")
+    for name, t in canonical_hf_names(sd, cfg).items():
+        n = name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")
         m = re.fullmatch(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(w1|w2|w3)\.weight", n)
         if m:
             experts[(int(m.group(1)), int(m.group(2)), m.group(3))] = t
-            continue
-        m = re.fullmatch(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)", n)
-        if m:
-            ours[f"layers.{m.group(1)}.mlp.{'w13' if m.group(2) == 'gate_up_proj' else 'w2'}"] = t
             continue
         ours[n] = t
     for i in range(cfg.num_hidden_layers):
@@ -288,17 +320,10 @@ def load(
     model.load_state_dict(sd, strict=False, assign=False)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    inv_freq = _inv_freq(cfg).to(model.embed_tokens.weight.device)
-    model.rotary.register_buffer("inv_freq", inv_freq, persistent=False)
-    model.rotary._build(cfg.max_position_embeddings)
+    model.rotary.reset(model.embed_tokens.weight.device)  # its tables were made on meta
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
-
-
-def _inv_freq(cfg: ModelConfig) -> Tensor:
-    hd = cfg.head_size
-    return 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

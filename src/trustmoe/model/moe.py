@@ -1,8 +1,14 @@
 """Mixture-of-Experts feed-forward: router -> fp32 softmax -> top-k -> sorted, dropless experts.
 
-Expert weights are stacked (E, ...) tensors. Tokens are sorted by expert so that every
-expert's tokens form one contiguous block and run as one matmul; the only Python loop is
-over experts, never over tokens. `tests/model/test_moe.py` holds the plain reference.
+Routing, the SwiGLU maths and the shared-expert gate are `trustmoe.model.functional`'s.
+Expert weights are stacked (E, ...) tensors. This module's fast path sorts tokens by expert
+so that every expert's tokens form one contiguous block and run as one matmul (with a custom
+backward); the only Python loop is over experts, never over tokens. `tests/model/test_moe.py`
+proves it equal, output and gradients, to the plain loop-over-experts `functional.moe`.
+
+`capacity_factor` is training-only: in `train()` mode each expert keeps its first
+`capacity` assignments and drops the rest; in `eval()` mode (and in the engine, which has
+no such option) the layer is dropless.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trustmoe.config import ModelConfig
+from trustmoe.model import functional as tf
 
 
 @dataclass
@@ -38,7 +45,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, d, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(tf.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 def expert_ffn(xs: Tensor, w13: Tensor, w2: Tensor, counts: list[int]) -> Tensor:
@@ -74,8 +81,8 @@ class _ExpertFFN(torch.autograd.Function):
             gu = x.new_empty(M, 2 * h)  # (M, 2h) gate|up pre-activations
             for e, (s, n) in enumerate(_blocks(counts)):
                 torch.mm(x[s:s + n], a13[e].t(), out=gu[s:s + n])
-            silu = F.silu(gu[:, :h])  # (M, h)
-            act = silu * gu[:, h:]  # (M, h)
+            silu = F.silu(gu[:, :h])  # (M, h), kept for backward
+            act = silu * gu[:, h:]  # (M, h) == tf.swiglu(gate, up)
             y = x.new_empty(M, w2.shape[1])  # (M, d)
             for e, (s, n) in enumerate(_blocks(counts)):
                 torch.mm(act[s:s + n], a2[e].t(), out=y[s:s + n])
@@ -150,10 +157,7 @@ class MoE(nn.Module):
     def route(self, x: Tensor) -> RouterOutput:
         # x: (N, d)
         logits = self.gate(x).float()  # (N, E)
-        probs = logits.softmax(dim=-1)  # (N, E)
-        weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k), (N, k)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        probs, weights, experts = tf.route(logits, self.top_k, self.norm_topk_prob)  # (N, E), (N, k) x2
         counts = torch.bincount(experts.flatten(), minlength=self.num_experts)  # (E,)
         return RouterOutput(logits, probs, weights, experts, counts)
 
@@ -164,7 +168,7 @@ class MoE(nn.Module):
         r = self.route(x)
         y = self.experts_forward(x, r)
         if self.shared_expert is not None and self.shared_expert_gate is not None:
-            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            y = y + tf.gate_shared(self.shared_expert_gate(x), self.shared_expert(x))
         return y.view(shape), r
 
     def experts_forward(self, x: Tensor, r: RouterOutput) -> Tensor:
@@ -173,7 +177,7 @@ class MoE(nn.Module):
         flat_expert = r.experts.flatten()  # (N*k,)
         order = torch.argsort(flat_expert, stable=True)  # (N*k,) assignments grouped by expert
         counts = r.counts
-        if self.capacity_factor is not None:
+        if self.capacity_factor is not None and self.training:  # training-only token dropping
             order, counts, r.dropped = self._apply_capacity(order, flat_expert, counts, N * k)
         token = order // k  # (M,) source token of each sorted assignment
         gate_w = r.weights.flatten()[order].to(x.dtype)  # (M,)
@@ -187,7 +191,7 @@ class MoE(nn.Module):
     ) -> tuple[Tensor, Tensor, int]:
         """Keep each expert's first `capacity` assignments in token order; drop the rest."""
         assert self.capacity_factor is not None
-        capacity = max(1, math.ceil(self.capacity_factor * assignments / self.num_experts))
+        capacity = tf.expert_capacity(self.capacity_factor, assignments, self.num_experts)
         starts = torch.cumsum(counts, 0) - counts  # (E,)
         sorted_expert = flat_expert[order]  # (M,)
         rank = torch.arange(order.numel(), device=order.device) - starts[sorted_expert]

@@ -7,6 +7,7 @@ what); no traceback ever reaches a client. An optional API key guards every rout
 
     >>> from trustmoe.serve.app import serve
     >>> serve("runs/demo/model", "127.0.0.1", 8000, quantize="int8")   # blocks
+    >>> serve("runs/demo/model", config=EngineConfig(quantize="int8", kv_cache_mb=512))
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +27,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from trustmoe.config import SERVER_MAX_CONCURRENCY, EngineConfig
+from trustmoe.serve.bridge import ServedEngine
 from trustmoe.serve.chat import ChatTemplate
 from trustmoe.serve.handlers import create_chat, create_completion
 from trustmoe.serve.protocol import (
@@ -36,6 +39,9 @@ from trustmoe.serve.protocol import (
     pydantic_error_to_api,
 )
 from trustmoe.serve.state import ServerState
+
+if TYPE_CHECKING:
+    from trustmoe.engine import Engine
 
 log = logging.getLogger("trustmoe.serve")
 API_KEY_ENV = "TRUSTMOE_API_KEY"
@@ -94,8 +100,8 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
         raise pydantic_error_to_api([dict(x) for x in e.errors(include_url=False)]) from None
 
 
-def create_app(engine: Any, *, model_name: str | None = None, api_key: str | None = None,
-               max_concurrency: int = 256, chat_template: ChatTemplate | None = None,
+def create_app(engine: ServedEngine, *, model_name: str | None = None, api_key: str | None = None,
+               max_concurrency: int = SERVER_MAX_CONCURRENCY, chat_template: ChatTemplate | None = None,
                served_names: list[str] | None = None) -> FastAPI:
     """A FastAPI app serving `engine`; its engine thread runs while the app is up."""
     state = ServerState(engine, model_name=model_name, served_names=served_names,
@@ -162,24 +168,24 @@ def create_app(engine: Any, *, model_name: str | None = None, api_key: str | Non
     return app
 
 
-def build_engine(model_dir: str | Path, *, quantize: str | None = None, kv_cache_mb: float = 256,
-                 max_num_seqs: int = 32, max_queue: int = 256, **engine_kw: Any) -> Any:
+def build_engine(model_dir: str | Path, config: EngineConfig | None = None,
+                 **overrides: Any) -> Engine:
+    """The engine a server runs: `config` (default `EngineConfig()`) with `overrides`
+    (EngineConfig field names)."""
     from trustmoe.engine import Engine
 
-    return Engine(model_dir, quantize=quantize, kv_cache_mb=kv_cache_mb,
-                  max_num_seqs=max_num_seqs, max_queue=max_queue, **engine_kw)
+    return Engine(model_dir, config, **overrides)
 
 
 def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
-          quantize: str | None = None, kv_cache_mb: float = 256, max_num_seqs: int = 32,
-          max_queue: int = 256, max_concurrency: int = 256, api_key: str | None = None,
-          served_model_name: str | None = None, log_level: str = "info",
-          **engine_kw: Any) -> None:
-    """Load `model_dir` into an Engine and serve it until interrupted (blocks)."""
+          config: EngineConfig | None = None, max_concurrency: int = SERVER_MAX_CONCURRENCY,
+          api_key: str | None = None, served_model_name: str | None = None,
+          log_level: str = "info", **overrides: Any) -> None:
+    """Load `model_dir` into an Engine (`config` + `overrides`, EngineConfig field names) and
+    serve it until interrupted (blocks)."""
     import uvicorn
 
-    engine = build_engine(model_dir, quantize=quantize, kv_cache_mb=kv_cache_mb,
-                          max_num_seqs=max_num_seqs, max_queue=max_queue, **engine_kw)
+    engine = build_engine(model_dir, config, **overrides)
     key = api_key or os.environ.get(API_KEY_ENV) or None
     app = create_app(engine, model_name=served_model_name or engine.model_name, api_key=key,
                      max_concurrency=max_concurrency,

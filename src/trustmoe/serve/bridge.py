@@ -1,7 +1,7 @@
 """The async bridge: one background thread drives `Engine.step()`; HTTP handlers talk to it.
 
 `Engine` is not thread-safe, so only the engine thread ever touches it. Handlers send
-commands (add / abort) through a thread-safe queue and wake the thread; each request's
+commands (`_Add` / `_Abort`) through a thread-safe queue and wake the thread; each request's
 `RequestOutput`s come back on an asyncio queue owned by the handler's event loop
 (`call_soon_threadsafe`). An abort removes the request from the engine at the next command
 drain, which happens before every step, so a disconnected client frees its batch slot and KV
@@ -17,12 +17,50 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Protocol
 
+from tokenizers import Tokenizer
+
+from trustmoe.engine import EngineStats, RequestOutput, SamplingParams
 from trustmoe.serve.metrics import ServerMetrics
 
 log = logging.getLogger("trustmoe.serve")
+
+StreamItem = RequestOutput | BaseException  # what a request's queue carries
+
+
+class SteppedEngine(Protocol):
+    """What the bridge drives (engine thread only): `trustmoe.engine.Engine` is one."""
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams,
+                    request_id: str | None = None) -> str: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def step(self) -> list[RequestOutput]: ...
+
+    def has_unfinished(self) -> bool: ...
+
+    def stats(self) -> EngineStats: ...
+
+
+class ServedEngine(SteppedEngine, Protocol):
+    """What a server needs besides stepping: the tokenizer, the context, names and EOS."""
+
+    @property
+    def tokenizer(self) -> Tokenizer | None: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def eos_token_id(self) -> int | None: ...
+
+    def encode(self, text: str, *, add_bos: bool = True) -> list[int]: ...
 
 
 class EngineDeadError(RuntimeError):
@@ -31,25 +69,38 @@ class EngineDeadError(RuntimeError):
 
 @dataclass
 class _Stream:
-    out: asyncio.Queue[Any]  # RequestOutput | BaseException, shared by a request's choices
+    out: asyncio.Queue[StreamItem]  # shared by a request's choices
     loop: asyncio.AbstractEventLoop
     arrival: float
     n_tokens: int = 0
     last_time: float = 0.0
     first_seen: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _put_all(items: list[tuple[_Stream, Any]]) -> None:
+@dataclass
+class _Add:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: _Stream
+    done: asyncio.Future[None]
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+def _put_all(items: list[tuple[_Stream, StreamItem]]) -> None:
     for s, o in items:
         s.out.put_nowait(o)
 
 
 class AsyncEngine:
-    def __init__(self, engine: Any, metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, engine: SteppedEngine, metrics: ServerMetrics | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
-        self._cmds: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._cmds: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._streams: dict[str, _Stream] = {}  # engine thread only
@@ -79,21 +130,21 @@ class AsyncEngine:
 
     # ------------------------------------------------------------ handler side (event loop)
 
-    async def add(self, request_id: str, prompt_ids: list[int], params: Any,
-                  out: asyncio.Queue[Any], arrival: float | None = None) -> None:
+    async def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                  out: asyncio.Queue[StreamItem], arrival: float | None = None) -> None:
         """Hand a request to the engine; raises what `Engine.add_request` raised."""
         if not self.alive:
             raise EngineDeadError("the engine thread is not running")
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         stream = _Stream(out=out, loop=loop, arrival=arrival or time.monotonic())
-        self._cmds.put(("add", request_id, prompt_ids, params, stream, done))
+        self._cmds.put(_Add(request_id, prompt_ids, params, stream, done))
         self._wake.set()
         await done
 
     def abort(self, request_id: str) -> None:
         """Thread-safe; harmless for finished or unknown ids."""
-        self._cmds.put(("abort", request_id))
+        self._cmds.put(_Abort(request_id))
         self._wake.set()
 
     # ------------------------------------------------------------ engine thread
@@ -110,7 +161,7 @@ class AsyncEngine:
                     continue
                 self.steps += 1
                 now = time.monotonic()
-                batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Any]]] = {}
+                batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, StreamItem]]] = {}
                 for o in outputs:
                     s = self._deliver(o, now)
                     if s is not None:
@@ -132,18 +183,17 @@ class AsyncEngine:
                 cmd = self._cmds.get_nowait()
             except queue.Empty:
                 return
-            if cmd[0] == "add":
-                _, rid, ids, params, stream, done = cmd
+            if isinstance(cmd, _Add):
                 try:
-                    self.engine.add_request(ids, params, request_id=rid)
+                    self.engine.add_request(cmd.prompt_ids, cmd.params, request_id=cmd.request_id)
                 except BaseException as e:  # QueueFullError, PromptTooLongError, ValueError
-                    self._resolve(stream.loop, done, e)
+                    self._resolve(cmd.stream.loop, cmd.done, e)
                     continue
-                self._streams[rid] = stream
+                self._streams[cmd.request_id] = cmd.stream
                 self.in_flight = len(self._streams)
-                self._resolve(stream.loop, done, None)
+                self._resolve(cmd.stream.loop, cmd.done, None)
             else:
-                rid = cmd[1]
+                rid = cmd.request_id
                 s = self._streams.pop(rid, None)
                 if s is not None:
                     with contextlib.suppress(Exception):
@@ -152,7 +202,7 @@ class AsyncEngine:
                         self.metrics.finished("abort")
                     self.in_flight = len(self._streams)
 
-    def _deliver(self, o: Any, now: float) -> _Stream | None:
+    def _deliver(self, o: RequestOutput, now: float) -> _Stream | None:
         """Record metrics for one output; the stream it belongs to (None if aborted)."""
         s = self._streams.get(o.request_id)
         if s is None:
@@ -182,7 +232,7 @@ class AsyncEngine:
             self.in_flight = len(self._streams)
         return s
 
-    def _put(self, s: _Stream, item: Any) -> None:
+    def _put(self, s: _Stream, item: StreamItem) -> None:
         with contextlib.suppress(RuntimeError):  # the handler's loop already closed
             s.loop.call_soon_threadsafe(s.out.put_nowait, item)
 

@@ -12,13 +12,22 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
-from trustmoe.serve.bridge import AsyncEngine, EngineDeadError
+import torch
+
+from trustmoe.config import SERVER_MAX_CONCURRENCY
+from trustmoe.engine import PromptTooLongError, QueueFullError, RequestOutput, SamplingParams
+from trustmoe.serve.bridge import AsyncEngine, EngineDeadError, ServedEngine, StreamItem
 from trustmoe.serve.chat import ChatTemplate
 from trustmoe.serve.metrics import ServerMetrics
 from trustmoe.serve.protocol import APIError
+
+if TYPE_CHECKING:
+    from trustmoe.serve.jsonmode import State
+    from trustmoe.serve.vocab import TokenTrie
 
 RETRY_AFTER_S = 1
 
@@ -28,7 +37,7 @@ class SubRequest:
     request_id: str
     index: int  # choice index in the response
     prompt_ids: list[int]
-    params: Any  # trustmoe.engine.SamplingParams
+    params: SamplingParams
     max_tokens: int  # what the client asked for (0 allowed: prompt only)
 
 
@@ -36,7 +45,7 @@ class SubRequest:
 class Lease:
     state: ServerState
     subs: list[SubRequest]
-    queue: asyncio.Queue[Any]
+    queue: asyncio.Queue[StreamItem]
     arrival: float
     unfinished: set[str] = field(default_factory=set)
     closed: bool = False
@@ -50,7 +59,7 @@ class Lease:
         self.unfinished.clear()
         self.state.active -= len(self.subs)
 
-    async def outputs(self) -> Any:
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
         """Yield RequestOutputs of all choices until every one has finished."""
         while self.unfinished:
             item = await self.queue.get()
@@ -62,11 +71,12 @@ class Lease:
 
 
 class ServerState:
-    def __init__(self, engine: Any, *, model_name: str | None = None,
-                 served_names: list[str] | None = None, max_concurrency: int = 256,
+    def __init__(self, engine: ServedEngine, *, model_name: str | None = None,
+                 served_names: list[str] | None = None,
+                 max_concurrency: int = SERVER_MAX_CONCURRENCY,
                  chat_template: ChatTemplate | None = None, api_key: str | None = None) -> None:
         self.engine = engine
-        self.model_name = model_name or str(getattr(engine, "model_name", "trustmoe"))
+        self.model_name = model_name or engine.model_name or "trustmoe"
         self.served_names = set(served_names or []) | {self.model_name}
         self.metrics = ServerMetrics(self.model_name)
         self.bridge = AsyncEngine(engine, self.metrics)
@@ -75,11 +85,13 @@ class ServerState:
         self.chat_template = chat_template or ChatTemplate()
         self.api_key = api_key
         self.created = int(time.time())
+        if engine.tokenizer is None:
+            raise ValueError("the engine has no tokenizer: a server needs one (tokenizer.json)")
         self.tokenizer = engine.tokenizer
         self.vocab_size = int(self.tokenizer.get_vocab_size(with_added_tokens=True))
         self.max_model_len = int(engine.max_model_len)
-        self._trie: Any = None
-        self.mask_cache: OrderedDict[Any, Any] = OrderedDict()
+        self._trie: TokenTrie | None = None
+        self.mask_cache: OrderedDict[State, torch.Tensor] = OrderedDict()  # JSON-mode masks
         self._counter = 0
 
     def new_id(self, prefix: str) -> str:
@@ -87,7 +99,7 @@ class ServerState:
         return f"{prefix}-{int(time.time() * 1000):x}{self._counter:06x}"
 
     @property
-    def trie(self) -> Any:
+    def trie(self) -> TokenTrie:
         if self._trie is None:
             from trustmoe.serve.vocab import TokenTrie
 
@@ -107,8 +119,6 @@ class ServerState:
 
     async def admit(self, subs: list[SubRequest]) -> Lease:
         """Take slots and submit every choice; on any failure nothing stays behind."""
-        from trustmoe.engine import PromptTooLongError, QueueFullError
-
         if len(subs) > self.max_concurrency:
             raise APIError(400, f"this request asks for {len(subs)} generations (prompts × n); "
                            f"the server allows {self.max_concurrency} at once")

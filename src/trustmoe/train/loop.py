@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from trustmoe.config import ModelConfig, TrainConfig, get_preset
+from trustmoe.config import ModelConfig, TrainConfig, get_preset, resolve_device
 from trustmoe.data.shards import open_tokens
 from trustmoe.data.tokenizer import eos_id, load_tokenizer
 from trustmoe.io import TrustmoeError, sha256_file
@@ -55,17 +55,6 @@ class TrainResult:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
-
-
-def pick_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrustmoeError(f"--device {device} requested but CUDA is not available here")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise TrustmoeError(f"unknown device {device!r}; use auto, cpu or cuda") from None
 
 
 def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
@@ -125,7 +114,7 @@ def train(
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if max_minutes is not None and max_minutes <= 0:
         raise TrustmoeError(f"--max-minutes must be positive, got {max_minutes}")
-    dev = pick_device(device)
+    dev = resolve_device(device)
     info = D.init_from_env(dev.type)
     if info.world > 1 and dev.type == "cuda":
         dev = torch.device("cuda", info.local_rank)

@@ -3,7 +3,7 @@
 Every weight is an object with `mm(x)` = `x @ W.T` (x: (M, K) -> (M, N)) and `nbytes`.
 
 On CPU, inputs of up to `cpu_kernels.MAX_ROWS` rows (decoding) go through the compiled
-few-row kernels of `trustmoe.model.cpu_kernels`: they read W once with both threads, and sum
+few-row kernels of `trustmoe.engine.cpu_kernels`: they read W once with both threads, and sum
 each output in the same order for any row count, so results are batch-invariant. Larger
 inputs (prefill) use torch's GEMM. Where the kernels cannot be built, torch is used throughout.
 
@@ -16,21 +16,22 @@ inputs (prefill) use torch's GEMM. Where the kernels cannot be built, torch is u
   group of `group_size` input channels; low nibble = even input). Large inputs dequantize
   once per call.
 
-`quantize_state(...)`/`save_quantized`/`load_quantized` write and read the quantized weights
-as their own safetensors artifact (`model.quant.safetensors` + `quantization.json`).
+A weight is stored under its matrix's name (see `trustmoe.engine.weights`) as `parts()`:
+`NAME` (float), `NAME.q` + `NAME.scale` (int8) or `NAME.q4` + `NAME.scale` + `NAME.zero`
+(int4); `read_weight` reads any of them back. Quantization is per output row, so row-wise
+concatenation (`cat_rows`: fused QKV, fused gate+up) commutes with it.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trustmoe.model import cpu_kernels
-
-QUANT_MODES = ("int8", "int4")
+from trustmoe.engine import cpu_kernels
 
 
 class Weight:
@@ -51,6 +52,14 @@ class Weight:
         raise NotImplementedError
 
     def to(self, device: torch.device) -> Weight:
+        raise NotImplementedError
+
+    def rows(self, a: int, b: int) -> Weight:
+        """Rows a..b-1 of W, in the same stored form (views)."""
+        raise NotImplementedError
+
+    def parts(self) -> dict[str, Tensor]:
+        """The stored tensors by name suffix ("" for a float matrix)."""
         raise NotImplementedError
 
     def c_desc(self) -> cpu_kernels.TmWeight | None:
@@ -79,6 +88,12 @@ class FloatWeight(Weight):
     def to(self, device: torch.device) -> FloatWeight:
         self.w = self.w.to(device)
         return self
+
+    def rows(self, a: int, b: int) -> FloatWeight:
+        return FloatWeight(self.w[a:b])
+
+    def parts(self) -> dict[str, Tensor]:
+        return {"": self.w}
 
     def c_desc(self) -> cpu_kernels.TmWeight | None:
         if self.w.device.type != "cpu" or self.w.dtype != torch.float32:
@@ -121,6 +136,12 @@ class Int8Weight(Weight):
 
     def to(self, device: torch.device) -> Int8Weight:
         return Int8Weight(self.q.to(device), self.scale.to(device), self.exact)
+
+    def rows(self, a: int, b: int) -> Int8Weight:
+        return Int8Weight(self.q[a:b], self.scale[a:b], self.exact)
+
+    def parts(self) -> dict[str, Tensor]:
+        return {".q": self.q, ".scale": self.scale}
 
     def c_desc(self) -> cpu_kernels.TmWeight | None:
         if self.q.device.type != "cpu":
@@ -189,6 +210,12 @@ class Int4Weight(Weight):
         return Int4Weight(self.packed.to(device), self.scale.to(device), self.zero.to(device),
                           self.group_size)
 
+    def rows(self, a: int, b: int) -> Int4Weight:
+        return Int4Weight(self.packed[a:b], self.scale[a:b], self.zero[a:b], self.group_size)
+
+    def parts(self) -> dict[str, Tensor]:
+        return {".q4": self.packed, ".scale": self.scale, ".zero": self.zero}
+
     def c_desc(self) -> cpu_kernels.TmWeight | None:
         if self.packed.device.type != "cpu" or self.group_size % 16:
             return None
@@ -210,3 +237,33 @@ def make_weight(w: Tensor, mode: str | None, group_size: int = 64,
             return FloatWeight(w)  # widths the group size does not divide stay in float
         return Int4Weight(*quantize_int4(w, group_size), group_size=group_size)
     raise ValueError(f"unknown quantization {mode!r}; choose int8 or int4")
+
+
+def cat_rows(ws: list[Weight]) -> Weight:
+    """One weight whose rows are those of `ws` in order (all of one stored form)."""
+    if len(ws) == 1:
+        return ws[0]
+    if all(isinstance(w, FloatWeight) for w in ws):
+        return FloatWeight(torch.cat([w.w for w in ws if isinstance(w, FloatWeight)]))
+    if all(isinstance(w, Int8Weight) for w in ws):
+        i8 = [w for w in ws if isinstance(w, Int8Weight)]
+        return Int8Weight(torch.cat([w.q for w in i8]), torch.cat([w.scale for w in i8]), i8[0].exact)
+    i4 = [w for w in ws if isinstance(w, Int4Weight)]
+    if len(i4) == len(ws) and len({w.group_size for w in i4}) == 1:
+        return Int4Weight(torch.cat([w.packed for w in i4]), torch.cat([w.scale for w in i4]),
+                          torch.cat([w.zero for w in i4]), i4[0].group_size)
+    kinds = sorted({type(w).__name__ for w in ws})
+    raise ValueError(f"cannot fuse matrices stored in different forms ({', '.join(kinds)})")
+
+
+def read_weight(state: Mapping[str, Tensor], name: str, exact_int8: bool = False) -> Weight | None:
+    """The weight stored as `name` in any form of `Weight.parts()`, or None when absent."""
+    if name in state:
+        return FloatWeight(state[name])
+    if f"{name}.q" in state:
+        return Int8Weight(state[f"{name}.q"], state[f"{name}.scale"], exact_int8)
+    if f"{name}.q4" in state:
+        packed, scale = state[f"{name}.q4"], state[f"{name}.scale"]
+        groups = scale.shape[1] if scale.dim() == 2 and scale.shape[1] else 1
+        return Int4Weight(packed, scale, state[f"{name}.zero"], packed.shape[1] * 2 // groups)
+    return None

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from trustmoe.model import cpu_kernels as ck
-from trustmoe.model.quantize import Int4Weight, Int8Weight, make_weight, quantize_int4, quantize_int8
+from trustmoe.engine import cpu_kernels as ck
+from trustmoe.engine.quantize import Int4Weight, Int8Weight, make_weight, quantize_int4, quantize_int8
 
 pytestmark = pytest.mark.skipif(not ck.available(), reason="no C compiler: kernels not built")
 
@@ -86,8 +86,8 @@ def _run(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 def test_switch_off_and_failed_build_fall_back_to_torch(tmp_path: object) -> None:
     code = ("import warnings, torch; warnings.simplefilter('always')\n"
-            "from trustmoe.model import cpu_kernels as ck\n"
-            "from trustmoe.model.quantize import make_weight\n"
+            "from trustmoe.engine import cpu_kernels as ck\n"
+            "from trustmoe.engine.quantize import make_weight\n"
             "w = torch.randn(8, 16); x = torch.randn(2, 16)\n"
             "torch.testing.assert_close(make_weight(w, 'int8').mm(x), x @ make_weight(w, 'int8')"
             ".dequantize().t(), atol=0.3, rtol=0)\n"
