@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from trustmoe.train.optim import lr_at, make_optimizer, set_lr
 from trustmoe.train.progress import TrainProgress
 
 REFIT_AT = (3, 10, 30, 100)  # steps after which a time-budgeted run refits its schedule
+RESERVE_CAP = 0.6  # `reserve_steps` never takes more than this share of the time budget
 
 
 @dataclass
@@ -138,8 +140,9 @@ def train(
     `max_steps` sets the schedule length; with only `max_minutes`, the step count is fitted to
     the time budget after timing the first steps. `stop_at` stops early (as an interruption
     would) after writing a checkpoint, without changing the schedule. `reserve_steps` keeps
-    that many steps' worth of time (at the measured pace) out of `max_minutes`, for work that
-    follows training (the demo evaluates); the pace adapts to how busy the machine is.
+    that many steps' worth of time (at the measured pace, at most 60% of the budget) out of
+    `max_minutes`, for work that follows training (the demo evaluates); the pace adapts to how
+    busy the machine is.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if max_minutes is not None and max_minutes <= 0:
@@ -228,6 +231,10 @@ def train(
     val_loss: float | None = None
     losses: list[float] = []
     recent: list[float] = []  # seconds of the last steps: the pace for `reserve_steps`
+
+    def reserve() -> float:
+        """Seconds kept for after training; capped so a slow start cannot take it all."""
+        return min(reserve_steps * pace(recent), RESERVE_CAP * budget)
     stopped = "max_steps"
     step = start_step
     bar = TrainProgress(tcfg.max_steps, start_step, enabled=progress and info.is_main,
@@ -266,11 +273,11 @@ def train(
                 # fit the schedule to the time budget; refit as timing settles (first steps
                 # are slow), so a noisy start does not end training early
                 per_step = (time.perf_counter() - t0) / (step - start_step)
-                fitted = start_step + int((budget - reserve_steps * pace(recent)) / per_step * 0.97)
+                fitted = start_step + int((budget - reserve()) / per_step * 0.97)
                 tcfg.max_steps = min(step_cap, max(step + 1, fitted))
                 bar.set_total(tcfg.max_steps)
             last = step >= tcfg.max_steps
-            out_of_time = time.perf_counter() - t0 + reserve_steps * pace(recent) > budget
+            out_of_time = time.perf_counter() - t0 + reserve() > budget
             interrupted = stop_at is not None and step >= stop_at
             if step % tcfg.eval_every == 0 or last or out_of_time or interrupted:
                 val_loss = evaluate()
@@ -296,8 +303,9 @@ def train(
 
 
 def pace(recent: list[float]) -> float:
-    """Seconds per step from the recent steps; 0 until three have run (the first are slow)."""
-    return sum(recent[1:]) / (len(recent) - 1) if len(recent) >= 3 else 0.0
+    """Seconds per step: the median of the recent steps (a load spike on a shared machine
+    moves it little), leaving the oldest out; 0 until three steps have run."""
+    return float(statistics.median(recent[1:])) if len(recent) >= 3 else 0.0
 
 
 def _prepare_metrics(staging: Path, previous: Path | None, start_step: int) -> None:
