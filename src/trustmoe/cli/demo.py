@@ -71,8 +71,9 @@ def demo_cmd(
     left = budget - (time.perf_counter() - t0)
     tail = 3 if skip_eval else TAIL_STEPS
     train_s = max(MIN_TRAIN_S, left)
-    console.print(f"{left:.0f}s of the {budget:.0f}s budget left; training stops early enough to "
-                  f"leave {tail} steps' time for what follows", highlight=False)
+    console.print(f"{left:.0f}s of the {budget:.0f}s budget left; training stops in time to "
+                  f"leave room for the sample and evaluation (about {tail} training steps' "
+                  "worth, at the pace it measures)", highlight=False)
     if left < MIN_TRAIN_S * 3:
         console.print(f"[yellow]the budget is nearly spent: training gets at most "
                       f"{train_s:.0f}s, and the demo may run over --minutes {minutes:g}[/]")
