@@ -55,6 +55,7 @@ def test_audit_html_explains_and_ranks(built: Path) -> None:
     assert not re.search(r"hereby granted|without warranty", leads, re.I)
     pii = page.split('id="pii"')[1].split('id="poisoning"')[0]
     assert "EMAIL" in pii and "e-mail address" in pii and "placeholders" in pii
+    assert "1 PII values redacted" in page.split("<h2>")[0]
     assert "jane.doe@corp-mail.net" not in page  # values stay masked
 
 

@@ -32,7 +32,7 @@ def render(audit: dict[str, Any], stats: dict[str, Any]) -> str:
         changed=c.get("changed", {}), pii_types=explain.pii_by_type(audit.get("pii", [])),
         pii_action=explain.pii_action(mode), pii_todo=explain.pii_what_to_do(mode),
         poison=poison, kinds=explain.POISON_KINDS, poison_todo=explain.POISON_WHAT_TO_DO,
-        boilerplate=explain.BOILERPLATE,
+        boilerplate=explain.BOILERPLATE, change_names=explain.CHANGES,
         meaning=explain.poison_kind_meaning, max_rows=MAX_ROWS)
 
 
@@ -54,7 +54,8 @@ text-align:left;vertical-align:top}.review{background:#fff4d6}.note{color:#444}
 code{font-size:90%;word-break:break-word}details{margin:.5em 0}</style></head><body>
 <h1>Data audit</h1>
 <p><b>{{ counts.kept }} of {{ counts.documents }} documents kept</b>, {{ counts.dropped }}
-dropped{% for k, v in changed.items() %}; {{ v }} {{ k.replace("_", " ") }}{% endfor %}.
+dropped{% for k, v in changed.items() %}; {{ v }} {{ change_names.get(k, k.replace("_", " ")) }}
+{%- endfor %}.
 Tokens: train {{ stats.tokens.train }}, validation {{ stats.tokens.val }}.
 Screens that only report (PII in <code>keep</code> mode, poisoning) never drop anything;
 every dropped document is counted under <a href="#dropped">Dropped documents</a>.</p>

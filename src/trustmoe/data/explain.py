@@ -36,6 +36,9 @@ RULES: dict[str, str] = {
     "contaminated": "it contains text of an evaluation set (--decontaminate)",
 }
 
+# Changes rules make to kept documents (audit.json counts.changed), in words.
+CHANGES: dict[str, str] = {"pii_redacted": "PII values redacted"}
+
 # What each kind of poisoning-screen finding is (kinds the detector does not list here are
 # shown with its own `explanation` field, or generically).
 POISON_KINDS: dict[str, str] = {
