@@ -125,8 +125,11 @@ def demo_cmd(
 
 
 def _starved_note(res: Any, preset: str, minutes: float) -> str | None:
-    """A plain word when the budget bought too little training to judge the model by."""
-    if res.stopped != "time" or res.steps >= 100:
+    """A plain word when the budget bought too little training to judge the model by (the
+    schedule was fitted to the time left, or cut by it)."""
+    from trustmoe.config import get_preset
+
+    if res.steps >= min(100, get_preset(preset).train.max_steps):
         return None
     quiet = (f"; a quiet 2-core machine does about {QUIET_TOKENS_PER_S:,} for `small`"
              if preset == "small" else "")
