@@ -8,17 +8,62 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 
 class TrustmoeError(Exception):
     """An error with one clear, user-facing message (the CLI prints it without a traceback)."""
+
+
+# The optional extras of pyproject.toml and the top-level module each one brings. Everything
+# else the chain uses (data, eval, serve, deploy, security) is a base dependency.
+EXTRAS: dict[str, str] = {
+    "pyarrow": "parquet",  # Parquet sources for `data build`
+    "gguf": "export",  # `trustmoe export gguf`
+    "psycopg": "postgres",  # a PostgreSQL registry URL
+    "ray": "ray",  # Ray Serve deployment
+    "transformers": "bench",  # peer measurements in benchmarks/
+}
+
+
+class MissingExtraError(TrustmoeError):
+    """An optional dependency is not installed; the message names the pip command to run."""
+
+    def __init__(self, module: str, extra: str, purpose: str | None = None) -> None:
+        self.module, self.extra = module, extra
+        what = f"{purpose} needs" if purpose else "this needs"
+        super().__init__(f"{what} the optional package {module!r}, which is not installed: "
+                         f"pip install 'trustmoe[{extra}]'")
+
+
+def require_extra(module: str, extra: str | None = None, purpose: str | None = None
+                  ) -> ModuleType:
+    """Import an optional dependency, or raise `MissingExtraError` naming the extra to install.
+
+    `require_extra("pyarrow.parquet", "parquet", "reading Parquet")` returns the module; when
+    pyarrow is absent the error reads "reading Parquet needs the optional package 'pyarrow',
+    which is not installed: pip install 'trustmoe[parquet]'". `extra` defaults to the entry of
+    `EXTRAS` for the module's top-level package.
+    """
+    top = module.split(".", 1)[0]
+    extra = extra or EXTRAS.get(top)
+    if extra is None:
+        raise ValueError(f"no extra is known for {module!r}; pass extra=")
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        missing = getattr(e, "name", None) or top
+        if missing.split(".", 1)[0] != top:
+            raise  # the extra is installed but broken inside: not a missing-extra case
+        raise MissingExtraError(top, extra, purpose) from None
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

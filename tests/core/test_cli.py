@@ -74,3 +74,37 @@ def test_generate_is_deterministic_with_seed(tiny_data_dir: Path, tmp_path: Path
     a = generate_text(out, "def", max_tokens=8, temperature=1.0, seed=3)
     b = generate_text(out, "def", max_tokens=8, temperature=1.0, seed=3)
     assert a == b
+
+
+def run_cli_without(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI in a Python where `import module` fails, as on a machine without it."""
+    code = (f"import sys; sys.modules[{module!r}] = None; sys.argv = ['trustmoe', *{list(args)!r}]; "
+            "from trustmoe.cli import main; main()")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_missing_optional_extra_is_one_line(tmp_path: Path) -> None:
+    from trustmoe.config import get_preset
+    from trustmoe.model.hf import save_model
+    from trustmoe.model.transformer import Transformer
+
+    model_dir = tmp_path / "m"
+    save_model(Transformer(get_preset("tiny").model), model_dir)
+    proc = run_cli_without("gguf", "export", "gguf", str(model_dir), str(tmp_path / "m.gguf"))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "pip install 'trustmoe[export]'" in lines[0], proc.stderr
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_missing_base_dependency_is_one_line(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i} * 2 - 1\n" * 5)
+    proc = run_cli_without("datasketch", "data", "build", str(src), "--out", str(tmp_path / "d"),
+                           "--quiet")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
+    assert "'datasketch' is missing" in proc.stderr and "reinstall" in proc.stderr, proc.stderr

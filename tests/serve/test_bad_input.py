@@ -39,45 +39,74 @@ def _ok(srv: Any) -> None:
     assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+# (path, body, status, needle in message or param, OpenAI's error code). Like OpenAI, every
+# error about a request's content is 400; the code says which kind.
 CASES = [
-    ("/v1/completions", b"{not json", 400, "not valid JSON"),
-    ("/v1/completions", b'{"prompt": "\xff\xfe caf\xe9"}', 400, "UTF-8"),
-    ("/v1/completions", b"[1, 2]", 422, "JSON object"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, 422, "max_tokens"),
-    ("/v1/completions", {"prompt": 12}, 422, "prompt"),
-    ("/v1/completions", {}, 422, "prompt"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": -5}, 400, "max_tokens"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 10**9}, 413, "context"),
-    ("/v1/completions", {"prompt": "x " * 400, "max_tokens": 4}, 413, "context"),
-    ("/v1/completions", {"prompt": "x", "n": 1000}, 400, "n"),
-    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
-    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 99}, 400, "logprobs"),
-    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "gpt-4"),
-    ("/v1/completions", {"prompt": [[1, 2], [10**7]]}, 400, "vocabulary"),
-    ("/v1/completions", {"prompt": ""}, 400, "empty"),
-    ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop"),
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"999999": 5}}, 400, "logit_bias"),
-    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
-    ("/v1/chat/completions", {"messages": "hi"}, 422, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 422, "role"),
+    ("/v1/completions", b"{not json", 400, "not valid JSON", "invalid_json"),
+    ("/v1/completions", b'{"prompt": "\xff\xfe caf\xe9"}', 400, "UTF-8", None),
+    ("/v1/completions", b"[1, 2]", 400, "JSON object", "invalid_type"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, 400, "max_tokens", "invalid_type"),
+    ("/v1/completions", {"prompt": 12}, 400, "prompt", "invalid_type"),
+    ("/v1/completions", {}, 400, "prompt", "missing_required_parameter"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -5}, 400, "max_tokens",
+     "integer_below_min_value"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 10**9}, 400, "context",
+     "context_length_exceeded"),
+    ("/v1/completions", {"prompt": "x " * 400, "max_tokens": 4}, 400, "context",
+     "context_length_exceeded"),
+    ("/v1/completions", {"prompt": "x", "n": 1000}, 400, "n", "integer_above_max_value"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature",
+     "integer_below_min_value"),
+    ("/v1/completions", {"prompt": "x", "temperature": -0.5}, 400, "temperature",
+     "decimal_below_min_value"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p", "integer_below_min_value"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 99}, 400, "logprobs", "integer_above_max_value"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "gpt-4", "model_not_found"),
+    ("/v1/completions", {"prompt": [[1, 2], [10**7]]}, 400, "vocabulary", None),
+    ("/v1/completions", {"prompt": ""}, 400, "empty", None),
+    ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop", "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"999999": 5}}, 400, "logit_bias", None),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages", "empty_array"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "messages", "invalid_type"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "role",
+     "invalid_type"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "response_format": {"type": "json_schema", "json_schema": {
                                   "name": "x", "schema": {"type": "object", "patternProperties":
-                                                          {"a": {}}}}}}, 400, "patternProperties"),
+                                                          {"a": {}}}}}}, 400, "patternProperties",
+     None),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "response_format": {"type": "yaml"}}, 422, "response_format"),
+                              "response_format": {"type": "yaml"}}, 400, "response_format",
+     "invalid_type"),
 ]
 
 
-@pytest.mark.parametrize(("path", "body", "status", "needle"), CASES)
-def test_bad_request(srv: Any, path: str, body: Any, status: int, needle: str) -> None:
+@pytest.mark.parametrize(("path", "body", "status", "needle", "code"), CASES)
+def test_bad_request(srv: Any, path: str, body: Any, status: int, needle: str,
+                     code: str | None) -> None:
     r = _post(srv, path, body)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert needle.lower() in err["message"].lower() or needle == err.get("param")
     assert set(err) >= {"message", "type", "code"} and "Traceback" not in r.text
+    assert err["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+    if code is not None:
+        assert err["code"] == code, err
     _ok(srv)  # and the server keeps serving
+
+
+def test_openai_client_sees_bad_request_error(srv: Any) -> None:
+    """The real `openai` client maps our 400s to BadRequestError with OpenAI's codes."""
+    import openai
+
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+    model = client.models.list().data[0].id
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model, prompt="x", max_tokens=10**9)
+    assert e.value.status_code == 400 and e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model, prompt="x", extra_body={"max_tokens": "many"})
+    assert e.value.code == "invalid_type" and e.value.param == "max_tokens"
 
 
 def test_unknown_route_and_method(srv: Any) -> None:

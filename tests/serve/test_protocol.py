@@ -14,25 +14,39 @@ from trustmoe.serve.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    context_length_error,
     pydantic_error_to_api,
 )
 
 
-def _status(model: type, body: dict) -> int:
+def _error(model: type, body: dict) -> APIError:
     with pytest.raises(ValidationError) as e:
         model.model_validate(body)
-    return pydantic_error_to_api([dict(x) for x in e.value.errors()]).status
+    return pydantic_error_to_api([dict(x) for x in e.value.errors()])
 
 
-def test_type_errors_are_422_value_errors_400() -> None:
-    assert _status(CompletionRequest, {"prompt": "x", "max_tokens": "ten"}) == 422
-    assert _status(CompletionRequest, {"prompt": "x", "stream": "maybe"}) == 422
-    assert _status(CompletionRequest, {}) == 422
-    assert _status(CompletionRequest, {"prompt": "x", "max_tokens": -1}) == 400
-    assert _status(CompletionRequest, {"prompt": "x", "n": 9}) == 400
-    assert _status(CompletionRequest, {"prompt": []}) == 400
-    assert _status(CompletionRequest, {"prompt": "x", "stop": ["a"] * 17}) == 400
-    assert _status(ChatCompletionRequest, {"messages": []}) == 400
+def test_like_errors_get_like_statuses_as_openai() -> None:
+    """Wrong type, missing and out of range are all 400 (OpenAI's status), told apart by code."""
+    cases = [
+        (CompletionRequest, {"prompt": "x", "max_tokens": "ten"}, "invalid_type"),
+        (CompletionRequest, {"prompt": "x", "stream": "maybe"}, "invalid_type"),
+        (CompletionRequest, {}, "missing_required_parameter"),
+        (CompletionRequest, {"prompt": "x", "max_tokens": -1}, "integer_below_min_value"),
+        (CompletionRequest, {"prompt": "x", "n": 9}, "integer_above_max_value"),
+        (CompletionRequest, {"prompt": "x", "top_p": 1.5}, "decimal_above_max_value"),
+        (CompletionRequest, {"prompt": []}, "invalid_value"),
+        (CompletionRequest, {"prompt": "x", "stop": ["a"] * 17}, "invalid_value"),
+        (ChatCompletionRequest, {"messages": []}, "empty_array"),
+    ]
+    for model, body, code in cases:
+        err = _error(model, body)
+        assert (err.status, err.code, err.type) == (400, code, "invalid_request_error"), body
+
+
+def test_context_length_error_is_400() -> None:
+    e = context_length_error(250, 10, 256)
+    assert e.status == 400 and e.code == "context_length_exceeded" and e.param == "max_tokens"
+    assert "250" in e.message and "256" in e.message
 
 
 def test_valid_requests_parse() -> None:
@@ -50,7 +64,8 @@ def test_valid_requests_parse() -> None:
 def test_error_body_is_openai_shaped() -> None:
     e = APIError(429, "busy", headers={"Retry-After": "1"})
     assert e.body() == {"error": {"message": "busy", "type": "rate_limit_error", "param": None,
-                                  "code": 429}}
+                                  "code": "rate_limit_exceeded"}}
+    assert APIError(400, "bad", "n", code="invalid_value").body()["error"]["code"] == "invalid_value"
 
 
 def test_chat_template_from_model_dir_and_errors(tmp_path: Path) -> None:

@@ -107,3 +107,31 @@ def test_time_budget_fits_the_schedule_and_checkpoints(tiny_data_dir: Path, tmp_
     assert res.seconds < 0.1 * 60 + 5  # budget kept (one eval + checkpoint of slack)
     meta = json.loads((out / "trustmoe.json").read_text())
     assert meta["step"] == res.steps and meta["max_steps"] >= res.steps
+
+
+def test_validation_says_what_it_measured(tiny_data_dir: Path, tmp_path: Path) -> None:
+    res = train(tiny_data_dir, tmp_path / "m", "tiny", max_steps=2, overrides=FAST,
+                progress=False)
+    assert res.val_tokens == 1 * 4 * 32  # eval_batches x batch_size x seq_len
+    assert res.val_measured_on().startswith("128 tokens of val.bin: 4 evenly spaced windows of 32")
+    meta = json.loads((tmp_path / "m" / "trustmoe.json").read_text())
+    assert meta["metrics"]["val_tokens"] == 128
+    assert meta["metrics"]["val_measured_on"] == res.val_measured_on()
+
+
+def test_reserve_steps_leave_time_for_what_follows(tiny_data_dir: Path, tmp_path: Path) -> None:
+    from trustmoe.train.loop import RESERVE_CAP, pace
+
+    assert pace([]) == pace([1.0, 2.0]) == 0.0  # no estimate from the slow first steps
+    assert pace([9.0, 1.0, 3.0, 2.0]) == 2.0  # median of the recent steps, oldest left out
+    assert pace([9.0, 1.0, 1.0, 60.0]) == 1.0  # a load spike moves it little
+    budget_s = 3.0
+    # a reserve far beyond the budget is capped: training still gets 40% of the budget
+    res = train(tiny_data_dir, tmp_path / "b", "tiny", max_minutes=budget_s / 60,
+                max_steps=10_000, overrides=FAST, progress=False, reserve_steps=1e6)
+    assert res.stopped == "time" and 3 <= res.steps < 10_000
+    assert (1 - RESERVE_CAP) * budget_s <= res.seconds < budget_s
+    assert (tmp_path / "b" / "model.safetensors").exists()  # still a complete model dir
+    with pytest.raises(TrustmoeError):
+        train(tiny_data_dir, tmp_path / "c", "tiny", max_minutes=0.05, progress=False,
+              reserve_steps=-1)

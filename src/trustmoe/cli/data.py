@@ -99,15 +99,44 @@ def build(
 
 
 def print_summary(out: Path, s: dict[str, object]) -> None:
-    """Print a `BuildResult.summary()` as a table (also used by `trustmoe demo`)."""
+    """Print a `BuildResult.summary()` for people (also used by `trustmoe demo`): what was
+    kept and dropped and why, the tokens, and each audit check with what the build did."""
+    from typing import Any
+
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"dataset {out}", show_header=False)
-    for k in ("documents", "kept", "dropped", "dropped_by_rule", "tokens", "vocab_size",
-              "audit", "manifest_sha256"):
-        t.add_row(k, json.dumps(s.get(k)))
-    Console().print(t)
+    from trustmoe.data.explain import glance
+    from trustmoe.io import read_json
+
+    con = Console()
+    rules: dict[str, int] = dict(s.get("dropped_by_rule") or {})  # type: ignore[call-overload]
+    tokens: dict[str, int] = dict(s.get("tokens") or {})  # type: ignore[call-overload]
+    why = ", ".join(f"{n} {r}" for r, n in sorted(rules.items(), key=lambda kv: -kv[1]))
+    sha = str(s.get("manifest_sha256", ""))
+    t = Table(title=f"dataset {out}", show_header=False, title_justify="left")
+    t.add_row("documents", f"{s.get('documents')} examined: {s.get('kept')} kept, "
+              f"{s.get('dropped')} dropped" + (f" ({why})" if why else ""))
+    t.add_row("tokens", f"train {tokens.get('train', 0):,}, validation {tokens.get('val', 0):,} "
+              f"(vocabulary {s.get('vocab_size')})")
+    t.add_row("manifest", f"sha256 {sha[:16]}… (names this dataset)")
+    con.print(t)
+    audit_path = out / "audit.json"
+    if not audit_path.exists():
+        return
+    audit: dict[str, Any] = read_json(audit_path, "audit")
+    a = Table(title="audit", title_justify="left")
+    for col in ("check", "found", "what the build did"):
+        a.add_column(col, overflow="fold")
+    rows = glance(audit)
+    for r in rows:
+        a.add_row(("[yellow]! [/]" if r.review else "") + r.check, r.found, r.done)
+    con.print(a)
+    for r in rows:
+        if r.review:
+            con.print(f"[yellow]to do[/] ({r.check}): {r.todo}", highlight=False)
+    con.print(f"what each finding means: {out / 'audit.html'}; datasheet: "
+              f"{out / 'DATASHEET.md'}", highlight=False)
 
 
 @data_app.command("verify")

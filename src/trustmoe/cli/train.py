@@ -57,14 +57,18 @@ def train_cmd(
     summary = {
         "out_dir": str(res.out_dir), "steps": res.steps, "tokens": res.tokens,
         "seconds": round(res.seconds, 2), "tokens_per_s": round(res.tokens_per_second, 1),
-        "val_loss": res.val_loss, "val_perplexity": res.val_perplexity, "stopped": res.stopped,
+        "val_loss": res.val_loss, "val_perplexity": res.val_perplexity,
+        "val_tokens": res.val_tokens, "val_measured_on": res.val_measured_on(),
+        "stopped": res.stopped,
     }
     if json_out:
         print(json.dumps(summary))
     else:
         ppl = f"{res.val_perplexity:.2f}" if res.val_perplexity else "-"
-        console.print(f"[green]trained[/] {res.steps} steps, val loss {res.val_loss:.4f}, "
-                      f"perplexity {ppl} -> {res.out_dir}")
+        loss = f"{res.val_loss:.4f}" if res.val_loss is not None else "-"
+        console.print(f"[green]trained[/] {res.steps} steps -> {res.out_dir}\n"
+                      f"validation loss {loss}, perplexity {ppl} on {res.val_measured_on()}",
+                      highlight=False)
 
 
 def generate_cmd(

@@ -11,5 +11,7 @@
 Modules: `sources` (folders, text, JSONL, Parquet, `stdlib`), `licenses` (SPDX), `quality`,
 `text` (normalisation, vectorised word/n-gram hashing), `dedup` (MinHash LSH), `pii`,
 `contamination` (n-gram hash index), `poison` (screen), `rules` (the pipeline), `manifest`
-(+ verify), `card` (DATASHEET.md, audit.html), `build` (stages, resume), `tokenizer`, `shards`.
+(+ verify), `card` (DATASHEET.md), `audit_page` (audit.html), `explain` (what each finding
+means, what was done, what to do; known boilerplate ranked last), `build` (stages, resume),
+`tokenizer`, `shards`.
 """

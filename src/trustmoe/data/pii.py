@@ -24,6 +24,17 @@ PLACEHOLDERS = {
     "EMAIL": "<EMAIL>", "IP_ADDRESS": "<IP_ADDRESS>", "PHONE": "<PHONE>",
     "CREDIT_CARD": "<CREDIT_CARD>", "IBAN": "<IBAN>", "KEY": "<KEY>",
 }
+# What each type is, in words for the audit report (`data/explain.py`, audit.html).
+TYPE_MEANING = {
+    "EMAIL": "an e-mail address (in source code, usually an author's or maintainer's contact)",
+    "IP_ADDRESS": "an IPv4/IPv6 address that could name a real host (loopback, reserved, "
+                  "multicast and documentation ranges, and netmasks, are not counted)",
+    "PHONE": "a telephone number (international +CC form or 3-3-4 digits)",
+    "CREDIT_CARD": "a payment card number (13-19 digits passing the Luhn checksum)",
+    "IBAN": "a bank account number (IBAN passing its mod-97 checksum)",
+    "KEY": "a secret: a private key block or an API token of a known format (AWS, GitHub, "
+           "Slack, Stripe, OpenAI, JWT, ...); treat it as leaked and revoke it",
+}
 _PRIORITY = {"KEY": 0, "EMAIL": 1, "CREDIT_CARD": 2, "IBAN": 3, "IP_ADDRESS": 4, "PHONE": 5}
 
 # Each pattern starts with a selective character class so `re` can skip ahead quickly; the
@@ -86,11 +97,11 @@ def iban_ok(iban: str) -> bool:
 @lru_cache(maxsize=1)
 def _secret_regexes() -> tuple[re.Pattern[str], ...]:
     """Every denylist regex of detect-secrets' regex-based plugins (not the public-IP one)."""
-    try:
-        from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
-        from detect_secrets.plugins.base import RegexBasedDetector
-    except ImportError:  # optional dependency: fall back to the PEM rule alone
-        return ()
+    # a base dependency: without it the screen would silently miss every API key, so a
+    # broken install fails loudly (the CLI prints one line naming the missing module)
+    from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
+    from detect_secrets.plugins.base import RegexBasedDetector
+
     out: list[re.Pattern[str]] = []
     cls: type
     for name, cls in sorted(get_mapping_from_secret_type_to_class().items()):

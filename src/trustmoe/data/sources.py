@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trustmoe.io import TrustmoeError
+from trustmoe.io import TrustmoeError, require_extra
 
 STDLIB = "stdlib"
 STDLIB_LICENSE = "PSF-2.0"
@@ -198,12 +198,7 @@ def _jsonl_docs(doc_id: str, f: InputFile, data: bytes, field_name: str) -> Iter
 
 
 def _parquet_docs(doc_id: str, f: InputFile, field_name: str) -> Iterator[RawDoc]:
-    try:
-        import pyarrow.parquet as pq  # optional extra
-    except ImportError:
-        raise TrustmoeError(
-            f"{f.abspath} is Parquet, which needs pyarrow: pip install 'trustmoe[parquet]'"
-        ) from None
+    pq = require_extra("pyarrow.parquet", "parquet", f"{f.abspath} is Parquet; reading it")
     try:
         table = pq.read_table(f.abspath, columns=[field_name])
     except Exception as e:  # pyarrow raises many types for bad files

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trustmoe.io import TrustmoeError
+from trustmoe.io import TrustmoeError, require_extra
 from trustmoe.model.hf import load, load_config
 
 QUANT_TYPES = ("f32", "f16", "q8_0")
@@ -75,7 +75,7 @@ def _tokenizer_fields(model_dir: Path) -> dict[str, Any]:
 def export_gguf(model_dir: str | os.PathLike[str], out_path: str | os.PathLike[str],
                 quantize: str = "f32", progress: Any = None) -> dict[str, Any]:
     """Write `out_path` (atomically). quantize: f32 | f16 | q8_0 (2-D weights only)."""
-    import gguf  # optional dependency (extra "export")
+    gguf = require_extra("gguf", "export", "GGUF export")
 
     if quantize not in QUANT_TYPES:
         raise TrustmoeError(f"--quantize must be one of {', '.join(QUANT_TYPES)}, got {quantize!r}")
@@ -209,7 +209,7 @@ def _gguf_tensors(sd: dict[str, np.ndarray], cfg: Any) -> Any:
 
 def read_gguf_state(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(metadata fields, tensors dequantised to float32 in torch (out, in) order)."""
-    import gguf
+    gguf = require_extra("gguf", "export", "reading GGUF")
 
     r = gguf.GGUFReader(str(path))
     meta: dict[str, Any] = {}

@@ -91,9 +91,9 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise APIError(400, f"request body is not valid JSON: {e.msg} at line {e.lineno} "
-                       f"column {e.colno}") from None
+                       f"column {e.colno}", code="invalid_json") from None
     if not isinstance(obj, dict):
-        raise APIError(422, "request body must be a JSON object")
+        raise APIError(400, "request body must be a JSON object", code="invalid_type")
     try:
         return model.model_validate(obj)
     except ValidationError as e:

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from trustmoe.serve.chat import chat_prompt_ids, end_of_turn_ids
 from trustmoe.serve.jsonmode import JSONLogitsProcessor, SchemaError, compile_schema
 from trustmoe.serve.logprobs import chat_logprobs, completion_logprobs
-from trustmoe.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, _Sampling
+from trustmoe.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, _Sampling, context_length_error
 from trustmoe.serve.state import Lease, ServerState, SubRequest
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it
@@ -113,8 +113,7 @@ def check_length(state: ServerState, prompt_len: int, max_tokens: int) -> None:
     if prompt_len == 0:
         raise APIError(400, "prompt must not be empty", "prompt")
     if prompt_len + max_tokens > state.max_model_len:
-        raise APIError(413, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the "
-                       f"model's context of {state.max_model_len} tokens", "max_tokens")
+        raise context_length_error(prompt_len, max_tokens, state.max_model_len)
 
 
 def _tokenize_prompts(state: ServerState, prompt: Any) -> list[list[int]]:

@@ -1,14 +1,19 @@
 """OpenAI request bodies (pydantic), the error body, and request -> SamplingParams.
 
-Validation rules, and the status each failure gets (OpenAI-style body
-`{"error": {"message", "type", "param", "code"}}`):
+Every client error about a request's content is 400, as OpenAI answers; the body says which
+(`{"error": {"message", "type", "param", "code"}}`, `code` one of OpenAI's strings):
 
-- body is not JSON, or not UTF-8                                   -> 400
-- a field has the wrong type, or a required field is missing      -> 422
-- a field's value is out of range (negative `max_tokens`, `n` over the limit,
-  empty `messages`, bad `response_format` schema, ...)             -> 400
-- unknown `model`                                                  -> 404
-- prompt + `max_tokens` longer than the context, or body too large -> 413
+- body is not JSON, not UTF-8, or not a JSON object                -> 400 `invalid_json` / `invalid_type`
+- a field has the wrong type, or a required field is missing       -> 400 `invalid_type` /
+                                                                      `missing_required_parameter`
+- a field's value is out of range (negative `max_tokens`, `n` over the limit, empty
+  `messages`, bad `response_format` schema, ...)                   -> 400 `invalid_value` (or
+                                                                      `integer_above_max_value`, ...)
+- prompt + `max_tokens` longer than the model's context           -> 400 `context_length_exceeded`
+- missing or wrong API key                                         -> 401 `invalid_api_key`
+- unknown `model`                                                  -> 404 `model_not_found`
+- body over the byte limit (checked on Content-Length, before the
+  body is read, as a proxy in front of OpenAI's API answers)       -> 413
 - server at its concurrency / queue limit                          -> 429 with Retry-After
 """
 
@@ -23,22 +28,32 @@ MAX_STOP = 16  # stop strings per request
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 MAX_BODY_BYTES = 4 << 20
 
-# pydantic error types that mean "wrong type / missing" (422); everything else is a value error
+# pydantic error types that mean "wrong type"; "missing" has its own code; the rest are values
 TYPE_ERRORS = {
-    "missing", "int_type", "int_parsing", "float_type", "float_parsing", "string_type",
+    "int_type", "int_parsing", "float_type", "float_parsing", "string_type",
     "bool_type", "bool_parsing", "list_type", "dict_type", "model_type", "model_attributes_type",
     "union_tag_invalid", "union_tag_not_found", "int_from_float", "literal_error",
     "is_instance_of", "none_required", "tuple_type", "bytes_type",
 }
+# pydantic value errors with a more precise OpenAI code
+VALUE_CODES = {
+    "greater_than": "below_min_value", "greater_than_equal": "below_min_value",
+    "less_than": "above_max_value", "less_than_equal": "above_max_value",
+    "too_short": "empty_array", "too_long": "array_above_max_length",
+}
+# codes OpenAI gives whole status classes when nothing more precise is known
+DEFAULT_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded"}
 
 
 class APIError(Exception):
     """An error that becomes an OpenAI-style error response."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 type_: str | None = None, headers: dict[str, str] | None = None) -> None:
+                 type_: str | None = None, headers: dict[str, str] | None = None,
+                 code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.headers = status, message, param, headers
+        self.code = code or DEFAULT_CODES.get(status)
         self.type = type_ or {
             404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
             503: "service_unavailable", 500: "internal_server_error",
@@ -46,7 +61,16 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.status}}
+                          "code": self.code}}
+
+
+def context_length_error(prompt_tokens: int, max_tokens: int | None, context: int,
+                         param: str = "max_tokens") -> APIError:
+    """400 `context_length_exceeded`, as OpenAI answers a prompt that does not fit."""
+    asked = f" + max_tokens ({max_tokens})" if max_tokens is not None else ""
+    return APIError(400, f"prompt ({prompt_tokens} tokens){asked} exceeds the model's context "
+                    f"of {context} tokens; shorten the prompt or lower max_tokens", param,
+                    code="context_length_exceeded")
 
 
 class _Base(BaseModel):
@@ -166,9 +190,9 @@ class ChatCompletionRequest(_Sampling):
 
 
 def pydantic_error_to_api(errors: list[dict[str, Any]]) -> APIError:
-    """The first validation error as one clear message; 422 for type errors, else 400."""
+    """The first validation error as one clear message: 400, with OpenAI's code for its kind."""
     if not errors:
-        return APIError(400, "invalid request")
+        return APIError(400, "invalid request", code="invalid_value")
     e = errors[0]
     loc = [str(x) for x in e.get("loc", ()) if x not in ("body",)]
     # union members are reported as extra loc parts like 'str' / 'list[int]': drop them
@@ -178,9 +202,16 @@ def pydantic_error_to_api(errors: list[dict[str, Any]]) -> APIError:
     etype = str(e.get("type", ""))
     if etype == "json_invalid":
         why = e.get("ctx", {}).get("error", msg)
-        return APIError(400, f"request body is not valid JSON: {why}")
-    status = 422 if etype in TYPE_ERRORS else 400
-    return APIError(status, f"{param + ': ' if param else ''}{msg}", param=param)
+        return APIError(400, f"request body is not valid JSON: {why}", code="invalid_json")
+    if etype == "missing":
+        code = "missing_required_parameter"
+    elif etype in TYPE_ERRORS:
+        code = "invalid_type"
+    else:
+        code = VALUE_CODES.get(etype, "invalid_value")
+        if code.endswith(("min_value", "max_value")):  # integer_above_max_value, decimal_...
+            code = ("decimal_" if isinstance(e.get("input"), float) else "integer_") + code
+    return APIError(400, f"{param + ': ' if param else ''}{msg}", param=param, code=code)
 
 
 def logprob_token_text(decode: Any, token_id: int) -> str:

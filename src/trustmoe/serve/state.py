@@ -110,7 +110,7 @@ class ServerState:
         if name is not None and name not in self.served_names:
             raise APIError(404, f"The model `{name}` does not exist; this server serves "
                            f"{', '.join(sorted(self.served_names))}.", "model",
-                           type_="not_found_error")
+                           type_="not_found_error", code="model_not_found")
 
     def reject(self, status: int, message: str) -> APIError:
         self.metrics.rejected(status)
@@ -138,7 +138,7 @@ class ServerState:
             raise self.reject(429, msg) from None
         except PromptTooLongError as e:
             lease.close()
-            raise APIError(413, str(e), "prompt") from None
+            raise APIError(400, str(e), "prompt", code="context_length_exceeded") from None
         except EngineDeadError as e:
             lease.close()
             raise APIError(503, str(e)) from None

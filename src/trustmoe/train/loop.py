@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from trustmoe.train.optim import lr_at, make_optimizer, set_lr
 from trustmoe.train.progress import TrainProgress
 
 REFIT_AT = (3, 10, 30, 100)  # steps after which a time-budgeted run refits its schedule
+RESERVE_CAP = 0.6  # `reserve_steps` never takes more than this share of the time budget
 
 
 @dataclass
@@ -47,14 +49,30 @@ class TrainResult:
     val_loss: float | None
     stopped: str  # "max_steps" | "time" | "stop_at"
     losses: list[float] = field(default_factory=list)  # training loss per step run here
+    val_windows: int = 0  # validation: this many windows of val.bin ...
+    val_window_tokens: int = 0  # ... each this many tokens long
 
     @property
     def val_perplexity(self) -> float | None:
         return math.exp(self.val_loss) if self.val_loss is not None else None
 
     @property
+    def val_tokens(self) -> int:
+        return self.val_windows * self.val_window_tokens
+
+    def val_measured_on(self) -> str:
+        """What `val_loss` is the mean cross-entropy of, in words (printed beside it)."""
+        return validation_description(self.val_windows, self.val_window_tokens)
+
+    @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def validation_description(windows: int, window_tokens: int) -> str:
+    """Training's validation measurement in words: which tokens, and how much context."""
+    return (f"{windows * window_tokens:,} tokens of val.bin: {windows} evenly spaced windows of "
+            f"{window_tokens} tokens (each token sees up to {window_tokens - 1} before it)")
 
 
 def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
@@ -104,16 +122,22 @@ def train(
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
     stop_at: int | None = None,
+    reserve_steps: float = 0.0,
 ) -> TrainResult:
     """Train `preset` on DATA_DIR and write a model directory to OUT_DIR.
 
     `max_steps` sets the schedule length; with only `max_minutes`, the step count is fitted to
     the time budget after timing the first steps. `stop_at` stops early (as an interruption
-    would) after writing a checkpoint, without changing the schedule.
+    would) after writing a checkpoint, without changing the schedule. `reserve_steps` keeps
+    that many steps' worth of time (at the measured pace, at most 60% of the budget) out of
+    `max_minutes`, for work that follows training (the demo evaluates); the pace adapts to how
+    busy the machine is.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if max_minutes is not None and max_minutes <= 0:
         raise TrustmoeError(f"--max-minutes must be positive, got {max_minutes}")
+    if reserve_steps < 0:
+        raise TrustmoeError(f"reserve_steps must be >= 0, got {reserve_steps}")
     dev = resolve_device(device)
     info = D.init_from_env(dev.type)
     if info.world > 1 and dev.type == "cuda":
@@ -162,6 +186,7 @@ def train(
     autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if bf16
                 else contextlib.nullcontext())
     val_batches = val_sampler.eval_batches(tcfg.eval_batches, tcfg.batch_size)
+    val_windows = tcfg.eval_batches * tcfg.batch_size
     tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum * info.world
     metadata_base = {
         "preset": preset, "dataset_manifest_sha256": dataset_sha, "data_dir": str(data_dir),
@@ -181,7 +206,10 @@ def train(
         if info.is_main:
             meta = dict(metadata_base, step=step, tokens=tokens_seen, max_steps=tcfg.max_steps,
                         metrics={"val_loss": val_loss,
-                                 "val_perplexity": math.exp(val_loss) if val_loss else None})
+                                 "val_perplexity": math.exp(val_loss) if val_loss else None,
+                                 "val_tokens": val_windows * tcfg.seq_len,
+                                 "val_measured_on": validation_description(val_windows,
+                                                                           tcfg.seq_len)})
             save_checkpoint(out_dir, model, opt, data_dir / "tokenizer.json", meta,
                             {"step": step, "tokens": tokens_seen, "max_steps": tcfg.max_steps},
                             metrics_path)
@@ -191,9 +219,15 @@ def train(
     budget = max_minutes * 60 if max_minutes is not None else math.inf
     val_loss: float | None = None
     losses: list[float] = []
+    recent: list[float] = []  # seconds of the last steps: the pace for `reserve_steps`
+
+    def reserve() -> float:
+        """Seconds kept for after training; capped so a slow start cannot take it all."""
+        return min(reserve_steps * pace(recent), RESERVE_CAP * budget)
     stopped = "max_steps"
     step = start_step
-    bar = TrainProgress(tcfg.max_steps, start_step, enabled=progress and info.is_main)
+    bar = TrainProgress(tcfg.max_steps, start_step, enabled=progress and info.is_main,
+                        provisional=auto_steps)
     with bar:
         while step < tcfg.max_steps:
             ts = time.perf_counter()
@@ -223,15 +257,16 @@ def train(
                 "load_balance": sum(balance) / len(balance) if balance else None,
                 "ce_loss": float(out.ce_loss.detach()) if out.ce_loss is not None else None,
             }
+            recent = [*recent, dt][-20:]
             if auto_steps and step - start_step in REFIT_AT:
                 # fit the schedule to the time budget; refit as timing settles (first steps
                 # are slow), so a noisy start does not end training early
                 per_step = (time.perf_counter() - t0) / (step - start_step)
-                fitted = start_step + int(budget / per_step * 0.97)
+                fitted = start_step + int((budget - reserve()) / per_step * 0.97)
                 tcfg.max_steps = min(step_cap, max(step + 1, fitted))
                 bar.set_total(tcfg.max_steps)
             last = step >= tcfg.max_steps
-            out_of_time = time.perf_counter() - t0 > budget
+            out_of_time = time.perf_counter() - t0 + reserve() > budget
             interrupted = stop_at is not None and step >= stop_at
             if step % tcfg.eval_every == 0 or last or out_of_time or interrupted:
                 val_loss = evaluate()
@@ -252,7 +287,14 @@ def train(
     if info.is_main:
         metrics_path.unlink(missing_ok=True)  # its copy lives in the checkpoint
     D.shutdown(info)
-    return TrainResult(out_dir, step, tokens_seen, seconds, val_loss, stopped, losses)
+    return TrainResult(out_dir, step, tokens_seen, seconds, val_loss, stopped, losses,
+                       val_windows, tcfg.seq_len)
+
+
+def pace(recent: list[float]) -> float:
+    """Seconds per step: the median of the recent steps (a load spike on a shared machine
+    moves it little), leaving the oldest out; 0 until three steps have run."""
+    return float(statistics.median(recent[1:])) if len(recent) >= 3 else 0.0
 
 
 def _prepare_metrics(staging: Path, previous: Path | None, start_step: int) -> None:
