@@ -131,7 +131,7 @@ def test_model_dir_checks(tmp_path: Path) -> None:
     with pytest.raises(RegistryError, match="not a valid safetensors file"):
         collect_dir(d, "model")
     (d / "model.safetensors").unlink()
-    with pytest.raises(RegistryError, match="no \\*.safetensors"):
+    with pytest.raises(RegistryError, match=r"no \*\.safetensors"):
         collect_dir(d, "model")
     with pytest.raises(RegistryError, match="not found"):
         collect_dir(tmp_path / "nowhere", "model")

@@ -3,6 +3,7 @@ middle of `add` and of a promotion. The registry must always show the last good 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -13,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Backend
 from registry_helpers import cli_env, make_model, open_policy
 
+from conftest import Backend
 from trustmoe.deploy.registry import FAULT_ENV, Registry
 from trustmoe.io import sha256_file
 
@@ -72,7 +73,7 @@ def test_promotion_storm_keeps_history_consistent(backend: Backend, tmp_path: Pa
     hist = reg.history("demo", "production")
     assert [e.seq for e in hist] == list(range(1, len(hist) + 1))
     assert sorted(int(str(o["seq"])) for o in won) == [e.seq for e in hist]  # every win is there
-    assert all(a.version != b.version for a, b in zip(hist, hist[1:], strict=False))
+    assert all(a.version != b.version for a, b in itertools.pairwise(hist))
     rep = reg.verify()
     assert rep.ok, rep.problems
 
@@ -149,7 +150,7 @@ def test_kill_9_during_promotion_changes_nothing(backend: Backend, tmp_path: Pat
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments_of_add(backend: Backend, tmp_path: Path) -> None:
-    reg = _seed(backend, tmp_path, 1)
+    _seed(backend, tmp_path, 1)
     rng = random.Random(0)
     for i in range(4):
         model = make_model(tmp_path / f"big{i}", seed=10 + i, size=200_000)  # ~3 MB of weights

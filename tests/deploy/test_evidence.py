@@ -111,7 +111,7 @@ def test_mismatched_or_broken_evidence_is_refused(sqlite_reg: Registry, tmp_path
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "eval.json").write_text("{not json")
-    with pytest.raises(RegistryError, match="eval.json is not valid JSON"):
+    with pytest.raises(RegistryError, match=r"eval\.json is not valid JSON"):
         sqlite_reg.add(m, "demo", eval_dir=bad)
     noeval = tmp_path / "noeval"
     noeval.mkdir()

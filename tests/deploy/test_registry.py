@@ -10,11 +10,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from conftest import Backend
 from registry_helpers import make_eval, make_model, make_security, open_policy
 from sqlalchemy import inspect, select, text
 from sqlalchemy.orm import Session
 
+from conftest import Backend
 from trustmoe.deploy.blobs import manifest_digest
 from trustmoe.deploy.db import RegistryError
 from trustmoe.deploy.records import NotFoundError
@@ -159,9 +159,9 @@ def test_unknown_names_versions_aliases(reg: Registry, tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="registry is empty"):
         reg.get("nope")
     reg.add(make_model(tmp_path / "m"), "demo")
-    with pytest.raises(NotFoundError, match="unknown model 'nope' \\(known: demo\\)"):
+    with pytest.raises(NotFoundError, match=r"unknown model 'nope' \(known: demo\)"):
         reg.resolve("nope@1")
-    with pytest.raises(NotFoundError, match="unknown version demo@5 \\(versions 1..1\\)"):
+    with pytest.raises(NotFoundError, match=r"unknown version demo@5 \(versions 1\.\.1\)"):
         reg.get("demo@5")
     with pytest.raises(NotFoundError, match="points at no version"):
         reg.resolve("demo@production")
@@ -189,7 +189,7 @@ def test_records_naming_paths_outside_or_bad_blobs_are_refused(reg: Registry, tm
             s.add(row)
             s.flush()
             s.add(FileRow(version_id=row.id, part="model", path=path, sha256=sha, size=1))
-        with pytest.raises(RegistryError, match="outside the registry|invalid blob id"):
+        with pytest.raises(RegistryError, match=r"outside the registry|invalid blob id"):
             reg.resolve(f"demo@{n + 1}")
     assert not (tmp_path / "escape.txt").exists()
     rep = reg.verify()

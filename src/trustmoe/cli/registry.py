@@ -160,6 +160,28 @@ def show_cmd(
     _echo_json(out) if as_json else show.version_detail(out)
 
 
+@registry_app.command("path", no_args_is_help=True)
+def path_cmd(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NAME@ALIAS.")],
+    at: AtOpt = None,
+    registry: RegistryOpt = None,
+    blobs: BlobsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Verify a version's files and print the read-only directory holding them (e.g.
+    `trustmoe serve $(trustmoe registry path demo@production)`); a changed or missing file
+    is refused with its name."""
+    from trustmoe.deploy.records import parse_time
+
+    r = _open(registry, blobs).resolve(ref, parse_time(at) if at else None)
+    if as_json:
+        _echo_json({"name": r.name, "version": r.version, "digest": r.digest, "path": str(r.path),
+                    "eval_path": str(r.eval_path) if r.eval_path else None,
+                    "security_path": str(r.security_path) if r.security_path else None})
+        return
+    typer.echo(str(r.path))
+
+
 @registry_app.command("promote", no_args_is_help=True)
 def promote_cmd(
     name: Annotated[str, typer.Argument(help="Registered model name.")],

@@ -8,7 +8,16 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-console = Console(highlight=False)
+
+class _Out:
+    """stdout as a rich Console made at print time: full-width tables when piped or logged
+    (rich would cut them to 80 columns), the terminal's width otherwise."""
+
+    def print(self, *args: Any, **kw: Any) -> None:
+        Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(*args, **kw)
+
+
+console = _Out()
 
 
 def _short(digest: str | None, n: int = 12) -> str:
@@ -125,7 +134,8 @@ def history_table(name: str, events: list[dict[str, Any]], versions: list[dict[s
 
 
 class AddProgress:
-    """A byte progress bar on a terminal; a line per file elsewhere; nothing when disabled."""
+    """A byte progress bar on a terminal; a line per file of 1 MiB or more elsewhere (logs);
+    nothing when disabled."""
 
     def __init__(self, err: Console, enabled: bool, verb: str = "store") -> None:
         self.err, self.enabled, self.verb = err, enabled, verb
@@ -145,8 +155,9 @@ class AddProgress:
     def advance(self, what: str, size: int) -> None:
         if not self.enabled:
             return
-        if self._bar is None:
-            self.err.print(f"{self.verb} {what} ({size:,} bytes)", markup=False)
+        if self._bar is None:  # not a terminal: a line for each big file only
+            if size >= 1 << 20:
+                self.err.print(f"{self.verb} {what} ({size / 2**20:,.1f} MiB)", markup=False)
             return
         self._bar.update(self._task, description=what[-40:])
         self._bar.advance(self._task, size)

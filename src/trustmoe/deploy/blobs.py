@@ -158,6 +158,13 @@ def _check_safetensors_header(p: Path) -> None:
 # ----------------------------------------------------------------------------- the store
 
 
+@dataclass(frozen=True)
+class Staged:
+    sha256: str
+    size: int
+    tmp: Path  # the copy in tmp/, until commit moves it to its blob path
+
+
 @dataclass
 class GcReport:
     blobs_removed: int = 0
@@ -201,10 +208,9 @@ class BlobStore:
         except OSError as e:
             raise RegistryError(f"cannot use blob store {self.root}: {e.strerror}") from None
 
-    # -- writing
-    def put(self, src: Path) -> tuple[str, int]:
-        """Copy `src` in (hashing as it copies); return (sha256, size). Existing blobs are kept
-        and touched, so a concurrent gc's grace period protects them."""
+    # -- writing: stage (copy + hash into tmp/), check, then commit (rename into place)
+    def stage(self, src: Path) -> Staged:
+        """Copy `src` into tmp/ while hashing it; nothing in the store changes yet."""
         tmp_dir = self.root / "tmp"
         tmp_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix="put-")
@@ -217,21 +223,39 @@ class BlobStore:
                     size += len(block)
                 out.flush()
                 os.fsync(out.fileno())
-            sha = h.hexdigest()
-            dest = self.blob_path(sha)
-            if dest.exists() and dest.stat().st_size == size:
-                os.utime(dest)
-                os.unlink(tmp)
-                return sha, size
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.chmod(tmp, 0o444)
-            os.replace(tmp, dest)
-            _fsync_dir(dest.parent)
-            return sha, size
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+        return Staged(h.hexdigest(), size, Path(tmp))
+
+    def commit(self, st: Staged) -> None:
+        """Move a staged file to its blob path. An existing blob is kept and touched, so a
+        concurrent gc's grace period protects it."""
+        dest = self.blob_path(st.sha256)
+        if dest.exists() and dest.stat().st_size == st.size:
+            os.utime(dest)
+            st.tmp.unlink(missing_ok=True)
+            return
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(st.tmp, 0o444)
+        os.replace(st.tmp, dest)
+        _fsync_dir(dest.parent)
+
+    @staticmethod
+    def discard(staged: Iterable[Staged]) -> None:
+        for st in staged:
+            st.tmp.unlink(missing_ok=True)
+
+    def put(self, src: Path) -> tuple[str, int]:
+        """Stage and commit one file; return (sha256, size)."""
+        st = self.stage(src)
+        try:
+            self.commit(st)
+        except BaseException:
+            self.discard([st])
+            raise
+        return st.sha256, st.size
 
     # -- reading
     def problem(self, sha: str, size: int | None = None) -> str | None:

@@ -90,9 +90,7 @@ def make_engine(url: str) -> Engine:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA busy_timeout = 30000")
         cur.execute("PRAGMA foreign_keys = ON")
-        if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-            cur.execute("PRAGMA journal_mode = WAL")
-        cur.close()
+        cur.close()  # WAL is switched on by Registry.open once the file is known to be ours
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
@@ -117,15 +115,20 @@ def _script_heads() -> tuple[str, ...]:
     downs: set[str] = set()
     for f in sorted((Path(__file__).parent / "migrations" / "versions").glob("*.py")):
         for node in ast.parse(f.read_text(encoding="utf-8")).body:
-            target = node.target if isinstance(node, ast.AnnAssign) else (
-                node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
-            if not isinstance(target, ast.Name) or node.value is None:  # type: ignore[union-attr]
+            target: ast.expr
+            if isinstance(node, ast.AnnAssign) and node.value is not None:
+                target, value = node.target, node.value
+            elif isinstance(node, ast.Assign) and len(node.targets) == 1:
+                target, value = node.targets[0], node.value
+            else:
                 continue
-            value = ast.literal_eval(node.value)  # type: ignore[union-attr]
+            if not isinstance(target, ast.Name):
+                continue
             if target.id == "revision":
-                revs.add(value)
-            elif target.id == "down_revision" and value:
-                downs.update([value] if isinstance(value, str) else value)
+                revs.add(ast.literal_eval(value))
+            elif target.id == "down_revision":
+                down = ast.literal_eval(value)
+                downs.update([down] if isinstance(down, str) else down or [])
     return tuple(sorted(revs - downs))
 
 

@@ -1,7 +1,7 @@
 """A version's evidence: the metadata stored with it and the flat metrics its gates read.
 
-Everything is read from the files as stored (the verified blobs), never from the source dirs a
-second time, so the record describes exactly what the registry holds:
+Everything is read from the files as staged for storing (copied and hashed once), never from
+the source dirs a second time, so the record describes exactly what the registry holds:
 
     model dir trustmoe.json   dataset manifest SHA-256, training args, preset, steps, metrics
     eval dir eval.json        perplexity, calibration (ECE), attack, membership; its
@@ -69,13 +69,20 @@ def _number(v: Any) -> Number | None:
     return v if math.isfinite(v) else None
 
 
-def read_json_part(store: BlobStore, entries: list[FileEntry], name: str, what: str) -> Any:
-    """The parsed JSON file `name` among `entries` (from its blob), or None if absent."""
+Reader = Callable[[FileEntry], bytes]
+
+
+def store_reader(store: BlobStore) -> Reader:
+    return lambda e: store.blob_path(e.sha256).read_bytes()
+
+
+def read_json_part(read: Reader, entries: list[FileEntry], name: str, what: str) -> Any:
+    """The parsed JSON file `name` among `entries` (read through `read`), or None if absent."""
     e = next((e for e in entries if e.path == name), None)
     if e is None:
         return None
     try:
-        return json.loads(store.blob_path(e.sha256).read_text(encoding="utf-8"))
+        return json.loads(read(e).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise RegistryError(f"{what}/{name} is not valid JSON ({err}); refusing it") from None
 
@@ -139,12 +146,12 @@ def dataset_audit(data_dir: Path | None, dataset_sha: str | None) -> dict[str, A
     return out
 
 
-def build_metadata(store: BlobStore, parts: dict[str, list[FileEntry]],
+def build_metadata(read: Reader, parts: dict[str, list[FileEntry]],
                    digests: dict[str, str], sources: dict[str, Path],
                    data_dir: Path | None, notice: Callable[[str], None]) -> dict[str, Any]:
-    """The metadata record of a new version (JSON-safe)."""
-    tm = read_json_part(store, parts["model"], "trustmoe.json", str(sources["model"])) or {}
-    cfg = read_json_part(store, parts["model"], "config.json", str(sources["model"])) or {}
+    """The metadata record of a new version (JSON-safe), read from the files as staged."""
+    tm = read_json_part(read, parts["model"], "trustmoe.json", str(sources["model"])) or {}
+    cfg = read_json_part(read, parts["model"], "config.json", str(sources["model"])) or {}
     if not isinstance(tm, dict) or not isinstance(cfg, dict):
         raise RegistryError(f"{sources['model']}: trustmoe.json and config.json must be JSON "
                             "objects")
@@ -165,13 +172,13 @@ def build_metadata(store: BlobStore, parts: dict[str, list[FileEntry]],
     }
     if not meta["dataset_manifest_sha256"]:
         notice("the model's trustmoe.json names no dataset manifest SHA-256 (lineage unknown)")
-    ev = read_json_part(store, parts["eval"], "eval.json", str(sources.get("eval"))) \
+    ev = read_json_part(read, parts["eval"], "eval.json", str(sources.get("eval"))) \
         if "eval" in parts else None
     if "eval" in parts and not isinstance(ev, dict):
         raise RegistryError(f"{sources['eval']} is not an eval dir: no eval.json object in it")
     sec = None
     if "security" in parts:
-        sec = read_json_part(store, parts["security"], "security.json", str(sources["security"]))
+        sec = read_json_part(read, parts["security"], "security.json", str(sources["security"]))
         if not isinstance(sec, dict):
             raise RegistryError(f"{sources['security']} is not a security dir: no "
                                 "security.json object in it")

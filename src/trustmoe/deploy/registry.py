@@ -40,9 +40,16 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from trustmoe.deploy import db
-from trustmoe.deploy.blobs import BlobStore, FileEntry, GcReport, collect_dir, manifest_digest
+from trustmoe.deploy.blobs import (
+    BlobStore,
+    FileEntry,
+    GcReport,
+    Staged,
+    collect_dir,
+    manifest_digest,
+)
 from trustmoe.deploy.db import ConflictError, RegistryError
-from trustmoe.deploy.evidence import build_metadata, read_json_part
+from trustmoe.deploy.evidence import build_metadata, read_json_part, store_reader
 from trustmoe.deploy.records import (
     AliasEvent,
     ModelSummary,
@@ -115,11 +122,15 @@ class Registry:
         engine = db.make_engine(full)
         with db.translate_errors(full):
             db.migrate(engine)
-            if path is not None:
-                with engine.connect() as conn:
-                    mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
-                    if str(mode).lower() != "wal":
-                        conn.exec_driver_sql("PRAGMA journal_mode = WAL")
+            if path is not None:  # WAL: readers never wait for a writer (outside any BEGIN)
+                raw = engine.raw_connection()
+                try:
+                    cur = raw.cursor()
+                    if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                        cur.execute("PRAGMA journal_mode = WAL")
+                    cur.close()
+                finally:
+                    raw.close()
             registry_id = cls._registry_id(engine)
         store = BlobStore(Path(blobs).expanduser().absolute() if blobs is not None
                           else default_blob_root(full, registry_id))
@@ -173,21 +184,29 @@ class Registry:
             sources["security"] = Path(security_dir)
         found = {part: collect_dir(src, part) for part, src in sources.items()}  # refuse early
         parts: dict[str, list[FileEntry]] = {}
-        for part, files in found.items():
-            entries = []
-            for rel, path in files:
-                if progress:
-                    progress(f"{part}/{rel}", path.stat().st_size)
-                try:
-                    sha, size = self.store.put(path)
-                except OSError as e:
-                    raise RegistryError(f"cannot store {path}: {e.strerror}") from None
-                entries.append(FileEntry(rel, sha, size))
-            parts[part] = entries
+        staged: dict[str, Staged] = {}
+        try:
+            for part, files in found.items():
+                parts[part] = []
+                for rel, path in files:
+                    if progress:
+                        progress(f"{part}/{rel}", path.stat().st_size)
+                    try:
+                        st = self.store.stage(path)
+                    except OSError as e:
+                        raise RegistryError(f"cannot store {path}: {e.strerror}") from None
+                    staged.setdefault(st.sha256, st)
+                    if staged[st.sha256] is not st:
+                        BlobStore.discard([st])  # the same content twice in one add
+                    parts[part].append(FileEntry(rel, st.sha256, st.size))
+            digests = {part: manifest_digest(es) for part, es in parts.items()}
+            meta = build_metadata(lambda e: staged[e.sha256].tmp.read_bytes(), parts, digests,
+                                  sources, data_dir, notice or (lambda _m: None))
+            for st in staged.values():  # every check passed: only now does the store change
+                self.store.commit(st)
+        finally:
+            BlobStore.discard(staged.values())  # no-op for committed files
         fault_point("add:blobs-written")
-        digests = {part: manifest_digest(es) for part, es in parts.items()}
-        meta = build_metadata(self.store, parts, digests, sources, data_dir,
-                              notice or (lambda _m: None))
         with db.translate_errors(self.url):
             same = self._identical(name, digests)
             if same is not None:
@@ -331,7 +350,7 @@ class Registry:
         entries = self.files(name, version, part)
         wanted = [e for e in entries if e.path == filename]
         self.store.verify_entries(wanted, f"{name}@{version} {part}")
-        return read_json_part(self.store, wanted, filename, f"{name}@{version} {part}")
+        return read_json_part(store_reader(self.store), wanted, filename, f"{name}@{version} {part}")
 
     def resolve(self, ref: str, at: datetime | None = None) -> ResolvedVersion:
         """The verified, materialized files of the version `ref` names (see module docstring)."""
