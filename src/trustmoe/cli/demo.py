@@ -69,6 +69,10 @@ def demo_cmd(
         console.rule("[bold]4. eval: quality, calibration, OOD, robustness, memorisation")
         console.print(_evaluate(model_dir, data_dir, eval_dir))
 
+    from trustmoe.cli.registry import register_demo  # registry: version, gates, production
+
+    register_demo(out, model_dir, None if skip_eval else eval_dir, data_dir, console)
+
     console.rule(f"[bold green]demo finished in {time.perf_counter() - t0:.0f}s")
     if serve:
         console.rule(f"[bold]5. serve on http://127.0.0.1:{port}/v1 (Ctrl-C to stop)")
