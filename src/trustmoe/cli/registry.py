@@ -72,6 +72,9 @@ def add_cmd(
                                                   "its contamination audit (must match the "
                                                   "model's dataset manifest SHA-256).")] = None,
     why: Annotated[str, typer.Option("--why", help="Why this version exists.")] = "",
+    train_state: Annotated[bool, typer.Option("--with-train-state", help="Also store a "
+                                              "checkpoint's optimizer state (left out by "
+                                              "default: serving never reads it).")] = False,
     registry: RegistryOpt = None,
     blobs: BlobsOpt = None,
     as_json: JsonOpt = False,
@@ -88,7 +91,7 @@ def add_cmd(
     err = _err()
     with AddProgress(err, enabled=not as_json) as bar:
         info = reg.add(model_dir, name, eval_dir=eval_dir, security_dir=security_dir,
-                       data_dir=data_dir, why=why, progress=bar.advance,
+                       data_dir=data_dir, why=why, progress=bar.advance, train_state=train_state,
                        notice=lambda m: err.print(f"[yellow]note:[/] {m}"))
     if as_json:
         _echo_json({**info.to_dict(), "registry": reg.url})

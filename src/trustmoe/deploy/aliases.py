@@ -1,4 +1,4 @@
-"""Moving aliases (promote with gates, rollback) and checking the whole store (verify).
+"""Moving aliases: promote (with gates) and rollback.
 
 Concurrency: a move reads the alias's newest history entry (seq N) and the gate inputs in one
 transaction, then appends entry N + 1 in a second one. (model, alias, seq) is unique in the
@@ -12,7 +12,6 @@ so successive rollbacks step back through earlier holders (v3 -> v2 -> v1), neve
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,10 +20,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from trustmoe.deploy import db
-from trustmoe.deploy.blobs import BlobError, FileEntry, manifest_digest
 from trustmoe.deploy.db import ConflictError, RegistryError
 from trustmoe.deploy.gates import GateInput, GateReport, Policy, evaluate, load_policy
-from trustmoe.deploy.records import PromoteResult, VerifyReport, check_alias, iso
+from trustmoe.deploy.records import PromoteResult, check_alias
 from trustmoe.deploy.schema import AliasEventRow, ModelRow, VersionRow
 
 if TYPE_CHECKING:
@@ -192,62 +190,3 @@ def _conflict(name: str, alias: str, expected: int, newest: int | None) -> Confl
     return ConflictError(f"conflict: alias {name}@{alias} was moved by another writer after "
                          f"entry {expected} was read{now_at}; nothing was written - check "
                          "`trustmoe registry history` and try again")
-
-
-def verify(reg: Registry, files: list[tuple[str, int, str, FileEntry, str]],
-           progress: Callable[[str, int], None] | None) -> VerifyReport:
-    """Re-hash every blob once; check digests add up and the alias history is consistent."""
-    rep = VerifyReport()
-    seen: dict[str, str | None] = {}
-    groups: dict[tuple[str, int, str], list[FileEntry]] = {}
-    digests: dict[tuple[str, int], str] = {}
-    for name, version, part, e, digest in files:
-        groups.setdefault((name, version, part), []).append(e)
-        digests[(name, version)] = digest
-        where = f"{name}@{version} {part}"
-        try:
-            reg.store.blob_path(e.sha256, where)
-            from trustmoe.deploy.blobs import safe_relpath
-
-            safe_relpath(e.path, where)
-        except BlobError as err:
-            rep.problems.append(str(err))
-            continue
-        if e.sha256 not in seen:
-            if progress:
-                progress(f"{where}/{e.path}", e.size)
-            seen[e.sha256] = reg.store.problem(e.sha256, e.size)
-            rep.blobs_checked += 1
-            rep.bytes_checked += e.size
-        if seen[e.sha256]:
-            rep.problems.append(f"{where}: file {e.path} (blob {e.sha256[:12]}...) {seen[e.sha256]}")
-    for (name, version), digest in digests.items():
-        if manifest_digest(groups.get((name, version, "model"), [])) != digest:
-            rep.problems.append(f"{name}@{version}: its model file records do not add up to its "
-                                f"digest {digest[:12]}... (the record was altered)")
-    rep.versions = len(digests)
-    _check_history(reg, rep)
-    return rep
-
-
-def _check_history(reg: Registry, rep: VerifyReport) -> None:
-    with db.translate_errors(reg.url), reg._read() as s:
-        if s.bind is not None and s.bind.dialect.name == "sqlite":
-            res = s.connection().exec_driver_sql("PRAGMA quick_check").scalar()
-            if res != "ok":
-                rep.problems.append(f"SQLite quick_check: {res}")
-        versions = {(m, v) for m, v in s.execute(select(VersionRow.model_id, VersionRow.version))}
-        rows = s.execute(select(AliasEventRow, ModelRow.name).join(
-            ModelRow, ModelRow.id == AliasEventRow.model_id)
-            .order_by(AliasEventRow.model_id, AliasEventRow.alias, AliasEventRow.seq)).all()
-        expect: dict[tuple[int, str], int] = {}
-        for r, name in rows:
-            key = (r.model_id, r.alias)
-            want = expect.get(key, 0) + 1
-            if r.seq != want:
-                rep.problems.append(f"alias {name}@{r.alias}: history entry {r.seq} at {iso(r.at)} "
-                                    f"follows entry {want - 1} (a gap or duplicate)")
-            expect[key] = r.seq
-            if (r.model_id, r.version) not in versions:
-                rep.problems.append(f"alias {name}@{r.alias}: entry {r.seq} points at v{r.version}, "
-                                    "which does not exist")

@@ -79,9 +79,11 @@ def check_sha(sha: str, what: str) -> str:
 # ----------------------------------------------------------------------------- input dirs
 
 
-def collect_dir(root: Path, part: str) -> list[tuple[str, Path]]:
+def collect_dir(root: Path, part: str, skip: Iterable[str] = ()) -> list[tuple[str, Path]]:
     """Every regular file under `root` as (relative POSIX path, path), refusing pickles and
-    links. Names starting with "." (temporary files of crashed writers) are left out."""
+    links. Names starting with "." (temporary files of crashed writers) and the relative
+    paths in `skip` are left out."""
+    skipped = set(skip)
     if not root.is_dir():
         raise RegistryError(f"{part} directory not found: {root}")
     out: list[tuple[str, Path]] = []
@@ -101,8 +103,11 @@ def collect_dir(root: Path, part: str) -> list[tuple[str, Path]]:
                                     "(copy its target in instead)")
             if not stat.S_ISREG(st.st_mode):
                 raise RegistryError(f"refusing to register {root}: {p} is not a regular file")
+            rel = p.relative_to(root).as_posix()
+            if rel in skipped:
+                continue
             _refuse_pickle(p, root)
-            out.append((p.relative_to(root).as_posix(), p))
+            out.append((rel, p))
     if not out:
         raise RegistryError(f"{part} directory {root} holds no files")
     if part == "model":
@@ -197,7 +202,9 @@ class BlobStore:
                         f"blob store {self.root} belongs to another registry (id {owner}, this "
                         f"one is {registry_id}); point --blobs at this registry's own store")
                 return
-            if self.root.exists() and any(self.root.iterdir()):
+            ours = {"sha256", "trees", "tmp", "REGISTRY"}  # (another opener may be creating it)
+            if self.root.exists() and any(p.name not in ours and not p.name.startswith(".REGISTRY.")
+                                          for p in self.root.iterdir()):
                 raise RegistryError(f"blob store {self.root} is a non-empty directory that is "
                                     "not a trustmoe blob store; refusing to use it")
             for sub in ("sha256", "trees", "tmp"):

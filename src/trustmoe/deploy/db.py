@@ -193,6 +193,45 @@ def _check_known(current: tuple[str, ...], heads: tuple[str, ...], engine: Engin
                 f"to this trustmoe (newest known: {', '.join(heads)}): upgrade trustmoe") from None
 
 
+def enable_wal(engine: Engine) -> None:
+    """SQLite's WAL journal (readers never wait for a writer); set outside any BEGIN, and only
+    once the file is known to be a registry (it rewrites the file header)."""
+    raw = engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+            cur.execute("PRAGMA journal_mode = WAL")
+        cur.close()
+    finally:
+        raw.close()
+
+
+def registry_id(engine: Engine) -> str:
+    """The registry's id, made on first open (the blob store is stamped with it)."""
+    import uuid
+    from datetime import datetime, timezone
+
+    from sqlalchemy.orm import Session
+
+    from trustmoe.deploy.schema import RegistryInfo
+
+    with Session(engine) as s:
+        row = s.get(RegistryInfo, 1)
+        if row is not None:
+            return row.registry_id
+    try:
+        with Session(writer(engine)) as s, s.begin():
+            s.add(RegistryInfo(id=1, registry_id=uuid.uuid4().hex,
+                               created_at=datetime.now(timezone.utc)))
+    except sa_exc.IntegrityError:
+        pass  # another process stamped it first
+    with Session(engine) as s:
+        row = s.get(RegistryInfo, 1)
+        if row is None:
+            raise RegistryError(f"{display_url(str(engine.url))}: the registry id cannot be stored")
+        return row.registry_id
+
+
 _CORRUPT = re.compile(r"file is not a database|malformed|not a database|no such table|"
                       r"no such column|undefinedtable|does not exist", re.I)
 

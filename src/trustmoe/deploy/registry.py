@@ -29,7 +29,6 @@ import os
 import socket
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,11 +60,12 @@ from trustmoe.deploy.records import (
     check_name,
     parse_ref,
 )
-from trustmoe.deploy.schema import AliasEventRow, FileRow, ModelRow, RegistryInfo, VersionRow
+from trustmoe.deploy.schema import AliasEventRow, FileRow, ModelRow, VersionRow
 
 PARTS = ("model", "eval", "security")
 ENV_BLOBS = "TRUSTMOE_BLOBS"
 FAULT_ENV = "TRUSTMOE_REGISTRY_FAULT"  # crash tests: "point" -> print "FAULT point", sleep
+TRAIN_STATE = "train_state.safetensors"  # = train.checkpoint.STATE_FILE: optimizer state
 
 
 def whoami() -> str:
@@ -122,36 +122,13 @@ class Registry:
         engine = db.make_engine(full)
         with db.translate_errors(full):
             db.migrate(engine)
-            if path is not None:  # WAL: readers never wait for a writer (outside any BEGIN)
-                raw = engine.raw_connection()
-                try:
-                    cur = raw.cursor()
-                    if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
-                        cur.execute("PRAGMA journal_mode = WAL")
-                    cur.close()
-                finally:
-                    raw.close()
-            registry_id = cls._registry_id(engine)
+            if path is not None:
+                db.enable_wal(engine)
+            registry_id = db.registry_id(engine)
         store = BlobStore(Path(blobs).expanduser().absolute() if blobs is not None
                           else default_blob_root(full, registry_id))
         store.claim(registry_id)
         return cls(full, engine, store, registry_id)
-
-    @staticmethod
-    def _registry_id(engine: Engine) -> str:
-        with Session(engine) as s:
-            row = s.get(RegistryInfo, 1)
-            if row is not None:
-                return row.registry_id
-        try:
-            with Session(db.writer(engine)) as s, s.begin():
-                s.add(RegistryInfo(id=1, registry_id=uuid.uuid4().hex, created_at=now()))
-        except sa_exc.IntegrityError:
-            pass  # another process stamped it first
-        with Session(engine) as s:
-            row = s.get(RegistryInfo, 1)
-            assert row is not None
-            return row.registry_id
 
     def close(self) -> None:
         self.engine.dispose()
@@ -173,16 +150,20 @@ class Registry:
     def add(self, model_dir: Path, name: str, *, eval_dir: Path | None = None,
             security_dir: Path | None = None, data_dir: Path | None = None, why: str = "",
             by: str | None = None, progress: Callable[[str, int], None] | None = None,
-            notice: Callable[[str], None] | None = None) -> VersionInfo:
+            notice: Callable[[str], None] | None = None, train_state: bool = False
+            ) -> VersionInfo:
         """Register the files of `model_dir` (+ eval/security dirs) as the next version of `name`.
-        Returns the new version, or the existing one when every file is identical to it."""
+        Returns the new version, or the existing one when every file is identical to it.
+        A checkpoint's optimizer state (train_state.safetensors, twice the weights) is left out
+        unless `train_state`: serving never reads it."""
         check_name(name)
         sources = {"model": Path(model_dir)}
         if eval_dir is not None:
             sources["eval"] = Path(eval_dir)
         if security_dir is not None:
             sources["security"] = Path(security_dir)
-        found = {part: collect_dir(src, part) for part, src in sources.items()}  # refuse early
+        found = {part: collect_dir(src, part, () if train_state or part != "model" else (TRAIN_STATE,))
+                 for part, src in sources.items()}  # refuse bad input before storing anything
         parts: dict[str, list[FileEntry]] = {}
         staged: dict[str, Staged] = {}
         try:
@@ -411,31 +392,17 @@ class Registry:
 
     # ------------------------------------------------------------------ housekeeping
 
-    def _all_files(self) -> list[tuple[str, int, str, FileEntry, str]]:
-        """(name, version, part, entry, version digest) for every file record."""
-        with db.translate_errors(self.url), self._read() as s:
-            q = (select(ModelRow.name, VersionRow.version, FileRow.part, FileRow.path,
-                        FileRow.sha256, FileRow.size, VersionRow.digest)
-                 .join(VersionRow, VersionRow.id == FileRow.version_id)
-                 .join(ModelRow, ModelRow.id == VersionRow.model_id)
-                 .order_by(ModelRow.name, VersionRow.version, FileRow.part, FileRow.path))
-            return [(n, v, part, FileEntry(p, sha, size), d)
-                    for n, v, part, p, sha, size, d in s.execute(q)]
-
     def verify(self, progress: Callable[[str, int], None] | None = None) -> VerifyReport:
-        from trustmoe.deploy.aliases import verify
+        """Re-hash every blob once; check digests and alias histories (nothing is changed)."""
+        from trustmoe.deploy.upkeep import verify
 
-        return verify(self, self._all_files(), progress)
+        return verify(self, progress)
 
     def gc(self, grace_s: float = 3600.0) -> GcReport:
         """Remove blobs and trees no version references (older than `grace_s` seconds)."""
-        files = self._all_files()
-        digests = {d for *_, d in files}
-        by_version: dict[tuple[str, int, str], list[FileEntry]] = {}
-        for n, v, part, e, _d in files:
-            by_version.setdefault((n, v, part), []).append(e)
-        digests |= {manifest_digest(es) for (_n, _v, part), es in by_version.items() if part != "model"}
-        return self.store.gc({e.sha256 for _n, _v, _p, e, _d in files}, digests, grace_s)
+        from trustmoe.deploy.upkeep import gc
+
+        return gc(self, grace_s)
 
 
 def _event(name: str, r: AliasEventRow) -> AliasEvent:
