@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pg_server
 import pytest
+from registry_helpers import Backend
 
 from trustmoe.deploy.registry import Registry
 
@@ -20,16 +20,6 @@ def pg() -> Iterator[pg_server.PgServer]:
         pytest.fail(str(e), pytrace=False)
     yield server
     server.stop()
-
-
-@dataclass
-class Backend:
-    name: str
-    url: str
-    blobs: Path
-
-    def open(self) -> Registry:
-        return Registry.open(self.url, blobs=self.blobs)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

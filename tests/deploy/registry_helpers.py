@@ -6,13 +6,27 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from trustmoe.deploy.registry import Registry
 from trustmoe.io import sha256_file
+
+
+@dataclass
+class Backend:
+    """Where a test's registry lives: SQLite in tmp_path, or a fresh PostgreSQL database."""
+
+    name: str
+    url: str
+    blobs: Path
+
+    def open(self) -> Registry:
+        return Registry.open(self.url, blobs=self.blobs)
 
 
 def make_model(d: Path, seed: int = 0, size: int = 16, dataset_sha: str | None = "ab" * 32,

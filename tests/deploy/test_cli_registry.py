@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from registry_helpers import assert_clean_failure, cli_env, make_eval, make_model, run_cli
+from registry_helpers import Backend, assert_clean_failure, cli_env, make_eval, make_model, run_cli
 from typer.testing import CliRunner
 
-from conftest import Backend
 from trustmoe.cli import app
 from trustmoe.cli.registry import registry_app
 

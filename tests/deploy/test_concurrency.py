@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from registry_helpers import cli_env, make_model, open_policy
+from registry_helpers import Backend, cli_env, make_model, open_policy
 
-from conftest import Backend
 from trustmoe.deploy.registry import FAULT_ENV, Registry
 from trustmoe.io import sha256_file
 
@@ -80,7 +79,8 @@ def test_promotion_storm_keeps_history_consistent(backend: Backend, tmp_path: Pa
 
 def test_concurrent_adds_get_distinct_versions(backend: Backend, tmp_path: Path) -> None:
     dirs = [make_model(tmp_path / f"m{i}", seed=i) for i in range(6)]
-    backend.open().close()  # create the schema first; both workers then only add
+    # both workers open a registry that does not exist yet: they race to create the schema,
+    # the registry id, the blob store and the model's row too
     procs = [_worker(backend, "add", "demo", *map(str, dirs[i::2])) for i in range(2)]
     versions = sorted(int(str(o["version"])) for p in procs for o in _lines(p))
     assert versions == [1, 2, 3, 4, 5, 6]

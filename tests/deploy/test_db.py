@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pg_server
 import pytest
+from registry_helpers import Backend
 from sqlalchemy import inspect, text
 
-from conftest import Backend
 from trustmoe.deploy import db
 from trustmoe.deploy.db import RegistryError
 from trustmoe.deploy.registry import Registry

@@ -6,11 +6,10 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from registry_helpers import make_model, open_policy
+from registry_helpers import Backend, make_model, open_policy
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from conftest import Backend
 from trustmoe.deploy.registry import Registry
 from trustmoe.deploy.schema import AliasEventRow, RegistryInfo
 

@@ -28,11 +28,11 @@ registry_app = typer.Typer(
 
 RegistryOpt = Annotated[str | None, typer.Option(
     "--registry", envvar="TRUSTMOE_REGISTRY", show_envvar=True,
-    help="Registry database: a SQLite path or a postgresql:// URL [default: "
-    "~/.trustmoe/registry.db].")]
+    help="Registry database: a SQLite path or a postgresql:// URL (default "
+    "~/.trustmoe/registry.db).")]
 BlobsOpt = Annotated[Path | None, typer.Option(
     "--blobs", envvar="TRUSTMOE_BLOBS", show_envvar=True,
-    help="Blob store directory [default: REGISTRY.blobs beside a SQLite file].")]
+    help="Blob store directory (default: REGISTRY.blobs beside a SQLite file).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
 AtOpt = Annotated[str | None, typer.Option(
     "--at", help="ISO 8601 time: answer as of then (Z for UTC; no zone = local time).")]
@@ -79,9 +79,9 @@ def add_cmd(
     blobs: BlobsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Register MODEL_DIR (and its evidence) as the next version of --name; prints the version.
+    """Register MODEL_DIR (and its evidence) as the next version of --name.
 
-    Files are stored once by SHA-256 (shared between versions); pickle weights are refused.
+    Prints the version number. Files are stored once by SHA-256 (shared between versions); pickle weights are refused.
     The version records its digest, dataset manifest SHA-256, training args, eval and security
     summaries, who, when and why.
     """
@@ -144,8 +144,11 @@ def show_cmd(
     blobs: BlobsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """One version: digest, lineage, metrics, files, aliases; NAME@ALIAS --at T shows which
-    version the alias held at time T (and the history entry that set it)."""
+    """One version: digest, lineage, metrics, files, aliases.
+
+    NAME@ALIAS --at T shows which version the alias held at time T, and the history entry
+    that set it.
+    """
     from trustmoe.cli import registry_show as show
     from trustmoe.deploy.records import parse_ref, parse_time
 
@@ -171,9 +174,11 @@ def path_cmd(
     blobs: BlobsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Verify a version's files and print the read-only directory holding them (e.g.
-    `trustmoe serve $(trustmoe registry path demo@production)`); a changed or missing file
-    is refused with its name."""
+    """Verify a version's files and print the read-only directory that holds them.
+
+    E.g. `trustmoe serve $(trustmoe registry path demo@production)`. A changed or missing
+    file is refused with its name.
+    """
     from trustmoe.deploy.records import parse_time
 
     r = _open(registry, blobs).resolve(ref, parse_time(at) if at else None)
@@ -195,16 +200,20 @@ def promote_cmd(
     force: Annotated[bool, typer.Option("--force", help="Override failed gates (needs --why; "
                                         "recorded).")] = False,
     gates: Annotated[Path | None, typer.Option("--gates", envvar="TRUSTMOE_GATES",
-                                               help="Gates policy file [default: gates.toml "
-                                               "beside the registry, else built-in].")] = None,
+                                               help="Gates policy file (default: gates.toml "
+                                               "beside the registry, else built-in).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the gates; change "
                                           "nothing.")] = False,
     registry: RegistryOpt = None,
     blobs: BlobsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Point --alias at VERSION if every gate passes; a refusal lists each failed gate with
-    both values. Two promoters at once: one wins, the other gets a conflict and writes nothing."""
+    """Point --alias at VERSION if every promotion gate passes.
+
+    A refusal lists each failed gate with both values; --force --why overrides and is
+    recorded. Of two promoters at once, one wins and the other gets a conflict error and
+    writes nothing.
+    """
     from trustmoe.cli import registry_show as show
     from trustmoe.deploy.aliases import GateRefusal, check_gates
 
