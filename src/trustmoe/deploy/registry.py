@@ -7,10 +7,18 @@ Python interface (what `trustmoe registry`, the server and monitoring call)::
     r = reg.resolve("registry:demo@production")  # ResolvedVersion: .name .version .digest
                                                  #   .path (verified read-only model dir)
                                                  #   .metadata .eval_path .security_path
+    reg.get("demo@production", at=None)                  # VersionInfo (database only, no hashing)
     reg.alias_holder("demo", "production", at=None)      # AliasEvent | None (at: aware datetime)
-    reg.promote("demo", 3, "production", why="...", force=False, policy=None)  # PromoteResult
+    reg.promote("demo", 3, "production", why="...", force=False,
+                policy=None, expected_seq=None)          # PromoteResult; policy: Policy | path
+                                                         #   | None (gates.toml in force)
     reg.rollback("demo", "production", why="...")        # PromoteResult (previous holder)
     reg.history("demo", alias=None)                      # [AliasEvent], oldest first
+
+`resolve` re-hashes every file it hands out (about a second per GB); to follow an alias, poll
+the cheap `get(ref)` / `alias_holder(...)` (database only) and resolve when the digest changes.
+Tables: `Base` / `metadata` (re-exported from `deploy.schema`); a later part adds its own
+table with an Alembic migration in `deploy/migrations/versions/` (see the README there).
 
 Errors are `RegistryError` (a `TrustmoeError`: one line, exit 2 in the CLI); `NotFoundError`,
 `ConflictError` (another writer moved the alias first: nothing was written), `GateRefusal`
@@ -60,7 +68,9 @@ from trustmoe.deploy.records import (
     check_name,
     parse_ref,
 )
-from trustmoe.deploy.schema import AliasEventRow, FileRow, ModelRow, VersionRow
+from trustmoe.deploy.schema import AliasEventRow, Base, FileRow, ModelRow, VersionRow, metadata
+
+__all__ = ["Base", "Registry", "ResolvedVersion", "metadata"]
 
 PARTS = ("model", "eval", "security")
 ENV_BLOBS = "TRUSTMOE_BLOBS"
