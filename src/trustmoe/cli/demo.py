@@ -108,10 +108,16 @@ def demo_cmd(
         ts = time.perf_counter()
         ev = _evaluate(model_dir, data_dir, eval_dir)
         lap("eval", ts)
-    seconds["total"] = round(time.perf_counter() - t0, 1)
 
+    from trustmoe.cli.registry import register_demo  # registry: version, gates, production
+
+    ts = time.perf_counter()
+    registered = register_demo(out, model_dir, None if skip_eval else eval_dir, data_dir, console)
+    lap("registry", ts)
+    seconds["total"] = round(time.perf_counter() - t0, 1)
     summary = _summary(out, data_dir, model_dir, eval_dir, preset, res, ev, seconds, budget)
     summary["note"] = note
+    summary["registry"] = registered
     atomic_write_json(out / "summary.json", summary)
     console.rule(f"[bold green]demo finished in {seconds['total']:.0f}s "
                  f"(budget {budget:.0f}s)")
@@ -225,6 +231,11 @@ def summary_table(s: dict[str, Any]) -> Table:
             t.add_row("OOD detection", ", ".join(f"{k} AUROC {_fmt(a, 3)}" for k, a in ood.items()))
         t.add_row("robustness", f"attack success rate {_fmt(e.get('attack_success_rate'), 3)}; "
                   f"membership inference max AUROC {_fmt(e.get('membership_max_auroc'), 3)}")
+    r = s.get("registry")
+    if r:
+        where = f"-> {r['alias']}" if r.get("alias") else f"not promoted: {r.get('refused', '?')}"
+        t.add_row("registry", f"{r['name']} v{r['version']} sha256:{r['digest'][:16]}... {where} "
+                  f"({r['db']})")
     secs = s["seconds"]
     parts = ", ".join(f"{k} {v:.0f}s" for k, v in secs.items() if k != "total")
     over = secs["total"] - s["budget_s"]
