@@ -59,8 +59,9 @@ def make_eval(d: Path, model: Path | None = None, perplexity: float | None = 10.
     if perplexity is not None:
         res["perplexity"] = {"perplexity": perplexity, "bits_per_byte": 1.5}
     if ece is not None:
-        res["calibration"] = {"next_token": {"test_after": {"ece_15_equal_width": ece},
-                                             "test_before": {"ece_15_equal_width": ece * 2}}}
+        # `ece` is the served model's (T = 1); temperature scaling halves it here
+        res["calibration"] = {"next_token": {"test_before": {"ece_15_equal_width": ece},
+                                             "test_after": {"ece_15_equal_width": ece / 2}}}
     if model is not None:
         res["model"] = {"weights_sha256": sha256_file(model / "model.safetensors")}
     res["tasks"] = {"next-words": {"acc": 0.4}}

@@ -69,7 +69,10 @@ def test_real_eval_json_and_dataset_audit_feed_the_gates(real_artifacts: dict[st
     res = json.loads((real_artifacts["eval"] / "eval.json").read_text())
     met, missing = v.metadata["metrics"], v.metadata["metrics_missing"]
     assert met["perplexity"] == res["perplexity"]["perplexity"]
-    assert met["ece"] == res["calibration"]["next_token"]["test_after"]["ece_15_equal_width"]
+    assert met["ece"] == res["summary"]["ece"]  # as served: T = 1
+    assert met["ece"] == res["calibration"]["next_token"]["test_before"]["ece_15_equal_width"]
+    assert met["ece_after_temperature"] == res["summary"]["ece_after_temperature"]
+    assert met["membership_max_auroc"] == res["summary"]["membership_auroc"]
     assert met["attack_success_rate"] == res["attack"]["attack_success_rate"]
     assert "perplexity" not in missing and "ece" not in missing
     # contamination: found through the model's data_dir, whose manifest matches its sha256

@@ -34,16 +34,18 @@ Number = float | int
 EVAL_PATHS: dict[str, Sequence[str]] = {
     "perplexity": ("summary.perplexity", "perplexity.perplexity", "perplexity"),
     "bits_per_byte": ("summary.bits_per_byte", "perplexity.bits_per_byte"),
-    "ece": ("summary.ece", "summary.ece_after",
-            "calibration.next_token.test_after.ece_15_equal_width"),
-    "ece_uncalibrated": ("summary.ece_before",
-                         "calibration.next_token.test_before.ece_15_equal_width"),
+    # ECE of the model as served (T = 1), and after eval's fitted temperature
+    "ece": ("summary.ece", "calibration.next_token.test_before.ece_15_equal_width"),
+    "ece_after_temperature": ("summary.ece_after_temperature",
+                              "calibration.next_token.test_after.ece_15_equal_width"),
     "contamination_hits": ("summary.contamination_hits", "contamination.hits"),
     "quantized_perplexity_delta": ("summary.quantized_perplexity_delta",
                                    "quantization.perplexity_delta",
                                    "quantized.perplexity_delta"),
     "attack_success_rate": ("summary.attack_success_rate", "attack.attack_success_rate"),
-    "membership_max_auroc": ("summary.membership_max_auroc", "membership.max_auroc"),
+    "membership_max_auroc": ("summary.membership_auroc", "membership.max_auroc"),
+    "accuracy": ("summary.accuracy",),
+    "ood_auroc": ("summary.ood_auroc",),
 }
 SECURITY_PATHS: dict[str, Sequence[str]] = {
     "security_findings": ("summary.findings", "summary.findings_total", "summary.n_findings"),
@@ -123,6 +125,19 @@ def _severity(sec: Any, metrics: dict[str, Any], missing: dict[str, str]) -> Non
                                              "nor a findings list with severities")
 
 
+def _contamination(ev: Any, audit: dict[str, Any] | None, metrics: dict[str, Any],
+                   missing: dict[str, str]) -> None:
+    """`contamination_hits`: the evaluated task items eval found in the training split plus
+    the eval-set items the dataset's own audit found (eval.json's copy, else the audit's)."""
+    ds = _number(lookup(ev, "summary.dataset_contamination_hits")) if ev is not None else None
+    if ds is None and audit is not None:
+        ds = _number(audit.get("contamination_hits"))
+    if ds is None:
+        return
+    metrics["contamination_hits"] = metrics.get("contamination_hits", 0) + ds
+    missing.pop("contamination_hits", None)
+
+
 def dataset_audit(data_dir: Path | None, dataset_sha: str | None) -> dict[str, Any] | None:
     """Contamination hits and audit counts of the training dataset, when its manifest is the
     one the model names (else None: the dir is gone, moved, or a different dataset)."""
@@ -197,9 +212,7 @@ def build_metadata(read: Reader, parts: dict[str, list[FileEntry]],
     audit = dataset_audit(data_dir or _data_dir_hint(tm), meta["dataset_manifest_sha256"])
     if audit is not None:
         meta["dataset_audit"] = audit
-        if "contamination_hits" in audit and "contamination_hits" not in metrics:
-            metrics["contamination_hits"] = audit["contamination_hits"]
-            missing.pop("contamination_hits", None)
+    _contamination(ev, audit, metrics, missing)
     if "contamination_hits" in missing:
         missing["contamination_hits"] += (
             "; and no dataset audit with a contamination check matched the model's dataset "
