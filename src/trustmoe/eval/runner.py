@@ -27,6 +27,7 @@ from trustmoe.eval.loglik import Scored, loglik
 from trustmoe.eval.moe_diag import RoutingCollector, compare_routing, summarize_routing
 from trustmoe.eval.tasks import Task, builtin_tasks, load_task_file, perplexity, score_task
 from trustmoe.io import TrustmoeError, atomic_dir, read_json, sha256_file
+from trustmoe.security.integrity import write_manifest
 
 
 @dataclass
@@ -214,6 +215,7 @@ def _write(out_dir: Path, res: dict[str, Any], other: dict[str, Any] | None,
     with atomic_dir(out_dir) as tmp:
         atomic_write_json(tmp / "eval.json", res)
         write_report(tmp, res, other)
+        write_manifest(tmp)  # last: every file of the eval dir, by SHA-256
 
 
 def summary(res: dict[str, Any], out_dir: Path) -> dict[str, Any]:

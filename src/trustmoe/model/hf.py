@@ -23,6 +23,7 @@ from torch import Tensor
 from trustmoe.config import ConfigError, ModelConfig
 from trustmoe.io import TrustmoeError, atomic_write_json, read_json
 from trustmoe.model.transformer import Transformer
+from trustmoe.security.integrity import check_on_load, write_manifest
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 TRUSTMOE_EXTRAS = (
@@ -213,7 +214,10 @@ def _weight_files(path: Path) -> list[Path]:
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:
     sd: dict[str, Tensor] = {}
+    from trustmoe.security.safetensors_check import check_file
+
     for f in _weight_files(path):
+        check_file(f)  # header validated before any tensor is read (raises HeaderError)
         try:
             with safe_open(str(f), framework="pt") as st:
                 for k in st.keys():  # noqa: SIM118 (safe_open has no __iter__)
@@ -246,6 +250,10 @@ def save_model(
     meta = dict(metadata or {})
     meta["model_extras"] = {k: getattr(cfg, k) for k in TRUSTMOE_EXTRAS}
     atomic_write_json(out / "trustmoe.json", meta)
+    tok_cfg = Path(tokenizer_file).parent / "tokenizer_config.json" if tokenizer_file else None
+    if tok_cfg is not None and tok_cfg.exists() and tok_cfg.resolve() != (out / tok_cfg.name).resolve():
+        shutil.copyfile(tok_cfg, out / "tokenizer_config.json")  # the chat template travels along
+    write_manifest(out)  # last: every file of the dir, by SHA-256
 
 
 def load_config(path: str | Path) -> ModelConfig:
@@ -268,6 +276,8 @@ def load(
     """Load an HF-format Mixtral/Llama directory (ours or transformers') as a Transformer."""
     path = Path(path)
     cfg = load_config(path)
+    _weight_files(path)  # pickle-only dirs are refused by name first
+    check_on_load(path, "model")  # refuses a changed, missing, extra or symlinked file
     sd = from_hf_state_dict(read_safetensors(path), cfg)
     with torch.device("meta"):
         model = Transformer(cfg)

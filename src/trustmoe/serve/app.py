@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from trustmoe.security.guard import Guard
 from trustmoe.serve.chat import ChatTemplate
 from trustmoe.serve.handlers import create_chat, create_completion
 from trustmoe.serve.protocol import (
@@ -86,21 +87,29 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
     except json.JSONDecodeError as e:
         raise APIError(400, f"request body is not valid JSON: {e.msg} at line {e.lineno} "
                        f"column {e.colno}") from None
+    except RecursionError:
+        raise APIError(400, "request body nests too deeply") from None
     if not isinstance(obj, dict):
         raise APIError(422, "request body must be a JSON object")
     try:
         return model.model_validate(obj)
+    except RecursionError:
+        raise APIError(400, "request body nests too deeply") from None
     except ValidationError as e:
         raise pydantic_error_to_api([dict(x) for x in e.errors(include_url=False)]) from None
 
 
 def create_app(engine: Any, *, model_name: str | None = None, api_key: str | None = None,
                max_concurrency: int = 256, chat_template: ChatTemplate | None = None,
-               served_names: list[str] | None = None) -> FastAPI:
-    """A FastAPI app serving `engine`; its engine thread runs while the app is up."""
+               served_names: list[str] | None = None, guard: Guard | None = None) -> FastAPI:
+    """A FastAPI app serving `engine`; its engine thread runs while the app is up.
+
+    `guard`: the request/output guard (default: the built-in policy; pass
+    `Guard(GuardPolicy(enabled=False))` to turn it off)."""
     state = ServerState(engine, model_name=model_name, served_names=served_names,
                         max_concurrency=max_concurrency, chat_template=chat_template,
                         api_key=api_key)
+    state.guard = guard if guard is not None else Guard()  # type: ignore[attr-defined]
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -174,14 +183,16 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
           quantize: str | None = None, kv_cache_mb: float = 256, max_num_seqs: int = 32,
           max_queue: int = 256, max_concurrency: int = 256, api_key: str | None = None,
           served_model_name: str | None = None, log_level: str = "info",
-          **engine_kw: Any) -> None:
+          guard: Guard | None = None, **engine_kw: Any) -> None:
     """Load `model_dir` into an Engine and serve it until interrupted (blocks)."""
     import uvicorn
+
+    guard = guard if guard is not None else Guard()  # a bad policy fails before the model loads
 
     engine = build_engine(model_dir, quantize=quantize, kv_cache_mb=kv_cache_mb,
                           max_num_seqs=max_num_seqs, max_queue=max_queue, **engine_kw)
     key = api_key or os.environ.get(API_KEY_ENV) or None
     app = create_app(engine, model_name=served_model_name or engine.model_name, api_key=key,
                      max_concurrency=max_concurrency,
-                     chat_template=ChatTemplate.from_model_dir(model_dir))
+                     chat_template=ChatTemplate.from_model_dir(model_dir), guard=guard)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
