@@ -26,7 +26,7 @@ from dataclasses import dataclass
 _OVERRIDE_VERB = r"(?:ignore|disregard|forget|skip|bypass|override|neglect|abandon|discard|set aside)"
 _PRIOR = (r"(?:previous|prior|above|earlier|preceding|initial|original|foregoing|all|any|every|your|"
           r"the|these|those|system|developer|safety|existing)")
-_INSTR = (r"(?:instructions?|prompts?|rules?|directives?|guidelines?|commands?|context|constraints?|"
+_INSTR = (r"(?:instructions?|directions?|prompts?|rules?|directives?|guidelines?|commands?|context|constraints?|"
           r"restrictions?|programming|policies|polic(?:y)|orders?|guidance|tasks?)")
 
 
@@ -60,8 +60,10 @@ RULES: tuple[Rule, ...] = (
         r"|\[/?inst\]|<</?sys>>|(?:^|\n)\s*#{2,}\s*(?:system|instruction)s?\s*:"
         r"|\[system\]\(#|(?:^|\n)\s*(?:system|assistant)\s*:\s*(?:ignore|you (?:are|must|will))")),
     Rule("roleplay_jailbreak", 0.95, re.compile(
-        r"\bdo anything now\b|\bdan(?: mode| \d|,)|\b(?:developer|dude|stan|aim|god|jailbreak|"
+        r"\bdo anything now\b|\bdan(?: mode| \d|,)|\b(?:dude|stan|aim|god|jailbreak|"
         r"unrestricted|evil) mode\b|\bjailbr(?:oken|eak)\b|\banti-?dan\b"
+        r"|\bdeveloper mode (?:enabled|output|response)|\bin developer mode,? you\b"
+        r"|\b(?:chatgpt|assistant|ai) with developer mode\b"
         r"|\b(?:no|without|free of|free from|not bound by|never follows?)(?: any)? (?:ethical|moral|"
         r"content|safety|openai|legal)(?:,? or \w+)? (?:guidelines|constraints|restrictions|"
         r"filters?|polic(?:y|ies)|rules|limits|principles|boundaries)"
