@@ -77,6 +77,11 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
     return d
 
 
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+                  "num_local_experts", "num_experts_per_tok")
+
+
 def config_from_hf(d: dict[str, Any], extras: dict[str, Any] | None = None) -> ModelConfig:
     mtype = d.get("model_type")
     if mtype not in ("mixtral", "llama"):
@@ -97,7 +102,7 @@ def config_from_hf(d: dict[str, Any], extras: dict[str, Any] | None = None) -> M
         num_attention_heads=d["num_attention_heads"],
         num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
         head_dim=d.get("head_dim"), max_position_embeddings=d.get("max_position_embeddings", 2048),
-        rope_theta=float(theta), rms_norm_eps=d.get("rms_norm_eps", 1e-5),
+        rope_theta=theta, rms_norm_eps=d.get("rms_norm_eps", 1e-5),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         bos_token_id=d.get("bos_token_id"), eos_token_id=eos,
     )
@@ -111,9 +116,14 @@ def config_from_hf(d: dict[str, Any], extras: dict[str, Any] | None = None) -> M
     for k in TRUSTMOE_EXTRAS:
         if extras and k in extras:
             kw[k] = extras[k]
+    for k in _POSITIVE_INTS:  # fuzzed configs: wrong types must not reach torch as shapes
+        v = kw.get(k)
+        if (v is not None or k != "head_dim") and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise ModelLoadError(f"config.json field {k} must be a positive integer, got {v!r}")
     try:
+        kw["rope_theta"] = float(kw["rope_theta"])
         return ModelConfig(**kw)
-    except (ConfigError, TypeError) as e:
+    except (ConfigError, TypeError, ValueError) as e:
         raise ModelLoadError(f"config.json describes an impossible model: {e}") from None
 
 
