@@ -67,7 +67,7 @@ def test_save_load_roundtrip_and_refusals(tmp_path: Path) -> None:
     cfg = json.loads((tmp_path / "g" / "guard.json").read_text())
     cfg["features"]["bits"] = 12  # weights no longer fit the config
     (tmp_path / "g" / "guard.json").write_text(json.dumps(cfg))
-    with pytest.raises(TrustmoeError, match="integrity check: changed: guard.json"):
+    with pytest.raises(TrustmoeError, match=r"integrity check: changed: guard\.json"):
         GuardClassifier.load(tmp_path / "g")
     (tmp_path / "g" / "integrity.json").unlink()
     with pytest.warns(UserWarning, match="no integrity.json"), pytest.raises(TrustmoeError, match="shape"):

@@ -61,7 +61,7 @@ def test_missing_signature_when_required(signed: tuple[Path, Path, Path], monkey
     d, _, pub = signed
     (d / SIGNATURE).unlink()
     monkeypatch.setenv("TRUSTMOE_PUBKEY", str(pub))
-    with pytest.raises(IntegrityError, match="signature: integrity.sig"):
+    with pytest.raises(IntegrityError, match=r"signature: integrity\.sig"):
         check_on_load(d)
 
 

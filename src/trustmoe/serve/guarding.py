@@ -228,12 +228,22 @@ class ChatGuard:
         sc.events.clear()
 
 
+def _signature(t: Any) -> str:
+    """`name(city: string, unit?: "c"|"f") - description`: a compact line per tool."""
+    props = t.parameters.get("properties", {}) if isinstance(t.parameters, dict) else {}
+    req = set(t.parameters.get("required", [])) if isinstance(t.parameters, dict) else set()
+    args = []
+    for k, v in props.items():
+        v = v if isinstance(v, dict) else {}
+        kind = "|".join(json.dumps(x) for x in v["enum"]) if isinstance(v.get("enum"), list) else str(
+            v.get("type", "any"))
+        args.append(f"{k}{'' if k in req else '?'}: {kind}")
+    return f"{t.name}({', '.join(args)})" + (f" - {t.description}" if t.description else "")
+
+
 def _tools_preamble(enabled: EnabledTools) -> str:
-    specs = [{"name": t.name, "description": t.description, "parameters": t.parameters}
-             for t in enabled.tools]
-    return ("# Tools\nYou may call one of these functions. To call one, reply with "
-            f"{TOOL_OPEN}{{\"name\": ..., \"arguments\": {{...}}}}{TOOL_CLOSE}.\n"
-            + json.dumps(specs, ensure_ascii=False))
+    lines = "\n".join(_signature(t) for t in enabled.tools)
+    return f"Tools (to call one, reply {TOOL_OPEN}{{\"name\": ..., \"arguments\": {{...}}}}{TOOL_CLOSE}):\n{lines}"
 
 
 def check_chat(state: Any, req: Any) -> ChatGuard:
