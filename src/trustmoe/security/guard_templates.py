@@ -34,6 +34,19 @@ TASKS = [
     "What questions should I ask in an interview about {topic}?",
     "Write a haiku about {topic}.", "Explain this error in {lang}: IndexError: list index out of range",
 ]
+CHITCHAT = [
+    "Hello, how are you?", "Hi!", "Hey there, how's it going?", "Good morning!", "Thanks a lot!",
+    "Hello friend, how are you today?", "Can you help me?", "What can you do?", "Who are you?",
+    "Tell me a joke.", "What time zone is Tokyo in?", "What is 2+2?", "ok", "thanks, that worked",
+    "Hello ChatGPT, nice to meet you.", "Hi assistant, quick question.", "Good night!",
+    "What's the weather like on Mars?", "Are you a robot?", "Please continue.", "Go on.",
+    "That's wrong, try again.", "Can you explain that more simply?", "Why?", "Give me an example.",
+    "I'm bored, suggest something fun.", "How was your day?", "Nice, thank you!", "Yes please.",
+    "No, the other one.", "Hello! I need help with my homework.", "What should I cook tonight?",
+    "Summarize our discussion so far.", "What did I ask you earlier?", "Say hello in French.",
+    "Hola, ¿cómo estás?", "Bonjour, comment ça va ?", "Guten Tag! Wie geht es dir?", "你好，你是谁？",
+    "Let's start over.", "Can you role-play as my interviewer for a data analyst job?",
+]
 SYSTEM_PROMPTS = [
     "You are a helpful assistant. Answer concisely and cite sources when you can.",
     "You are a customer-support agent for Acme Bank. Be polite and never ask for full card numbers.",
