@@ -31,20 +31,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from trustmoe.security import rules  # noqa: E402
-from trustmoe.security.decode import views  # noqa: E402
-from trustmoe.security.guard import Guard, GuardPolicy, ScanItem  # noqa: E402
-from trustmoe.security.guard_data import build_guard_data, read_split  # noqa: E402
-from trustmoe.security.guard_train import detection_metrics  # noqa: E402
+from trustmoe.security import rules
+from trustmoe.security.decode import views
+from trustmoe.security.guard import Guard, GuardPolicy, ScanItem
+from trustmoe.security.guard_data import build_guard_data, read_split
+from trustmoe.security.guard_train import detection_metrics
 
 
 def rule_score(text: str) -> float:
