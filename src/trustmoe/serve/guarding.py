@@ -17,6 +17,7 @@ counts in `trustmoe:guard_events{rule, action}`. An output block ends that choic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -269,7 +270,11 @@ def check_chat(state: Any, req: Any) -> ChatGuard:
         if m.role == "assistant" and isinstance(calls, list):
             for c in calls:
                 fn = c.get("function", {}) if isinstance(c, dict) else {}
-                call = json.dumps({"name": fn.get("name"), "arguments": fn.get("arguments")})
+                args = fn.get("arguments")
+                if isinstance(args, str):  # OpenAI sends arguments as a JSON string
+                    with contextlib.suppress(json.JSONDecodeError, RecursionError):
+                        args = json.loads(args)
+                call = json.dumps({"name": fn.get("name"), "arguments": args})
                 content += f"{TOOL_OPEN}{call}{TOOL_CLOSE}"
         messages.append({"role": m.role, "content": content, **({"name": m.name} if m.name else {})})
     extra = []
