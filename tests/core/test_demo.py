@@ -33,7 +33,10 @@ def test_demo_end_to_end_in_a_log(tmp_path: Path) -> None:
     assert "train step" in proc.stderr and "tok/s" in proc.stderr  # plain progress in a log
     s = json.loads((out / "summary.json").read_text())
     assert s["model"]["steps"] > 0 and s["eval"] is not None
-    assert set(s["seconds"]) == {"data build", "train", "sample", "eval", "total"}
+    assert set(s["seconds"]) == {"data build", "train", "sample", "eval", "registry", "total"}
+    reg = s["registry"]  # registered with its evidence, and promoted through the default gates
+    assert reg["name"] == "demo" and reg["version"] == 1 and len(reg["digest"]) == 64
+    assert (reg["alias"] == "production") != (reg["refused"] is not None), reg
     assert s["seconds"]["total"] >= s["seconds"]["train"] + s["seconds"]["eval"]
     assert s["validation"]["tokens"] > 0 and "tokens of val.bin" in s["validation"]["measured_on"]
     assert "held-out documents, each scored from its start" in s["eval"]["measured_on"]
@@ -41,6 +44,7 @@ def test_demo_end_to_end_in_a_log(tmp_path: Path) -> None:
     table = proc.stdout.split("demo summary")[1]
     assert "validation (training)" in table and "tokens of val.bin" in table
     assert "eval perplexity" in table and "held-out documents" in table
+    assert "registry" in table and "demo v1 sha256:" in table
     assert f"trustmoe serve {out / 'model'}" in table
     assert str(out / "eval" / "report.html") in table and str(out / "data" / "audit.html") in table
     verdict = "within the 60s budget" if s["seconds"]["total"] <= 60 else "over the 60s budget"

@@ -104,7 +104,10 @@ def test_corrupt_artifact_is_one_clear_error(tiny_dir: Path, tmp_path: Path) -> 
     eng = Engine(tiny_dir, quantize="int8", kv_cache_mb=4)
     out = save_quantized(eng.weights, tmp_path / "q", tiny_dir)
     (out / QUANT_FILE).write_bytes(b"\x00garbage")
-    with pytest.raises(TrustmoeError, match="cannot read"):
+    with pytest.raises(TrustmoeError, match=f"integrity check: changed: {QUANT_FILE}"):
+        Engine(out)
+    (out / "integrity.json").unlink()  # as a foreign dir: the header check must answer
+    with pytest.raises(TrustmoeError, match="not a safetensors file"):
         Engine(out)
     with pytest.raises(TrustmoeError, match="not quantized"):
         save_quantized(Engine(tiny_dir, kv_cache_mb=4).weights, tmp_path / "x", tiny_dir)

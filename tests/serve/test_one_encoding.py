@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, processors
 from trustmoe.config import get_preset
 from trustmoe.model.hf import save_model
 from trustmoe.model.transformer import Transformer
+from trustmoe.security.integrity import write_manifest
 
 TEXT = "def func_3(x, y):\n    return x"
 
@@ -36,6 +37,7 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) -> 
     (d / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<s>", "eos_token": "</s>",  # a Llama-style template renders the BOS
         "chat_template": "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"}))
+    write_manifest(d)  # files added after save_model: hash them in, or loading refuses the dir
     return d
 
 

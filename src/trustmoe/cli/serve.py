@@ -60,12 +60,18 @@ def serve_command(
                                      "/health (or set TRUSTMOE_API_KEY)."),
     served_model_name: str = typer.Option("", help="Model name clients use (default: dir name)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    guard: Path = typer.Option(None, "--guard", show_default=False,
+                               help="Guard policy (guard.toml): prompt-injection scanning, tool "
+                                    "allow-list, output secrets/PII/canary. Default: built-in policy."),
+    no_guard: bool = typer.Option(False, "--no-guard", help="Turn the request/output guard off."),
 ) -> None:
     """Serve a model with an OpenAI-compatible API (completions, chat, streaming, metrics).
 
     Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-    GET /metrics (Prometheus). Requests beyond --max-concurrency or a full queue get 429 with
-    Retry-After. Stop with Ctrl-C.
+    GET /metrics (Prometheus). The guard (on by default) answers 400 with a `guard_<rule>`
+    code to prompt injections and jailbreaks, checks `tools` against its policy, and redacts
+    secrets in the output (see `--guard`). Requests beyond --max-concurrency or a full queue
+    get 429 with Retry-After. Stop with Ctrl-C.
     """
     _check_model_dir(model_dir)
     config = EngineConfig(  # ConfigError (one line, exit 2) for a setting that cannot work
@@ -74,6 +80,11 @@ def serve_command(
         prefill_chunk=prefill_chunk, device=device, num_threads=num_threads,
         batch_invariant=batch_invariant, enable_prefix_caching=prefix_caching,
     )
+    from trustmoe.security.guard import Guard, GuardPolicy
+
+    if guard is not None and no_guard:
+        raise TrustmoeError("--guard and --no-guard exclude each other")
+    guard_obj = Guard(GuardPolicy(enabled=False, model="none")) if no_guard else Guard.from_toml(guard)
     # The engine thread shares the cores with the HTTP event loop. OpenMP workers that spin
     # long after each parallel region starve it (a ~5x collapse measured on 2 cores), and ones
     # that sleep at once pay a wake-up at every barrier of the decode kernels; a short spin
@@ -85,7 +96,7 @@ def serve_command(
 
     serve(model_dir, host, port, config=config, max_concurrency=max_concurrency,
           api_key=api_key or None, served_model_name=served_model_name or None,
-          log_level=log_level)
+          log_level=log_level, guard=guard_obj)
 
 
 @export_app.command("gguf")

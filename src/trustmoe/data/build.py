@@ -29,6 +29,7 @@ from trustmoe.data.dedup import NearDupOptions
 from trustmoe.data.poison import PoisonOptions
 from trustmoe.data.quality import QualityOptions
 from trustmoe.io import TrustmoeError, atomic_dir, atomic_write_json, read_json, sha256_file
+from trustmoe.security.integrity import write_manifest
 
 T = TypeVar("T")
 FORMAT = "trustmoe-dataset/1"
@@ -312,6 +313,7 @@ def _finalize(out_dir: Path, stage_dir: Path, specs: list[sources.SourceSpec],
         for split in ("train", "val"):
             shutil.copyfile(stage_dir / f"{split}.bin", tmp / f"{split}.bin")
         _, stats = mf.write_outputs(tmp, specs, files, audit, shard_info, opts, declared)
+        write_manifest(tmp)  # last: every file of the dataset dir, by SHA-256
         _normal_permissions(tmp)
     sha = sha256_file(out_dir / "manifest.json")
     stats["manifest_sha256"] = sha

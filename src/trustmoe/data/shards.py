@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from trustmoe.io import TrustmoeError
+from trustmoe.security.integrity import check_on_load
 
 SPLITS = ("train", "val")
 
@@ -44,6 +45,7 @@ def open_tokens(data_dir: str | Path, split: str) -> np.ndarray:
     path = data_dir / f"{split}.bin"
     if not data_dir.is_dir():
         raise TrustmoeError(f"data directory not found: {data_dir}")
+    check_on_load(data_dir, "dataset")  # refuses a changed, missing, extra or symlinked file
     if not path.exists():
         raise TrustmoeError(f"{path} is missing; build the dataset with `trustmoe data build`")
     dtype = _dtype_for(data_dir)

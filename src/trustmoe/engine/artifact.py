@@ -24,6 +24,8 @@ from safetensors.torch import save_file
 from trustmoe.engine.weights import RunnerWeights, build_weights, weights_state_dict
 from trustmoe.io import TrustmoeError, atomic_dir, atomic_write_json, read_json, sha256_file
 from trustmoe.model.hf import canonical_hf_names, load_config, read_safetensors
+from trustmoe.security.integrity import check_on_load, write_manifest
+from trustmoe.security.safetensors_check import check_file
 
 QUANT_FILE = "model.quant.safetensors"
 META_FILE = "quantization.json"
@@ -55,6 +57,7 @@ def save_quantized(w: RunnerWeights, out_dir: str | Path, source_dir: str | Path
             "method": w.quantize, "group_size": group_size, "format": FORMAT,
             "source_sha256": sha256_file(src_w) if src_w.exists() else None,
         })
+        write_manifest(tmp)  # last: every file of the quantized model dir, by SHA-256
     return out
 
 
@@ -67,6 +70,8 @@ def load_quantized(path: Path, device: torch.device, exact_int8: bool = False) -
         raise TrustmoeError(f"{path} is a quantized artifact of format {meta.get('format')!r}; this "
                             f"trustmoe reads {FORMAT!r}: re-create it with `trustmoe quantize`")
     cfg = load_config(path)
+    check_on_load(path, "model")
+    check_file(path / QUANT_FILE)  # header validated before any tensor is read
     try:
         with safe_open(str(path / QUANT_FILE), framework="pt") as f:
             st = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118

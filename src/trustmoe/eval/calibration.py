@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from trustmoe.io import TrustmoeError, atomic_write_json, read_json
+from trustmoe.security.integrity import refresh_manifest
 
 
 def _check(conf: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -160,3 +161,4 @@ def store_temperature(model_dir: Path, temperature: float, info: dict[str, Any])
         raise TrustmoeError(f"{path} is not a JSON object; refusing to overwrite it")
     meta["calibration"] = {"temperature": temperature, **info}
     atomic_write_json(path, meta)
+    refresh_manifest(model_dir, [path.name])  # the model dir's manifest follows the edit

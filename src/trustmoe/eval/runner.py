@@ -47,6 +47,7 @@ from trustmoe.eval.moe_diag import compare_routing, summarize_routing
 from trustmoe.eval.stages import Sizes
 from trustmoe.eval.tasks import builtin_tasks, load_task_file, perplexity, score_task
 from trustmoe.io import TrustmoeError, atomic_dir, read_json, sha256_file
+from trustmoe.security.integrity import write_manifest
 
 __all__ = ["Sizes", "run_eval", "summary"]
 MIN_DOCS = 2  # per split: calibration needs a fit and a test document, membership one each
@@ -333,6 +334,7 @@ def _write(out_dir: Path, res: dict[str, Any], other: dict[str, Any] | None,
     with atomic_dir(out_dir) as tmp:
         atomic_write_json(tmp / "eval.json", res)
         write_report(tmp, res, other)
+        write_manifest(tmp)  # last: every file of the eval dir, by SHA-256
 
 
 def summary(res: dict[str, Any], out_dir: Path) -> dict[str, Any]:

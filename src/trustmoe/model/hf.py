@@ -24,6 +24,7 @@ from torch import Tensor
 from trustmoe.config import ConfigError, ModelConfig
 from trustmoe.io import TrustmoeError, atomic_write_json, read_json
 from trustmoe.model.transformer import Transformer
+from trustmoe.security.integrity import check_on_load, write_manifest
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 TRUSTMOE_EXTRAS = (
@@ -77,6 +78,11 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
     return d
 
 
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+                  "num_local_experts", "num_experts_per_tok")
+
+
 def config_from_hf(d: dict[str, Any], extras: dict[str, Any] | None = None) -> ModelConfig:
     mtype = d.get("model_type")
     if mtype not in ("mixtral", "llama"):
@@ -97,7 +103,7 @@ def config_from_hf(d: dict[str, Any], extras: dict[str, Any] | None = None) -> M
         num_attention_heads=d["num_attention_heads"],
         num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
         head_dim=d.get("head_dim"), max_position_embeddings=d.get("max_position_embeddings", 2048),
-        rope_theta=float(theta), rms_norm_eps=d.get("rms_norm_eps", 1e-5),
+        rope_theta=theta, rms_norm_eps=d.get("rms_norm_eps", 1e-5),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         bos_token_id=d.get("bos_token_id"), eos_token_id=eos,
     )
@@ -111,9 +117,14 @@ def config_from_hf(d: dict[str, Any], extras: dict[str, Any] | None = None) -> M
     for k in TRUSTMOE_EXTRAS:
         if extras and k in extras:
             kw[k] = extras[k]
+    for k in _POSITIVE_INTS:  # fuzzed configs: wrong types must not reach torch as shapes
+        v = kw.get(k)
+        if (v is not None or k != "head_dim") and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise ModelLoadError(f"config.json field {k} must be a positive integer, got {v!r}")
     try:
+        kw["rope_theta"] = float(kw["rope_theta"])
         return ModelConfig(**kw)
-    except (ConfigError, TypeError) as e:
+    except (ConfigError, TypeError, ValueError) as e:
         raise ModelLoadError(f"config.json describes an impossible model: {e}") from None
 
 
@@ -245,7 +256,10 @@ def _weight_files(path: Path) -> list[Path]:
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:
     sd: dict[str, Tensor] = {}
+    from trustmoe.security.safetensors_check import check_file
+
     for f in _weight_files(path):
+        check_file(f)  # header validated before any tensor is read (raises HeaderError)
         try:
             with safe_open(str(f), framework="pt") as st:
                 for k in st.keys():  # noqa: SIM118 (safe_open has no __iter__)
@@ -278,6 +292,10 @@ def save_model(
     meta = dict(metadata or {})
     meta["model_extras"] = {k: getattr(cfg, k) for k in TRUSTMOE_EXTRAS}
     atomic_write_json(out / "trustmoe.json", meta)
+    tok_cfg = Path(tokenizer_file).parent / "tokenizer_config.json" if tokenizer_file else None
+    if tok_cfg is not None and tok_cfg.exists() and tok_cfg.resolve() != (out / tok_cfg.name).resolve():
+        shutil.copyfile(tok_cfg, out / "tokenizer_config.json")  # the chat template travels along
+    write_manifest(out)  # last: every file of the dir, by SHA-256
 
 
 def load_config(path: str | Path) -> ModelConfig:
@@ -300,6 +318,8 @@ def load(
     """Load an HF-format Mixtral/Llama directory (ours or transformers') as a Transformer."""
     path = Path(path)
     cfg = load_config(path)
+    _weight_files(path)  # pickle-only dirs are refused by name first
+    check_on_load(path, "model")  # refuses a changed, missing, extra or symlinked file
     sd = from_hf_state_dict(read_safetensors(path), cfg)
     with torch.device("meta"):
         model = Transformer(cfg)

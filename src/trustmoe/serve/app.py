@@ -28,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trustmoe.config import SERVER_MAX_CONCURRENCY, EngineConfig
+from trustmoe.security.guard import Guard
 from trustmoe.serve.bridge import ServedEngine
 from trustmoe.serve.chat import ChatTemplate
 from trustmoe.serve.handlers import create_chat, create_completion
@@ -92,21 +93,29 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
     except json.JSONDecodeError as e:
         raise APIError(400, f"request body is not valid JSON: {e.msg} at line {e.lineno} "
                        f"column {e.colno}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "request body nests too deeply", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_type")
     try:
         return model.model_validate(obj)
+    except RecursionError:
+        raise APIError(400, "request body nests too deeply", code="invalid_type") from None
     except ValidationError as e:
         raise pydantic_error_to_api([dict(x) for x in e.errors(include_url=False)]) from None
 
 
 def create_app(engine: ServedEngine, *, model_name: str | None = None, api_key: str | None = None,
                max_concurrency: int = SERVER_MAX_CONCURRENCY, chat_template: ChatTemplate | None = None,
-               served_names: list[str] | None = None) -> FastAPI:
-    """A FastAPI app serving `engine`; its engine thread runs while the app is up."""
+               served_names: list[str] | None = None, guard: Guard | None = None) -> FastAPI:
+    """A FastAPI app serving `engine`; its engine thread runs while the app is up.
+
+    `guard`: the request/output guard (default: the built-in policy; pass
+    `Guard(GuardPolicy(enabled=False))` to turn it off)."""
     state = ServerState(engine, model_name=model_name, served_names=served_names,
                         max_concurrency=max_concurrency, chat_template=chat_template,
                         api_key=api_key)
+    state.guard = guard if guard is not None else Guard()  # type: ignore[attr-defined]
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -180,14 +189,15 @@ def build_engine(model_dir: str | Path, config: EngineConfig | None = None,
 def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
           config: EngineConfig | None = None, max_concurrency: int = SERVER_MAX_CONCURRENCY,
           api_key: str | None = None, served_model_name: str | None = None,
-          log_level: str = "info", **overrides: Any) -> None:
+          log_level: str = "info", guard: Guard | None = None, **overrides: Any) -> None:
     """Load `model_dir` into an Engine (`config` + `overrides`, EngineConfig field names) and
     serve it until interrupted (blocks)."""
     import uvicorn
 
+    guard = guard if guard is not None else Guard()  # a bad policy fails before the model loads
     engine = build_engine(model_dir, config, **overrides)
     key = api_key or os.environ.get(API_KEY_ENV) or None
     app = create_app(engine, model_name=served_model_name or engine.model_name, api_key=key,
                      max_concurrency=max_concurrency,
-                     chat_template=ChatTemplate.from_model_dir(model_dir))
+                     chat_template=ChatTemplate.from_model_dir(model_dir), guard=guard)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -18,6 +18,7 @@ import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from trustmoe.serve import guarding
 from trustmoe.serve.chat import chat_prompt_ids, end_of_turn_ids
 from trustmoe.serve.jsonmode import JSONLogitsProcessor, SchemaError, compile_schema
 from trustmoe.serve.logprobs import chat_logprobs, completion_logprobs
@@ -216,6 +217,7 @@ async def create_completion(state: ServerState, req: CompletionRequest,
         raise APIError(400, "suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise APIError(400, "best_of must equal n (beam search is not supported)", "best_of")
+    gctx = guarding.completion_guard(state, req.prompt)  # 400 when the guard blocks
     prompts = _tokenize_prompts(state, req.prompt)
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     subs: list[SubRequest] = []
@@ -227,8 +229,9 @@ async def create_completion(state: ServerState, req: CompletionRequest,
             subs.append(SubRequest(state.new_id("req"), pi * req.n + c, ids, params, max_tokens))
     done = await _admit_and_collect(
         state, subs, request, req.stream, "cmpl",
-        lambda lease, rid, created: _stream_completion(state, req, lease, rid, created))
+        lambda lease, rid, created: _stream_completion(state, req, lease, rid, created, gctx))
     if isinstance(done, Response):
+        done.headers.update(gctx.headers())
         return done
     got, lease, rid, created = done
     choices, n_gen = [], 0
@@ -248,15 +251,17 @@ async def create_completion(state: ServerState, req: CompletionRequest,
             echoed = s.prompt_ids if req.echo else None
             logprobs = completion_logprobs(state, ids, lps, echoed, plps, prompt_tops=ptops)
         n_gen += len(ids)
-        choices.append({"index": s.index, "text": prompt_text + text, "logprobs": logprobs,
-                        "finish_reason": final.finish_reason if s.max_tokens else "length"})
+        msg, reason = gctx.finish(s.index, text, final.finish_reason if s.max_tokens else "length")
+        choices.append({"index": s.index, "text": prompt_text + (msg["content"] or ""),
+                        "logprobs": logprobs, "finish_reason": reason})
     return JSONResponse({"id": rid, "object": "text_completion", "created": created,
                          "model": state.model_name, "choices": choices,
-                         "usage": _usage(lease, n_gen)})
+                         "usage": _usage(lease, n_gen)}, headers=gctx.headers())
 
 
 async def _stream_completion(state: ServerState, req: CompletionRequest, lease: Lease, rid: str,
-                             created: int) -> AsyncIterator[str]:
+                             created: int, gctx: guarding.ChatGuard | None = None
+                             ) -> AsyncIterator[str]:
     n_gen, offsets = 0, {s.request_id: 0 for s in lease.subs}
     usage_null = {"usage": None} if req.include_usage() else {}
     try:
@@ -274,8 +279,13 @@ async def _stream_completion(state: ServerState, req: CompletionRequest, lease: 
             if req.logprobs is not None and ids and s.max_tokens:
                 logprobs = completion_logprobs(state, ids, lps, None, None, offsets[o.request_id])
             text = o.new_text if s.max_tokens else ""
-            offsets[o.request_id] += len(text)
             reason = (o.finish_reason if s.max_tokens else "length") if o.finished else None
+            if gctx is not None:  # output guard: held-back, redacted, or cut at a block
+                if guarding.stopped(lease, s, gctx):
+                    continue
+                delta, reason, _ = gctx.stream(s.index, text, o.finished, reason)
+                text = delta.get("content") or ""
+            offsets[o.request_id] += len(text)
             yield sse({"id": rid, "object": "text_completion", "created": created,
                        "model": state.model_name, **usage_null,
                        "choices": [{"index": s.index, "text": text, "logprobs": logprobs,
@@ -299,9 +309,8 @@ async def create_chat(state: ServerState, req: ChatCompletionRequest, request: R
             template = ChatTemplate(req.chat_template)
         except ValueError as e:
             raise APIError(400, str(e), "chat_template") from None
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                for m in req.messages]
-    prompt = template.render(messages, req.add_generation_prompt)
+    gctx = guarding.check_chat(state, req)  # guard verdict (400 on block), tools, canary
+    prompt = template.render(gctx.messages, req.add_generation_prompt)
     ids = chat_prompt_ids(state, prompt)
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = asked if asked is not None else max(state.max_model_len - len(ids), 1)
@@ -315,10 +324,14 @@ async def create_chat(state: ServerState, req: ChatCompletionRequest, request: R
                                     logprobs=top if req.logprobs else None, prompt_logprobs=None,
                                     choice=c, extra_stop_ids=eot), max_tokens)
             for c in range(req.n)]
+    eos = [state.engine.eos_token_id] if state.engine.eos_token_id is not None else []
+    for sub in subs:
+        gctx.constrain(sub.params, eos + eot)  # a forced/required tool call: JSON of an enabled tool
     done = await _admit_and_collect(
         state, subs, request, req.stream, "chatcmpl",
-        lambda lease, rid, created: _stream_chat(state, req, lease, rid, created))
+        lambda lease, rid, created: _stream_chat(state, req, lease, rid, created, gctx))
     if isinstance(done, Response):
+        done.headers.update(gctx.headers())
         return done
     got, lease, rid, created = done
     choices, n_gen = [], 0
@@ -327,18 +340,19 @@ async def create_chat(state: ServerState, req: ChatCompletionRequest, request: R
         ids_out = final.token_ids[: s.max_tokens]
         lps = [lp for o in got[s.request_id] for lp in o.logprobs][: len(ids_out)]
         n_gen += len(ids_out)
+        msg, reason = gctx.finish(s.index, final.text if s.max_tokens else "",
+                                  final.finish_reason if s.max_tokens else "length")
         choices.append({
-            "index": s.index,
-            "message": {"role": "assistant", "content": final.text if s.max_tokens else ""},
+            "index": s.index, "message": msg,
             "logprobs": chat_logprobs(state, lps, ids_out) if req.logprobs else None,
-            "finish_reason": final.finish_reason if s.max_tokens else "length"})
+            "finish_reason": reason})
     return JSONResponse({"id": rid, "object": "chat.completion", "created": created,
                          "model": state.model_name, "choices": choices,
-                         "usage": _usage(lease, n_gen)})
+                         "usage": _usage(lease, n_gen)}, headers=gctx.headers())
 
 
 async def _stream_chat(state: ServerState, req: ChatCompletionRequest, lease: Lease, rid: str,
-                       created: int) -> AsyncIterator[str]:
+                       created: int, gctx: guarding.ChatGuard | None = None) -> AsyncIterator[str]:
     head = {"id": rid, "object": "chat.completion.chunk", "created": created,
             "model": state.model_name, **({"usage": None} if req.include_usage() else {})}
     n_gen = 0
@@ -350,11 +364,15 @@ async def _stream_chat(state: ServerState, req: ChatCompletionRequest, lease: Le
         async for o, s, ids, lps, gen in _flushed(lease):
             n_gen += gen
             lp = chat_logprobs(state, lps, ids) if req.logprobs else None
-            delta = {"content": o.new_text} if o.new_text and s.max_tokens else {}
+            delta: dict[str, Any] = {"content": o.new_text} if o.new_text and s.max_tokens else {}
+            reason = (o.finish_reason if s.max_tokens else "length") if o.finished else None
+            if gctx is not None:  # output guard and tool calls: held back until safe
+                if guarding.stopped(lease, s, gctx):
+                    continue
+                delta, reason, _ = gctx.stream(s.index, o.new_text if s.max_tokens else "",
+                                               o.finished, reason)
             yield sse({**head, "choices": [{
-                "index": s.index, "delta": delta, "logprobs": lp,
-                "finish_reason": (o.finish_reason if s.max_tokens else "length")
-                if o.finished else None}]})
+                "index": s.index, "delta": delta, "logprobs": lp, "finish_reason": reason}]})
         if req.include_usage():
             yield sse({**head, "choices": [], "usage": _usage(lease, n_gen)})
     except APIError as e:

@@ -61,6 +61,16 @@ class ServerMetrics:
                                    "Prompt tokens served from the prefix cache.", lab,
                                    registry=r).labels(model_name)
 
+        self._guard = Counter("trustmoe:guard_events", "Guard decisions, by rule and action "
+                              "(flag, block, redact).", ["model_name", "rule", "action"], registry=r)
+        self.guard_seconds = Histogram("trustmoe:guard_scan_seconds",
+                                       "Time the input guard took per request.", lab,
+                                       buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                                0.5), registry=r).labels(model_name)
+
+    def guard_event(self, rule: str, action: str) -> None:
+        self._guard.labels(self.model_name, rule, action).inc()
+
     def finished(self, reason: str | None) -> None:
         self._success.labels(self.model_name, reason or "abort").inc()
 

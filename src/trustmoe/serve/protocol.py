@@ -187,6 +187,10 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=0)
     add_generation_prompt: bool = True
     chat_template: str | None = None
+    # OpenAI tools; validated against the guard's tool policy (serve/guarding.py)
+    tools: list[Any] | None = Field(default=None, max_length=1024)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 def pydantic_error_to_api(errors: list[dict[str, Any]]) -> APIError:

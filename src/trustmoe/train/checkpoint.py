@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from trustmoe.io import TrustmoeError, atomic_dir, read_json
 from trustmoe.model.hf import save_model
 from trustmoe.model.transformer import Transformer
+from trustmoe.security.integrity import write_manifest
 
 STATE_FILE = "train_state.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -72,6 +73,7 @@ def save_checkpoint(
                   metadata={"train_state": json.dumps(train_state, sort_keys=True)})
         if metrics_src is not None and metrics_src.exists():
             shutil.copyfile(metrics_src, tmp / METRICS_FILE)
+        write_manifest(tmp)  # last, so it covers the optimizer state and metrics too
 
 
 def read_train_state(ckpt_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
