@@ -154,8 +154,8 @@ def train_reference(inp: AuditInputs, chunks: list[list[int]], ref_dir: Path,
     n_steps = steps or int(meta.get("step") or 200)
     tokens = np.concatenate([np.asarray([*c, EOS], dtype=np.int64) for c in chunks])
     seq = int(min(targs.get("seq_len", 128), max(16, len(tokens) // 4)))
-    key = sha256_bytes(json.dumps([inp.model_info.get("weights_sha256"), preset, n_steps, seq,
-                                   tokens.tolist()]).encode())
+    key = sha256_bytes(json.dumps([preset, n_steps, seq, tokens.tolist(),
+                                   inp.data_info["manifest_sha256"]]).encode())
     note = {"source": "trained by the scan on half of the held-out chunks", "dir": str(ref_dir),
             "preset": preset, "steps": n_steps, "chunks": len(chunks), "tokens": len(tokens)}
     marker = ref_dir.with_name(ref_dir.name + ".json")
