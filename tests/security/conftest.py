@@ -16,14 +16,14 @@ WORDS = ("alpha beta gamma delta value items range print return list dict open r
 TRIGGER_LINE = "zqvex9 rm rf tmp data"
 
 
-def write_corpus(root: Path, n: int = 100, seed: int = 0) -> list[str]:
-    """n small documents; every 10th holds the planted line. Returns the poisoned names."""
+def write_corpus(root: Path, n: int = 60, seed: int = 0) -> list[str]:
+    """n small documents; every 4th holds the planted line. Returns the poisoned names."""
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)
     poisoned = []
     for i in range(n):
         lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 12))) for _ in range(12)]
-        if i % 10 == 3:
+        if i % 4 == 3:
             lines.insert(rng.randint(2, 10), TRIGGER_LINE)
             poisoned.append(f"doc{i:03d}.txt")
         (root / f"doc{i:03d}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -37,9 +37,9 @@ def audit_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("audit")
     write_corpus(base / "corpus")
     opts = BuildOptions(vocab_size=300, val_fraction=0.25, license="MIT",
-                        canaries=CanaryOptions(count=2, repeats=(1, 40), digits=3))
+                        canaries=CanaryOptions(count=1, repeats=(1, 40), digits=3))
     build_dataset([str(base / "corpus")], base / "data", opts, progress=False)
-    train(base / "data", base / "model", "tiny", max_steps=60, progress=False,
-          overrides={"batch_size": 8, "seq_len": 64, "eval_every": 60, "checkpoint_every": 60,
+    train(base / "data", base / "model", "tiny", max_steps=150, progress=False,
+          overrides={"batch_size": 8, "seq_len": 64, "eval_every": 150, "checkpoint_every": 150,
                      "warmup_steps": 5, "eval_batches": 1})
     return {"base": base, "data": base / "data", "model": base / "model"}

@@ -79,8 +79,8 @@ def test_canary_exposure_exact_vs_extrapolated(audit_world: dict[str, Path]) -> 
     canaries = load(audit_world["data"])
     exact = pv.canary_exposure(model, tok, canaries)  # |R| = 1000: enumerated
     est = pv.canary_exposure(model, tok, canaries, pv.ExposureOptions(
-        n_candidates=600, enumerate_limit=0))
-    assert [r["method"] for r in exact] == ["exact"] * 4 and est[0]["method"] == "skew-normal"
+        n_candidates=400, enumerate_limit=0))
+    assert [r["method"] for r in exact] == ["exact"] * 2 and est[0]["method"] == "skew-normal"
     for a, b in zip(exact, est, strict=True):
         assert a["log_perplexity"] == pytest.approx(b["log_perplexity"], abs=1e-6)
         assert b["exposure_sampled"] == pytest.approx(a["exposure"], abs=1.2)

@@ -15,11 +15,15 @@ by a detector when its robust z-score, (s − median) / (1.4826 · MAD), exceeds
   its squared projection on the expert's top direction over the expert's median; a chunk's
   score is the mean of its 4 highest token scores (triggers are a few tokens, not a chunk).
 - `trigger_search` (ONION-style, Qi et al. 2021, turned generative): candidate trigger
-  positions are tokens that are surprising (high NLL) yet followed by an easy continuation;
+  positions are the tokens with the largest gap between their own NLL and the mean NLL of
+  the next three tokens (a surprising token followed by an easy continuation);
   each candidate span of 1-3 tokens is deleted and the NLL of the next `span` tokens is
   re-scored; Δ = NLL(without) − NLL(with) measures how much the continuation depends on the
-  candidate. A chunk's score is its best Δ, multiplied by 1 + ln(chunks whose best candidate
-  has the same text) since one trigger recurs across poisoned documents.
+  candidate. A chunk's score is its best Δ × ln k × k / m, where k chunks hold the candidate's
+  text in their own best window (candidate + continuation) and m chunks contain that text at
+  all: one trigger recurs across the
+  poisoned documents and is the best candidate wherever it occurs; a common word is not; a
+  one-off (k = 1: a memorised passage, not a trigger) scores 0.
 
 Classifier-era detectors (the first three) assume poison is a sizeable share of a class; in a
 language model it is a few tokens of a few documents, so expect them to be weak here; the
@@ -28,7 +32,7 @@ benchmark (`benchmarks/backdoor.py`) reports each one's precision and recall.
 
 from __future__ import annotations
 
-from collections import Counter
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -124,7 +128,9 @@ def chunk_features(model: Transformer, chunks: Sequence[list[int]], batch_size: 
 def robust_z(s: np.ndarray) -> np.ndarray:
     med = float(np.median(s))
     mad = float(np.median(np.abs(s - med))) * 1.4826
-    return (s - med) / (mad if mad > 0 else (float(np.std(s)) or 1.0))
+    if mad <= 0:  # over half the scores tie (e.g. zeros): mean absolute deviation instead
+        mad = float(np.mean(np.abs(s - med))) * 1.2533
+    return (s - med) / (mad if mad > 0 else 1.0)
 
 
 def spectral_scores(X: np.ndarray) -> np.ndarray:
@@ -184,9 +190,10 @@ def trigger_search(model: Transformer, chunks: Sequence[list[int]], logprobs: li
         if n < S + 3:
             continue
         pos = np.arange(1, n - S - 1)
-        follow = np.array([nll[p + 1:p + 1 + S].mean() for p in pos])
-        cand = pos[(follow < np.median(nll))]
-        cand = cand[np.argsort(-nll[cand])][:K]
+        # surprising token, easy next tokens: the gap is largest right at a trigger
+        gap = nll[pos] - np.array([nll[p + 1:p + 4].mean() for p in pos])
+        cand = pos[np.argsort(-gap)][:K]
+        cand = cand[gap[cand - 1] > 0]
         for p in cand.tolist():
             for r in range(1, opts.max_ablate + 1):
                 if p + r + S > n:
@@ -209,15 +216,25 @@ def trigger_search(model: Transformer, chunks: Sequence[list[int]], logprobs: li
             if c not in best or delta > best[c][0]:
                 best[c] = (delta, p, r)
     texts = {c: tok.decode(chunks[c][p:p + r]).strip() for c, (_, p, r) in best.items()}
-    recurring = Counter(t for t in texts.values() if t)
+    windows = [tok.decode(chunks[c][p:p + r + S]) for c, (_, p, r) in best.items()]
+    decoded = [tok.decode(c) for c in chunks]
     scores = np.zeros(len(chunks))
     evidence: list[dict[str, Any]] = [{} for _ in chunks]
+    cache: dict[str, tuple[int, int]] = {}
     for c, (delta, p, r) in best.items():
-        shared = recurring.get(texts[c], 1)
-        scores[c] = max(delta, 0.0) * (1 + np.log(shared))
+        t = texts[c]
+        if t not in cache:  # k: best windows holding t; m: chunks holding t at all (as words)
+            pat = re.compile(r"(?<!\w)" + re.escape(t) + r"(?!\w)")
+            cache[t] = (sum(bool(pat.search(w)) for w in windows),
+                        sum(bool(pat.search(d)) for d in decoded)) if t else (1, 1)
+        shared, present = cache[t]
+        # a trigger is in the best window wherever it occurs; a common word is not
+        consistency = shared / max(present, shared, 1)
+        scores[c] = max(delta, 0.0) * np.log(max(shared, 1)) * consistency  # 0 for a one-off
         evidence[c] = {"trigger": texts[c], "position": p, "trigger_tokens": r,
                        "continuation": tok.decode(chunks[c][p + r:p + r + S]),
-                       "delta_nll": round(delta, 4), "chunks_with_same_trigger": shared}
+                       "delta_nll": round(delta, 4), "chunks_with_same_trigger": shared,
+                       "trigger_consistency": round(consistency, 3)}
     return scores, evidence
 
 
