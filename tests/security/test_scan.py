@@ -45,6 +45,7 @@ def test_scan_writes_report(audit_world: dict[str, Path], tmp_path: Path) -> Non
         lo, hi = att["auroc"]["ci95"]
         assert lo <= att["auroc"]["value"] <= hi
     assert res["membership"]["reference_model"]["source"].startswith("trained by the scan")
+    assert res["membership"]["nonmembers"] < res["data"]["val_chunks"]  # half went to the reference
     assert (out / "reference" / "model.safetensors").exists()
     html = (out / "security.html").read_text()
     assert "data:image/png;base64," in html and summary["findings_level"] in html

@@ -124,8 +124,15 @@ def _membership(inp: AuditInputs, opts: ScanOptions, out_dir: Path) -> dict[str,
 
         ref = trustmoe.load(opts.reference, device=inp.model.device)
         ref_note = {"source": "given", "dir": str(opts.reference)}
-    elif len(inp.val_chunks) >= 8:
-        ref_train, nonmembers = inp.val_chunks[::2], inp.val_chunks[1::2]
+    elif len(inp.val_chunks) >= 8 and len(set(inp.val_chunk_docs)) >= 2:
+        # split by *document*: the reference must not have seen the non-members' documents
+        docs = sorted(set(inp.val_chunk_docs))
+        ref_docs = set(np.random.default_rng([opts.seed, 0x2EF]).permutation(docs)[
+            : len(docs) // 2].tolist())
+        ref_train = [c for c, d in zip(inp.val_chunks, inp.val_chunk_docs, strict=True)
+                     if d in ref_docs]
+        nonmembers = [c for c, d in zip(inp.val_chunks, inp.val_chunk_docs, strict=True)
+                      if d not in ref_docs]
         ref_dir = out_dir / "reference"
         ref, ref_note = train_reference(inp, ref_train, ref_dir, opts.reference_steps)
     bs, L = opts.batch_size, opts.chunk_tokens + 1

@@ -37,6 +37,7 @@ class AuditInputs:
     train_chunks: list[list[int]]
     val_chunks: list[list[int]]
     train_chunk_ids: list[str]  # "train:<doc index>:<chunk index>"
+    val_chunk_docs: list[int] = field(default_factory=list)  # document index of each val chunk
     model_info: dict[str, Any] = field(default_factory=dict)
     data_info: dict[str, Any] = field(default_factory=dict)
 
@@ -136,7 +137,9 @@ def load_inputs(model_dir: Path, data_dir: Path, n_chunks: int, chunk_tokens: in
     data_info.update(train_chunks=len(chunks["train"]), val_chunks=len(chunks["val"]))
     return AuditInputs(model, tok, model_dir, data_dir, canaries,
                        [c for _, c in chunks["train"]], [c for _, c in chunks["val"]],
-                       [f"train:{i}" for i, _ in chunks["train"]], model_info, data_info)
+                       [f"train:{i}" for i, _ in chunks["train"]],
+                       val_chunk_docs=[int(i.split(":")[0]) for i, _ in chunks["val"]],
+                       model_info=model_info, data_info=data_info)
 
 
 def train_reference(inp: AuditInputs, chunks: list[list[int]], ref_dir: Path,
@@ -156,8 +159,9 @@ def train_reference(inp: AuditInputs, chunks: list[list[int]], ref_dir: Path,
     seq = int(min(targs.get("seq_len", 128), max(16, len(tokens) // 4)))
     key = sha256_bytes(json.dumps([preset, n_steps, seq, tokens.tolist(),
                                    inp.data_info["manifest_sha256"]]).encode())
-    note = {"source": "trained by the scan on half of the held-out chunks", "dir": str(ref_dir),
-            "preset": preset, "steps": n_steps, "chunks": len(chunks), "tokens": len(tokens)}
+    note = {"source": "trained by the scan on half of the held-out documents", "dir": str(ref_dir),
+            "preset": preset, "steps": n_steps, "chunks": len(chunks), "tokens": len(tokens),
+            "split": "held-out documents, half for the reference, half as non-members"}
     marker = ref_dir.with_name(ref_dir.name + ".json")
     if marker.exists() and (ref_dir / "model.safetensors").exists():
         with_key = read_json(marker, "reference marker")
