@@ -113,7 +113,8 @@ def _prf(flags: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
             "fpr": round(fp / max(int(np.sum(~truth)), 1), 4), "flagged": tp + fp}
 
 
-def part_model(n_docs: int, steps: int, clean_chunks: int, seed: int, work: Path) -> dict[str, Any]:
+def part_model(n_docs: int, steps: int, clean_chunks: int, seed: int, work: Path,
+               rate: float = 0.01) -> dict[str, Any]:
     import trustmoe
     from trustmoe.data.build import BuildOptions, build_dataset
     from trustmoe.data.shards import open_tokens
@@ -128,7 +129,7 @@ def part_model(n_docs: int, steps: int, clean_chunks: int, seed: int, work: Path
     order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), ids[i]))
     pick = [i for i in order if len(texts[i]) >= 1500][:n_docs]
     sub_ids, sub = [ids[i] for i in pick], [texts[i] for i in pick]
-    k = max(5, round(0.01 * len(sub)))
+    k = max(5, round(rate * len(sub)))
     plant = P.make_plants(rng, len(sub), 1, (k, k))[0]
     planted = P.apply(sub, [plant], rng)
     src = work / "corpus"
@@ -172,6 +173,7 @@ def part_model(n_docs: int, steps: int, clean_chunks: int, seed: int, work: Path
     truth_c = np.array([has[i] for i in sample])
     detectors = {k2: _prf(np.asarray(v), truth_c) for k2, v in sc["flags"].items()}
     return {"documents": len(kept), "poisoned_documents": int(truth.sum()), "plant": plant.line,
+            "poison_rate": rate,
             "train_steps": steps, "build_and_train_seconds": round(train_s, 1),
             "attack_success_rate": asr, "data_screen": screen_prf,
             "model_detectors": detectors, "chunks_scored": len(sample),
@@ -186,6 +188,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--clean-chunks", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--poison-rate", type=float, default=0.01, help="share of documents planted")
     a = ap.parse_args()
     out: dict[str, Any] = {"benchmark": "backdoor"}
     if a.part in ("screen", "both"):
@@ -193,7 +196,7 @@ def main() -> None:
     if a.part in ("model", "both"):
         work = Path(tempfile.mkdtemp(prefix="tm_backdoor_"))
         try:
-            out["model"] = part_model(a.docs, a.steps, a.clean_chunks, a.seed, work)
+            out["model"] = part_model(a.docs, a.steps, a.clean_chunks, a.seed, work, a.poison_rate)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(out, indent=2))
