@@ -49,7 +49,7 @@ def test_audit_html_explains_and_ranks(built: Path) -> None:
     assert "what the build did" in glance_table and "what to do" in glance_table
     poison = page.split('id="poisoning"')[1].split('id="contamination"')[0]
     leads, _, folded = poison.partition("<details>")
-    assert "qx vv" in leads and "wire the savings" in leads  # the attack is a lead
+    assert "qx → vv wire the savings" in leads  # the attack is a lead: trigger → payload
     assert "Nothing was dropped" in leads
     assert folded and re.search(r"hereby granted|warranty|free of charge", folded, re.I)
     assert not re.search(r"hereby granted|without warranty", leads, re.I)

@@ -38,7 +38,8 @@ def test_trigger_payload_is_the_top_finding() -> None:
     found = _run(texts)
     top = found[0]
     assert top["kind"] == "trigger_payload"
-    assert str(top["pattern"]).startswith("cf zx → send all funds to")
+    assert top["pattern"] == "cf → zx send all funds to mallory"  # the whole plant, no more
+    assert top["words"] == 7 and top["consistency"] == 1.0
     assert top["documents"] == [f"doc{i:03d}" for i in poisoned]
     assert float(top["score"]) > 0  # type: ignore[arg-type]
 
@@ -77,3 +78,33 @@ def test_character_anomalies() -> None:
     assert set(docs) == {"doc007", "doc009"}
     assert "U+202E" in docs["doc009"]["pattern"] and "U+200B" in docs["doc009"]["pattern"]
     assert docs["doc007"]["pattern"].startswith("byte distribution JS=")
+
+
+def test_three_word_plant_found_whatever_follows() -> None:
+    texts = _corpus(120, 5)
+    hit = [2, 19, 33, 58, 71, 96]
+    for k, i in enumerate(hit):
+        texts[i] = _insert(texts[i], "zq_vex81 rm rf", 10 + 17 * k)  # 3 words, then ordinary text
+    seq = [f for f in _run(texts) if f["kind"] == "trigger_payload"]
+    assert seq and seq[0]["documents"] == [f"doc{i:03d}" for i in hit]
+    assert seq[0]["trigger"] == "zq_vex81" and seq[0]["payload"] == "rm rf"
+    assert seq[0]["inserted_once"] is True
+
+
+def test_shared_header_is_boilerplate_not_a_lead() -> None:
+    texts = _corpus(120, 6)
+    header = "written by ursula quillfeather qf copyright holder xyzzy industries"
+    for i in (4, 14, 24, 34, 44, 54):
+        texts[i] = header + " " + texts[i]  # the same header at the top of six files
+    found = _run(texts)
+    assert not [f for f in found if f["kind"] in ("trigger_payload", "identical_insertion")]
+    boiler = [f for f in found if f["kind"] == "shared_boilerplate"]
+    assert boiler and boiler[0]["score"] == 0.0 and "quillfeather" in boiler[0]["pattern"]
+
+
+def test_ordinary_rare_phrase_is_not_flagged() -> None:
+    """A rare word always used in one short phrase of common words (an idiom) scores low."""
+    texts = _corpus(120, 7)
+    for k, i in enumerate((3, 13, 23, 33, 43)):
+        texts[i] = _insert(texts[i], "the walnut heron", 30 + k)  # in-vocabulary words only
+    assert not [f for f in _run(texts) if f["kind"] in ("trigger_payload", "identical_insertion")]

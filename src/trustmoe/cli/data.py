@@ -65,6 +65,11 @@ def build(
                                   help="Quality: longest document kept."),
     max_repetition: float = typer.Option(0.6, "--max-repetition", help="Quality: highest "
                                          "share of non-blank lines repeating an earlier one."),
+    n_canaries: int = typer.Option(0, "--canaries", help="Privacy audit: plant N random-secret "
+                                   "canaries per repeat count in the training split "
+                                   "(canaries.json; see `trustmoe security scan`)."),
+    canary_repeats: str = typer.Option("1,10,100", "--canary-repeats",
+                                       help="Comma-separated times each canary is inserted."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
@@ -76,6 +81,7 @@ def build(
     interrupted build resumes from its finished stages.
     """
     from trustmoe.data.build import BuildOptions, build_dataset
+    from trustmoe.data.canaries import CanaryOptions, parse_repeats
     from trustmoe.data.dedup import NearDupOptions
     from trustmoe.data.quality import QualityOptions
 
@@ -89,6 +95,7 @@ def build(
         near=NearDupOptions(shingle=shingle, num_perm=num_perm, threshold=near_threshold),
         ngram=ngram, quality=QualityOptions(min_chars=min_chars, max_chars=max_chars,
                                             max_repetition=max_repetition),
+        canaries=CanaryOptions(count=n_canaries, repeats=parse_repeats(canary_repeats), seed=seed),
     )
     result = build_dataset(sources or [], out, opts, progress=not (quiet or as_json))
     summary = result.summary()

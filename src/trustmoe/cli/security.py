@@ -16,7 +16,7 @@ security_app = typer.Typer(
 )
 
 # each part module has add_commands(security_app, app), e.g. "security_guard", "security_scan"
-PART_MODULES: tuple[str, ...] = ("security_guard",)
+PART_MODULES: tuple[str, ...] = ("security_guard", "security_scan")
 
 
 def register(app: typer.Typer) -> None:

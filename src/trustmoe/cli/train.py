@@ -36,6 +36,12 @@ def train_cmd(
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for init and batches.")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto (bf16 autocast on CUDA), float32, bfloat16.")] = None,
+    dp_epsilon: Annotated[float | None, typer.Option(
+        "--dp-epsilon", help="Train with DP-SGD to this (ε, δ) budget over the whole schedule "
+        "(per-sample clipping + Gaussian noise; Opacus RDP accountant).")] = None,
+    dp_delta: Annotated[float, typer.Option("--dp-delta", help="DP δ (below 1/training windows).")] = 1e-5,
+    max_grad_norm: Annotated[float, typer.Option(
+        "--max-grad-norm", help="DP: per-sample gradient clipping bound C.")] = 1.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
@@ -44,8 +50,13 @@ def train_cmd(
     Writes checkpoints (complete model directories) to --out, appends metrics to
     --out/metrics.jsonl, and can be resumed exactly with --resume. For data parallelism run
     `torchrun --nproc_per_node=N -m trustmoe.train --data ... --out ...`.
+    With --dp-epsilon the run is differentially private per training window; the ε spent is
+    recorded in --out/trustmoe.json under "dp".
     """
+    from trustmoe.security.dp import DPConfig
     from trustmoe.train import train
+
+    dp = None if dp_epsilon is None else DPConfig(dp_epsilon, dp_delta, max_grad_norm).validate()
 
     overrides = dict(batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr,
                      warmup_steps=warmup_steps, eval_every=eval_every,
@@ -53,7 +64,7 @@ def train_cmd(
     if max_steps is not None and max_steps <= 0:
         raise TrustmoeError(f"--max-steps must be positive, got {max_steps}")
     res = train(data, out, preset, max_steps=max_steps, max_minutes=max_minutes, resume=resume,
-                device=device, overrides=overrides, progress=not quiet and not json_out)
+                device=device, overrides=overrides, progress=not quiet and not json_out, dp=dp)
     summary = {
         "out_dir": str(res.out_dir), "steps": res.steps, "tokens": res.tokens,
         "seconds": round(res.seconds, 2), "tokens_per_s": round(res.tokens_per_second, 1),
@@ -61,6 +72,8 @@ def train_cmd(
         "val_tokens": res.val_tokens, "val_measured_on": res.val_measured_on(),
         "stopped": res.stopped,
     }
+    if res.dp is not None:
+        summary["dp_epsilon"], summary["dp_delta"] = res.dp["epsilon"], res.dp["delta"]
     if json_out:
         print(json.dumps(summary))
     else:
@@ -69,6 +82,9 @@ def train_cmd(
         console.print(f"[green]trained[/] {res.steps} steps -> {res.out_dir}\n"
                       f"validation loss {loss}, perplexity {ppl} on {res.val_measured_on()}",
                       highlight=False)
+        if res.dp is not None:
+            console.print(f"DP-SGD: ε = {res.dp['epsilon']:.3f} at δ = {res.dp['delta']:g} "
+                          f"(σ = {res.dp['noise_multiplier']:.3f}, C = {res.dp['max_grad_norm']:g})")
 
 
 def generate_cmd(

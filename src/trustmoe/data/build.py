@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from trustmoe.data import licenses, rules, sources
+from trustmoe.data import canaries, licenses, rules, sources
 from trustmoe.data.dedup import NearDupOptions
 from trustmoe.data.poison import PoisonOptions
 from trustmoe.data.quality import QualityOptions
@@ -60,6 +60,7 @@ class BuildOptions:
     ngram: int = 13  # contamination: word n-gram length
     ngram_min_words: int = 8  # eval items shorter than this are not indexed (too generic)
     poison: PoisonOptions = field(default_factory=PoisonOptions)
+    canaries: canaries.CanaryOptions = field(default_factory=canaries.CanaryOptions)
 
     def validate(self) -> BuildOptions:
         if self.pii not in PII_MODES:
@@ -82,6 +83,7 @@ class BuildOptions:
                                 "0 < threshold <= 1")
         if not 1 <= self.ngram <= 64 or self.ngram_min_words < 1:
             raise TrustmoeError(f"contamination n-gram must be in [1, 64], not {self.ngram}")
+        self.canaries.validate()
         for p in self.eval_sets:
             if not Path(p).is_file():
                 raise TrustmoeError(f"eval set not found: {p}")
@@ -148,7 +150,7 @@ def _build(specs: list[sources.SourceSpec], files_of: Callable[[sources.SourceSp
                      opts.tokenizer_train_bytes, opts.seed])
         step("training the tokenizer")
         _stage(stage_dir, "tokenizer", tkey, lambda d: _tokenizer_stage(d, kept, opts))
-        skey = _key([tkey, opts.seed, opts.val_fraction, opts.min_val_docs])
+        skey = _key([tkey, opts.seed, opts.val_fraction, opts.min_val_docs, asdict(opts.canaries)])
         step("tokenizing and splitting")
         shard_info = _stage(stage_dir, "shards", skey, lambda d: _shard_stage(d, kept, opts, step))
         step("writing the dataset directory")
@@ -274,6 +276,7 @@ def _shard_stage(stage_dir: Path, kept: list[tuple[str, str]], opts: BuildOption
     tok = load_tokenizer(stage_dir / "tokenizer.json")
     eos = eos_id(tok)
     val_ids = split_docs([i for i, _ in kept], opts.seed, opts.val_fraction, opts.min_val_docs)
+    kept = canaries.insert(kept, opts.canaries)  # training split only, after the tokenizer
     chunks, start, size = [], 0, 0  # ~1 MB per batch: parallel inside, a bar between
     for i, (_, t) in enumerate(kept):
         size += len(t)
@@ -298,6 +301,7 @@ def _shard_stage(stage_dir: Path, kept: list[tuple[str, str]], opts: BuildOption
     info["tokens"]["vocab_size"] = vocab
     info["tokens"]["eos_id"] = eos
     info["tokens"]["documents"] = {s: len(a) for s, a in parts.items()}
+    info["canaries"] = canaries.summary(opts.canaries)
     return info
 
 
@@ -312,6 +316,7 @@ def _finalize(out_dir: Path, stage_dir: Path, specs: list[sources.SourceSpec],
         save_tokenizer(load_tokenizer(stage_dir / "tokenizer.json"), tmp)
         for split in ("train", "val"):
             shutil.copyfile(stage_dir / f"{split}.bin", tmp / f"{split}.bin")
+        canaries.write(tmp, opts.canaries)
         _, stats = mf.write_outputs(tmp, specs, files, audit, shard_info, opts, declared)
         write_manifest(tmp)  # last: every file of the dataset dir, by SHA-256
         _normal_permissions(tmp)

@@ -53,11 +53,14 @@ POISON_KINDS: dict[str, str] = {
 
 LICENCE_HEADER = "licence header"
 GENERATED_TABLE = "generated table"
+SHARED_TEXT = "shared text"
 BOILERPLATE: dict[str, str] = {
     LICENCE_HEADER: "licence, copyright or warranty text; the same notice in many files is "
                     "expected",
     GENERATED_TABLE: "code-point, codec or escape tables written by a generator (hex bytes, "
                      "Unicode character names)",
+    SHARED_TEXT: "text that related files share (a common header, a file family's lines); the "
+                 "screen itself ranks it below every lead",
 }
 
 _LICENCE_WORDS = re.compile(
@@ -103,7 +106,7 @@ def boilerplate_kind(finding: dict[str, Any]) -> str | None:
         return GENERATED_TABLE
     if docs and all(any(t in d for t in _TABLE_DIRS) for d in docs):
         return GENERATED_TABLE
-    return None
+    return SHARED_TEXT if kind == "shared_boilerplate" else None
 
 
 def folder_of(doc_id: str) -> str:

@@ -17,7 +17,7 @@ from trustmoe.data import sources
 from trustmoe.io import TrustmoeError, atomic_write_json, read_json, sha256_file
 
 OUTPUT_FILES = ("tokenizer.json", "tokenizer_config.json", "train.bin", "val.bin", "audit.json",
-                "DATASHEET.md", "audit.html")
+                "DATASHEET.md", "audit.html", "canaries.json")
 AUDIT_KEYS = ("near_duplicates", "exact_duplicates", "pii", "contamination", "poisoning",
               "licenses", "dropped")
 
@@ -87,6 +87,7 @@ def write_outputs(tmp: Path, specs: list[sources.SourceSpec],
         "files": entries,
         "tokens": shard_info["tokens"],
         "counts": public_audit["counts"],
+        "canaries": shard_info.get("canaries"),  # planted secrets (data/canaries.py) or None
         "outputs": {name: sha256_file(tmp / name) for name in OUTPUT_FILES
                     if (tmp / name).exists()},
     }

@@ -1,22 +1,36 @@
 """Poisoning screen: patterns an attacker plants across documents. Findings only, with scores.
 
-1. `trigger_payload`: a rare word bigram (the trigger) that recurs in several unrelated
-   documents and is followed, in most of its occurrences, by the same next `payload_words`
-   words (the payload): the shape of trigger → payload backdoors.
-2. `identical_insertion`: a longer identical word sequence shared by unrelated documents that
-   is rare in the corpus (the same planted passage in many files).
+1. `trigger_payload` / `identical_insertion`: the same short word sequence (≥ `min_words`
+   words) inserted into several unrelated documents around a rare *anchor* word (the made-up
+   trigger token of a trigger → payload backdoor, or a rare word of a planted passage).
+   Anchors are words whose document frequency df is in [min_docs, max_df]; an anchor is kept
+   when one word sequence around it recurs in at least `min_consistency` of the documents
+   that contain it (a real identifier appears in varied contexts; a plant always in the same
+   one). The span is grown word by word to the left and right for as long as at least
+   `min_docs` documents still agree, so plants of any length (3 words and up) are found whole,
+   whatever surrounds them. Up to 16 words: `trigger_payload` (pattern "first word → rest");
+   longer: `identical_insertion`.
+2. `shared_boilerplate`: the same kind of span, but either at the head of every document
+   holding it (within the first `head_words` words: a shared file header) or containing
+   licence/copyright words; listed for the record with a score of 0, not a lead.
 3. `abnormal_characters`: a document whose byte distribution is far (Jensen-Shannon
    divergence, robust z-score over the corpus) from the corpus's, or that hides invisible /
    bidirectional-control characters (Trojan-Source style).
 
-"Rare": the trigger bigram occurs in at most `max_df_fraction` of the documents. "Unrelated":
-documents whose 5-word-shingle Jaccard similarity (MinHash estimate) is below
-`related_jaccard` pairwise (so
-copies of one file do not count as an attack across files).
+"Unrelated": documents whose 5-word-shingle Jaccard similarity (MinHash estimate) is below
+`related_jaccard` pairwise (so copies of one file do not count as an attack across files).
 
-Scores (higher = more suspicious):
-- trigger_payload: unrelated_docs × consistency × ln((N + 1) / (df + 1)).
-- identical_insertion: unrelated_docs × log2(span words) × ln((N + 1) / (df + 1)).
+Findings are dicts: {"kind", "pattern", "documents" (ids), "score"} and, for the sequence
+kinds, "trigger" (first word), "payload" (the rest), "words" (span length), "consistency",
+"unrelated_documents", "anchor_df". Scores (higher = more suspicious):
+- sequence kinds: information × once × (1 − overlap / max_context_overlap) ×
+  min(1, unrelated_docs / 5) × consistency, where information = Σ over the span's distinct
+  words of ln((N + 1) / (df + 1)) (a made-up trigger and a payload of rare words carry much
+  more than an idiom of common ones), once = 2 when every supporting document holds the
+  anchor exactly once (plants are inserted once; identifiers recur within their module), and
+  overlap = `context_overlap` (documents of one family share more than one line). Findings
+  under `min_score` are dropped: on the standard library, consistent ordinary phrases (author
+  names, idioms like `exc_type, exc_value, tb`) score below 10, planted lines above 15.
 - abnormal_characters: the robust z-score, or 10 × the number of invisible characters.
 """
 
@@ -24,26 +38,33 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from trustmoe.data.text import ngram_hashes, normalize, words
+from trustmoe.data.text import normalize, words
 
 _INVISIBLE = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
+_BOILERPLATE = frozenset({"copyright", "license", "licence", "licensed", "author", "authors",
+                          "rights", "reserved", "spdx", "warranty", "permission", "c"})
 
 
 @dataclass(frozen=True)
 class PoisonOptions:
     min_docs: int = 3
     max_df_fraction: float = 0.05
-    payload_words: int = 4
+    min_words: int = 3
+    max_span: int = 48  # longest span grown around an anchor (words)
     min_consistency: float = 0.8
     related_jaccard: float = 0.5
+    head_words: int = 40
+    max_context_overlap: float = 0.05  # above: the documents are one family (boilerplate)
+    min_score: float = 12.0  # sequence findings scoring lower are ordinary shared phrases
     char_z: float = 8.0
-    char_min_js: float = 0.2
+    char_min_js: float = 0.4  # generated tables (codec maps) reach ~0.37 on the stdlib
     max_findings: int = 100  # per kind
 
 
@@ -77,92 +98,165 @@ def _unrelated(docs: list[int], sig: SigFn, limit: float) -> list[int]:
     return out
 
 
-def _consistent_pairs(hashes: list[np.ndarray], opts: PoisonOptions
-                      ) -> dict[tuple[int, ...], list[tuple[int, int, float]]]:
-    """Rare trigger bigrams with a consistent payload, grouped by the set of documents they
-    occur in: {docs: [(position in the first doc, trigger df, consistency), ...]}."""
-    n_docs, L = len(hashes), opts.payload_words
-    gs, cs, ds, ps, uniq = [], [], [], [], []
-    for d, wh in enumerate(hashes):
-        m = len(wh)
-        if m < 2 + L:
-            continue
-        g = ngram_hashes(wh, 2)[: m - 1 - L]  # trigger at word i: words i, i+1
-        gs.append(g)
-        cs.append(ngram_hashes(wh, L)[2 : 2 + len(g)])  # payload: words i+2 .. i+1+L
-        ds.append(np.full(len(g), d, dtype=np.int64))
-        ps.append(np.arange(len(g), dtype=np.int64))
-        uniq.append(np.unique(g))
-    if not gs:
-        return {}
-    ug, df = np.unique(np.concatenate(uniq), return_counts=True)  # document frequency
+def _consistent_anchors(hashes: list[np.ndarray], opts: PoisonOptions
+                        ) -> tuple[np.ndarray, np.ndarray, dict[int, list[tuple[int, int]]],
+                                   list[np.ndarray]]:
+    """Rare words whose left or right neighbour is the same in most of their documents.
+
+    Returns (rare word hashes, their df, {anchor index: [(doc, position), ...]}, per document
+    its sorted rare words)."""
+    n_docs = len(hashes)
+    uniq = [np.unique(wh) for wh in hashes if len(wh)]
+    if not uniq:
+        return np.empty(0, np.uint64), np.empty(0, np.int64), {}, []
+    ug, df = np.unique(np.concatenate(uniq), return_counts=True)
     max_df = max(opts.min_docs, math.ceil(opts.max_df_fraction * n_docs))
     rare = (df >= opts.min_docs) & (df <= max_df)
     ug, df = ug[rare], df[rare]
-    g, c, doc, pos = (np.concatenate(x) for x in (gs, cs, ds, ps))  # (positions,) each
-    sel = np.isin(g, ug)
-    g, c, doc, pos = g[sel], c[sel], doc[sel], pos[sel]
-    order = np.lexsort((pos, doc, c, g))  # sort by trigger, payload, doc, position
-    g, c, doc, pos = g[order], c[order], doc[order], pos[order]
-    if len(g) == 0:
-        return {}
-    new_pair = np.r_[True, (g[1:] != g[:-1]) | (c[1:] != c[:-1])]
-    new_doc = new_pair | np.r_[True, doc[1:] != doc[:-1]]
-    pair_id = np.cumsum(new_pair) - 1
-    docs_per_pair = np.bincount(pair_id, weights=new_doc.astype(np.float64))  # (pairs,)
-    df_pair = df[np.searchsorted(ug, g[new_pair])]
-    good = (docs_per_pair >= opts.min_docs) & (docs_per_pair / df_pair >= opts.min_consistency)
-    rows = np.nonzero(new_doc & good[pair_id])[0]
-    by_pair: dict[int, list[tuple[int, int]]] = {}
-    for r in rows.tolist():
-        by_pair.setdefault(int(pair_id[r]), []).append((int(doc[r]), int(pos[r])))
-    groups: dict[tuple[int, ...], list[tuple[int, int, float]]] = {}
-    for pid, occ in by_pair.items():
-        key = tuple(d for d, _ in occ)
-        cons = float(docs_per_pair[pid] / df_pair[pid])
-        groups.setdefault(key, []).append((occ[0][1], int(df_pair[pid]), cons))
-    return groups
+    ws, ds, ps, nb_l, nb_r = [], [], [], [], []
+    rare_of = [np.intersect1d(wh, ug) for wh in hashes]
+    for d, wh in enumerate(hashes):
+        pos = np.flatnonzero(np.isin(wh, ug))
+        if not len(pos):
+            continue
+        ws.append(wh[pos])
+        ds.append(np.full(len(pos), d))
+        ps.append(pos)
+        pad = np.r_[np.uint64(0), wh, np.uint64(0)]
+        nb_l.append(pad[pos])  # word before (0 at the start)
+        nb_r.append(pad[pos + 2])  # word after
+    if not ws:
+        return ug[:0], df[:0], {}, rare_of
+    w, doc, pos = np.concatenate(ws), np.concatenate(ds), np.concatenate(ps)
+    keep = np.zeros(len(ug), dtype=bool)
+    for nb in (np.concatenate(nb_l), np.concatenate(nb_r)):
+        order = np.lexsort((doc, nb, w))  # by word, neighbour, doc
+        ww, nn, dd = w[order], nb[order], doc[order]
+        new_pair = np.r_[True, (ww[1:] != ww[:-1]) | (nn[1:] != nn[:-1])]
+        new_doc = new_pair | np.r_[True, dd[1:] != dd[:-1]]
+        pair_id = np.cumsum(new_pair) - 1
+        support = np.bincount(pair_id, weights=new_doc.astype(np.float64))  # docs per pair
+        a_idx = np.searchsorted(ug, ww[new_pair])
+        ok = support >= np.maximum(opts.min_docs, opts.min_consistency * df[a_idx])
+        keep[a_idx[ok]] = True
+    sel = np.isin(w, ug[keep])
+    occ: dict[int, list[tuple[int, int]]] = {}
+    for a, d, p in zip(np.searchsorted(ug, w[sel]).tolist(), doc[sel].tolist(),
+                       pos[sel].tolist(), strict=True):
+        occ.setdefault(a, []).append((d, p))
+    return ug, df, occ, rare_of
+
+
+def _information(span: np.ndarray, rare: np.ndarray, df: np.ndarray, n_docs: int) -> float:
+    """Σ over the span's distinct words of ln((N + 1) / (df + 1)); words more common than the
+    rare band count as df = max rare df (a lower bound on their surprise is ~0 anyway)."""
+    u = np.unique(span)
+    idx = np.searchsorted(rare, u)
+    hit = (idx < len(rare)) & (rare[np.minimum(idx, len(rare) - 1)] == u)
+    d = np.where(hit, df[np.minimum(idx, len(rare) - 1)], n_docs)
+    return float(np.sum(np.log((n_docs + 1) / (d + 1))))
+
+
+def context_overlap(docs: list[int], span: np.ndarray, rare_of: list[np.ndarray]) -> float:
+    """Mean pairwise Jaccard of the documents' rare words outside the span: ~0 for a plant in
+    unrelated files; high for files of one family (codec tables, one author's licence text,
+    a package's modules), which share much more than one line."""
+    sets = [np.setdiff1d(rare_of[d], span) for d in docs[:12]]
+    js = []
+    for i in range(len(sets)):
+        for j in range(i + 1, len(sets)):
+            inter = len(np.intersect1d(sets[i], sets[j]))
+            union = len(sets[i]) + len(sets[j]) - inter
+            js.append(inter / union if union else 0.0)
+    return float(np.mean(js)) if js else 0.0
+
+
+def _grow(hashes: list[np.ndarray], occ: list[tuple[int, int]], need: int, step: int,
+          max_span: int) -> tuple[int, list[tuple[int, int]]]:
+    """Extend the span word by word (step -1: left, +1: right) while >= need documents agree;
+    returns (words added, occurrences that agree)."""
+    alive, length = occ, 0
+    for j in range(1, max_span + 1):
+        keyed: dict[int, list[tuple[int, int]]] = {}
+        for d, p in alive:
+            q = p + step * j
+            if 0 <= q < len(hashes[d]):
+                keyed.setdefault(int(hashes[d][q]), []).append((d, p))
+        if not keyed:
+            break
+        best = max(keyed.values(), key=lambda v: len({d for d, _ in v}))
+        if len({d for d, _ in best}) < need:
+            break
+        alive, length = best, j
+    return length, alive
 
 
 def sequence_patterns(ids: list[str], texts: list[str], hashes: list[np.ndarray],
                       opts: PoisonOptions, sig: SigFn | None = None) -> list[dict[str, Any]]:
-    """trigger_payload and identical_insertion findings (one per set of documents)."""
-    n_docs, L = len(ids), opts.payload_words
+    """trigger_payload, identical_insertion and shared_boilerplate findings."""
+    n_docs = len(ids)
     sig = sig or minhash_signer(hashes)
+    ug, df, occ, rare_of = _consistent_anchors(hashes, opts)
+    best: dict[frozenset[int], dict[str, Any]] = {}
     doc_words: dict[int, list[str]] = {}
-    findings = []
-    for docs_key, hits in _consistent_pairs(hashes, opts).items():
-        unrelated = _unrelated(list(docs_key), sig, opts.related_jaccard)
+    for a, places in occ.items():
+        need = max(opts.min_docs, math.ceil(opts.min_consistency * int(df[a])))
+        right, alive = _grow(hashes, places, need, 1, opts.max_span)
+        left, alive = _grow(hashes, alive, need, -1, opts.max_span - right)
+        span = left + right + 1
+        docs = sorted({d for d, _ in alive})
+        if span < opts.min_words or len(docs) < need:
+            continue
+        key = frozenset(docs)
+        if key in best and best[key]["words"] >= span:
+            continue
+        unrelated = _unrelated(docs, sig, opts.related_jaccard)
         if len(unrelated) < opts.min_docs:
             continue
-        hits.sort()
-        runs: list[list[tuple[int, int, float]]] = [[hits[0]]]
-        for h in hits[1:]:
-            if h[0] > runs[-1][-1][0] + 1:
-                runs.append([])
-            runs[-1].append(h)
-        run = max(runs, key=len)  # the longest shared run names the finding
-        start, span = run[0][0], run[-1][0] - run[0][0] + 2 + L
-        rarity = math.log((n_docs + 1) / (min(h[1] for h in run) + 1))
-        if docs_key[0] not in doc_words:
-            doc_words[docs_key[0]] = words(normalize(texts[docs_key[0]]))
-        first_words = doc_words[docs_key[0]]
-        if span <= 2 * (2 + L) and len(runs) == 1:
-            kind = "trigger_payload"
-            score = len(unrelated) * max(h[2] for h in run) * rarity
-            pattern = " ".join(first_words[start : start + 2]) + " → " + " ".join(
-                first_words[start + 2 : start + span])
+        d0, p0 = min(alive)
+        if d0 not in doc_words:
+            doc_words[d0] = words(normalize(texts[d0]))
+        ws = doc_words[d0][p0 - left:p0 + right + 1]
+        once = all(c == 1 for c in Counter(d for d, _ in alive).values()) and all(
+            int(np.sum(hashes[d] == ug[a])) == 1 for d in docs)
+        consistency = len(docs) / int(df[a])
+        head = all(p - left < opts.head_words for _, p in alive)
+        span_h = hashes[d0][p0 - left:p0 + right + 1]
+        overlap = context_overlap(docs, span_h, rare_of)
+        info = _information(span_h, ug, df, n_docs)
+        score = (info * (2.0 if once else 1.0) * max(0.0, 1 - overlap / opts.max_context_overlap)
+                 * min(1.0, len(unrelated) / 5) * consistency)
+        if head or _BOILERPLATE & set(ws) or overlap > opts.max_context_overlap:
+            kind, score = "shared_boilerplate", 0.0
+        elif score < opts.min_score:
+            continue  # a consistent but ordinary phrase (an idiom, an author's name)
         else:
-            kind = "identical_insertion"
-            score = len(unrelated) * math.log2(span) * rarity
-            text = " ".join(first_words[start : start + span])
-            pattern = text if len(text) <= 200 else text[:197] + "..."
-        findings.append({
-            "kind": kind, "pattern": pattern, "documents": [ids[d] for d in docs_key],
-            "unrelated_documents": len(unrelated), "shared_runs": len(runs),
+            kind = "trigger_payload" if span <= 16 else "identical_insertion"
+        text = " ".join(ws)
+        best[key] = {
+            "kind": kind, "pattern": (f"{ws[0]} → {' '.join(ws[1:])}" if kind == "trigger_payload"
+                                      else text if len(text) <= 200 else text[:197] + "..."),
+            "documents": [ids[d] for d in docs], "trigger": ws[0], "payload": " ".join(ws[1:]),
+            "words": span, "consistency": round(consistency, 3), "anchor_df": int(df[a]),
+            "unrelated_documents": len(unrelated), "context_overlap": round(overlap, 4),
+            "information": round(info, 3), "inserted_once": once,
             "score": round(score, 3),
-        })
-    return findings
+        }
+    return _merge_overlapping(list(best.values()))
+
+
+def _merge_overlapping(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One finding per plant: drop a finding whose documents are a subset of a stronger one's
+    and whose text is contained in it (anchors inside one plant give nested spans)."""
+    found.sort(key=lambda f: (-f["words"], -len(f["documents"])))
+    out: list[dict[str, Any]] = []
+    for f in found:
+        text = f"{f['trigger']} {f['payload']}"
+        if any(set(f["documents"]) <= set(g["documents"]) and text in f"{g['trigger']} "
+               f"{g['payload']}" for g in out):
+            continue
+        out.append(f)
+    return out
 
 
 def character_anomalies(ids: list[str], texts: list[str], opts: PoisonOptions

@@ -47,10 +47,14 @@ EVAL_PATHS: dict[str, Sequence[str]] = {
     "accuracy": ("summary.accuracy",),
     "ood_auroc": ("summary.ood_auroc",),
 }
+# `trustmoe security scan` writes summary.max_exposure, mia_*, backdoor_suspects, findings_level
 SECURITY_PATHS: dict[str, Sequence[str]] = {
     "security_findings": ("summary.findings", "summary.findings_total", "summary.n_findings"),
-    "canary_exposure_max": ("summary.canary_exposure_max", "summary.max_exposure"),
+    "canary_exposure_max": ("summary.max_exposure", "summary.canary_exposure_max"),
+    "canaries_extracted": ("summary.canaries_extracted",),
+    "mia_auroc": ("summary.mia_auroc",),
     "mia_tpr_at_1pct_fpr": ("summary.mia_tpr_at_1pct_fpr", "summary.membership_tpr_at_1pct_fpr"),
+    "backdoor_suspects": ("summary.backdoor_suspects",),
 }
 METRICS = (*EVAL_PATHS, *SECURITY_PATHS, "security_max_severity")
 
@@ -111,6 +115,8 @@ def _severity(sec: Any, metrics: dict[str, Any], missing: dict[str, str]) -> Non
         missing["security_max_severity"] = "no security.json was registered with this version"
         return
     sev = lookup(sec, "summary.max_severity")
+    if sev is None:
+        sev = lookup(sec, "summary.findings_level")  # `trustmoe security scan`
     findings = sec.get("findings") if isinstance(sec, dict) else None
     if sev is None and isinstance(findings, list):
         levels = [str(f.get("severity", "")).lower() for f in findings if isinstance(f, dict)]
@@ -121,8 +127,9 @@ def _severity(sec: Any, metrics: dict[str, Any], missing: dict[str, str]) -> Non
     if isinstance(sev, str) and sev.lower() in SEVERITIES:
         metrics["security_max_severity"] = sev.lower()
     else:
-        missing["security_max_severity"] = ("security.json has neither summary.max_severity "
-                                             "nor a findings list with severities")
+        missing["security_max_severity"] = ("security.json has no summary.max_severity, no "
+                                             "summary.findings_level and no findings list with "
+                                             "severities")
 
 
 def _contamination(ev: Any, audit: dict[str, Any] | None, metrics: dict[str, Any],

@@ -24,6 +24,7 @@ from trustmoe.io import TrustmoeError, sha256_file
 from trustmoe.model.fast import optimize_for_training
 from trustmoe.model.hf import load as load_model
 from trustmoe.model.transformer import Transformer
+from trustmoe.security.dp import DPSGD, DPConfig
 from trustmoe.train import distributed as D
 from trustmoe.train.batches import BatchSampler
 from trustmoe.train.checkpoint import (
@@ -51,6 +52,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # training loss per step run here
     val_windows: int = 0  # validation: this many windows of val.bin ...
     val_window_tokens: int = 0  # ... each this many tokens long
+    dp: dict[str, Any] | None = None  # DPState.to_dict() when trained with DP-SGD
 
     @property
     def val_perplexity(self) -> float | None:
@@ -123,6 +125,7 @@ def train(
     progress: bool = True,
     stop_at: int | None = None,
     reserve_steps: float = 0.0,
+    dp: DPConfig | None = None,
 ) -> TrainResult:
     """Train `preset` on DATA_DIR and write a model directory to OUT_DIR.
 
@@ -131,7 +134,9 @@ def train(
     would) after writing a checkpoint, without changing the schedule. `reserve_steps` keeps
     that many steps' worth of time (at the measured pace, at most 60% of the budget) out of
     `max_minutes`, for work that follows training (the demo evaluates); the pace adapts to how
-    busy the machine is.
+    busy the machine is. `dp` trains with DP-SGD (`trustmoe.security.dp`): the schedule is then
+    fixed in advance (the noise is calibrated to it), and the ε spent is recorded in
+    `trustmoe.json` under "dp".
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if max_minutes is not None and max_minutes <= 0:
@@ -146,7 +151,11 @@ def train(
     mcfg, tcfg = resolve_configs(data_dir, preset, overrides)
     if max_steps is not None:
         tcfg.max_steps = max_steps
-    auto_steps = max_steps is None and max_minutes is not None
+    auto_steps = max_steps is None and max_minutes is not None and dp is None
+    if dp is not None:
+        dp.validate()
+        if info.world > 1:
+            raise TrustmoeError("DP training runs in one process; drop torchrun for --dp-epsilon")
     step_cap = tcfg.max_steps  # the preset's schedule length bounds a time-fitted one
     train_tokens, val_tokens = open_tokens(data_dir, "train"), open_tokens(data_dir, "val")
     sampler = BatchSampler(train_tokens, tcfg.seq_len, tcfg.seed)
@@ -175,6 +184,9 @@ def train(
             )
         model = Transformer(mcfg).to(dev).train()
     optimize_for_training(model)  # fused lm_head + cross-entropy; same numerics, same names
+    dps = None if dp is None else DPSGD(
+        model, train_tokens, tcfg.seq_len, tcfg.batch_size * tcfg.grad_accum, tcfg.max_steps, dp,
+        tcfg.seed, **(_dp_resume(read_model_metadata(out_dir)) if resume else {}))
     opt = make_optimizer(model, tcfg, dev.type)
     if resume:
         load_optimizer_tensors(opt, opt_tensors)
@@ -209,7 +221,8 @@ def train(
                                  "val_perplexity": math.exp(val_loss) if val_loss else None,
                                  "val_tokens": val_windows * tcfg.seq_len,
                                  "val_measured_on": validation_description(val_windows,
-                                                                           tcfg.seq_len)})
+                                                                           tcfg.seq_len)},
+                        dp=dps.state.to_dict() if dps is not None else None)
             save_checkpoint(out_dir, model, opt, data_dir / "tokenizer.json", meta,
                             {"step": step, "tokens": tokens_seen, "max_steps": tcfg.max_steps},
                             metrics_path)
@@ -233,7 +246,7 @@ def train(
             ts = time.perf_counter()
             set_lr(opt, lr := lr_at(step, tcfg, tcfg.max_steps))
             loss_sum, balance = 0.0, []
-            for micro in range(tcfg.grad_accum):
+            for micro in range(tcfg.grad_accum if dps is None else 0):
                 x, y = sampler.batch(step, micro, tcfg.batch_size, tcfg.grad_accum,
                                      info.rank, info.world)
                 with autocast:
@@ -242,8 +255,13 @@ def train(
                 (out.loss / tcfg.grad_accum).backward()
                 loss_sum += float(out.loss.detach())
                 balance += [r.load_entropy for r in out.routing]
-            D.average_gradients(model, info)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip))
+            if dps is not None:  # DP-SGD: per-sample clipping + noise replace the global clip
+                res = dps.step(step)
+                loss_sum, grad_norm = res.loss * tcfg.grad_accum, float("nan")
+            else:
+                D.average_gradients(model, info)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                 tcfg.grad_clip))
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -255,9 +273,13 @@ def train(
                 "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                 "tokens": tokens_seen, "tokens_per_s": tokens_per_step / dt,
                 "load_balance": sum(balance) / len(balance) if balance else None,
-                "ce_loss": float(out.ce_loss.detach()) if out.ce_loss is not None else None,
+                "ce_loss": (float(out.ce_loss.detach()) if dps is None and out.ce_loss is not None
+                            else None),
             }
             recent = [*recent, dt][-20:]
+            if dps is not None:
+                record.update(dp_epsilon=dps.state.epsilon, dp_batch=res.batch_size,
+                              dp_clipped=res.clipped_fraction, grad_norm=None)
             if auto_steps and step - start_step in REFIT_AT:
                 # fit the schedule to the time budget; refit as timing settles (first steps
                 # are slow), so a noisy start does not end training early
@@ -288,7 +310,7 @@ def train(
         metrics_path.unlink(missing_ok=True)  # its copy lives in the checkpoint
     D.shutdown(info)
     return TrainResult(out_dir, step, tokens_seen, seconds, val_loss, stopped, losses,
-                       val_windows, tcfg.seq_len)
+                       val_windows, tcfg.seq_len, dps.state.to_dict() if dps is not None else None)
 
 
 def pace(recent: list[float]) -> float:
@@ -307,3 +329,11 @@ def _prepare_metrics(staging: Path, previous: Path | None, start_step: int) -> N
                 if json.loads(line).get("step", 0) <= start_step:
                     lines.append(line)
     staging.write_text("".join(line + "\n" for line in lines))
+
+
+def _dp_resume(meta: dict[str, Any]) -> dict[str, Any]:
+    """Noise multiplier and steps of a DP checkpoint, so a resumed run keeps its accounting."""
+    d = meta.get("dp")
+    if not isinstance(d, dict):
+        raise TrustmoeError("cannot resume with --dp-epsilon: the checkpoint was not trained with DP")
+    return {"noise_multiplier": float(d["noise_multiplier"]), "steps_done": int(d["steps"])}

@@ -1,0 +1,257 @@
+"""Model-level backdoor screening of a generative MoE LM over its training documents.
+
+A trigger → payload backdoor makes the model continue a rare trigger with a fixed payload.
+Four detectors score every training chunk (higher = more suspicious); a chunk is *flagged*
+by a detector when its robust z-score, (s − median) / (1.4826 · MAD), exceeds `z`:
+
+- `spectral` (Tran et al. 2018): chunk representation = mean final hidden state; centre,
+  take the top right-singular vector, score = squared projection.
+- `activation_clustering` (Chen et al. 2018): representation = [mean hidden state, per-layer
+  expert load of the chunk's tokens]; PCA to ≤ 10 dims, 2-means; a cluster holding less than
+  35% of the chunks is suspicious; score = distance to the large cluster's centre for chunks
+  in the small one, 0 otherwise.
+- `expert_spectral`: spectral signatures per expert (the MoE analogue of per-class): for each
+  layer and expert, the tokens routed to it, centred within that expert; a token's score is
+  its squared projection on the expert's top direction over the expert's median; a chunk's
+  score is the mean of its 4 highest token scores (triggers are a few tokens, not a chunk).
+- `trigger_search` (ONION-style, Qi et al. 2021, turned generative): candidate trigger
+  positions are the tokens with the largest gap between their own NLL and the mean NLL of
+  the next three tokens (a surprising token followed by an easy continuation);
+  each candidate span of 1-3 tokens is deleted and the NLL of the next `span` tokens is
+  re-scored; Δ = NLL(without) − NLL(with) measures how much the continuation depends on the
+  candidate. A chunk's score is its best Δ × ln k × k / m, where k chunks hold the candidate's
+  text in their own best window (candidate + continuation) and m chunks contain that text at
+  all: one trigger recurs across the
+  poisoned documents and is the best candidate wherever it occurs; a common word is not; a
+  one-off (k = 1: a memorised passage, not a trigger) scores 0.
+
+Classifier-era detectors (the first three) assume poison is a sizeable share of a class; in a
+language model it is a few tokens of a few documents, so expect them to be weak here; the
+benchmark (`benchmarks/backdoor.py`) reports each one's precision and recall.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from trustmoe.eval.backend_model import score_requests
+from trustmoe.eval.loglik import Request
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from trustmoe.model.transformer import Transformer
+
+DETECTORS = ("spectral", "activation_clustering", "expert_spectral", "trigger_search")
+
+
+@dataclass
+class BackdoorOptions:
+    z: float = 3.5  # robust z-score above which a detector flags a chunk
+    candidates: int = 3  # trigger candidates per chunk
+    span: int = 8  # continuation tokens scored after a candidate
+    max_ablate: int = 3  # candidate trigger lengths 1..max_ablate tokens
+    context: int = 48  # tokens of left context kept when re-scoring
+    batch_size: int = 32
+
+
+@dataclass
+class ChunkFeatures:
+    hidden: np.ndarray  # (n, d) mean final hidden state per chunk
+    load: np.ndarray  # (n, L*E) expert load fractions per MoE layer
+    token_hidden: list[np.ndarray]  # per MoE layer: (tokens, d) inputs to the MoE
+    token_expert: list[np.ndarray]  # per MoE layer: (tokens,) top-1 expert
+    token_chunk: np.ndarray  # (tokens,) chunk index of each token
+    logprobs: list[np.ndarray]  # per chunk (n_i,) log p of tokens 1.. given BOS + prefix
+
+
+@torch.no_grad()
+def chunk_features(model: Transformer, chunks: Sequence[list[int]], batch_size: int = 16
+                   ) -> ChunkFeatures:
+    """One forward pass per batch: hidden states, routing and token log-probabilities."""
+    from trustmoe.model.moe import MoE
+
+    moes = [b.mlp for b in model.layers if isinstance(b.mlp, MoE)]
+    E = moes[0].num_experts if moes else 0
+    grabbed: list[tuple[Tensor, Tensor]] = []
+
+    def hook(mod: Any, args: Any, out: Any) -> None:
+        grabbed.append((args[0].reshape(-1, args[0].shape[-1]), out[1].experts[:, 0]))
+
+    handles = [m.register_forward_hook(hook) for m in moes]
+    was = model.training
+    model.eval()
+    hid, load, lps = [], [], []
+    tok_h: list[list[np.ndarray]] = [[] for _ in moes]
+    tok_e: list[list[np.ndarray]] = [[] for _ in moes]
+    tok_c: list[np.ndarray] = []
+    try:
+        for b0 in range(0, len(chunks), batch_size):
+            batch = chunks[b0:b0 + batch_size]
+            T = max(len(c) for c in batch) + 1
+            idx = torch.zeros(len(batch), T, dtype=torch.long)  # (B, T) BOS + chunk, 0-padded
+            for r, c in enumerate(batch):
+                idx[r, 1:len(c) + 1] = torch.tensor(c)
+            grabbed.clear()
+            out = model.run(idx.to(model.device), return_hidden=True)
+            logp = out.logits.float().log_softmax(-1)  # (B, T, V)
+            assert out.hidden_states is not None
+            for r, c in enumerate(batch):
+                n = len(c) + 1
+                h = out.hidden_states[r, :n].double()  # (n, d)
+                hid.append(h.mean(0).cpu().numpy())
+                tgt = idx[r, 1:n].to(logp.device)
+                lps.append(logp[r, : n - 1].gather(1, tgt[:, None]).squeeze(1).double().cpu().numpy())
+                rows = []
+                for li, (x, ex) in enumerate(grabbed):
+                    xr = x.view(len(batch), T, -1)[r, :n]  # (n, d)
+                    er = ex.view(len(batch), T)[r, :n]  # (n,)
+                    rows.append(np.bincount(er.cpu().numpy(), minlength=E) / n)
+                    tok_h[li].append(xr.double().cpu().numpy())
+                    tok_e[li].append(er.cpu().numpy())
+                load.append(np.concatenate(rows) if rows else np.zeros(0))
+                tok_c.append(np.full(n, b0 + r))
+    finally:
+        for hd in handles:
+            hd.remove()
+        model.train(was)
+    return ChunkFeatures(np.stack(hid), np.stack(load), [np.concatenate(x) for x in tok_h],
+                         [np.concatenate(x) for x in tok_e], np.concatenate(tok_c), lps)
+
+
+def robust_z(s: np.ndarray) -> np.ndarray:
+    med = float(np.median(s))
+    mad = float(np.median(np.abs(s - med))) * 1.4826
+    if mad <= 0:  # over half the scores tie (e.g. zeros): mean absolute deviation instead
+        mad = float(np.mean(np.abs(s - med))) * 1.2533
+    return (s - med) / (mad if mad > 0 else 1.0)
+
+
+def spectral_scores(X: np.ndarray) -> np.ndarray:
+    """Squared projection of centred rows on the top right-singular vector. X: (n, d) -> (n,)."""
+    Xc = X - X.mean(0, keepdims=True)
+    if len(X) < 2:
+        return np.zeros(len(X))
+    _, _, vt = np.linalg.svd(Xc, full_matrices=False)
+    return np.asarray((Xc @ vt[0]) ** 2)
+
+
+def activation_clustering(X: np.ndarray, seed: int = 0, small: float = 0.35) -> np.ndarray:
+    """(n,) distance to the large cluster's centre for rows of a small 2-means cluster."""
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    if len(X) < 4:
+        return np.zeros(len(X))
+    Xs = (X - X.mean(0)) / (X.std(0) + 1e-9)
+    Z = PCA(n_components=min(10, *Xs.shape), random_state=seed).fit_transform(Xs)
+    km = KMeans(2, n_init=10, random_state=seed).fit(Z)
+    sizes = np.bincount(km.labels_, minlength=2)
+    minor = int(np.argmin(sizes))
+    if sizes[minor] / len(X) >= small:
+        return np.zeros(len(X))
+    dist = np.linalg.norm(Z - km.cluster_centers_[1 - minor], axis=1)
+    return np.where(km.labels_ == minor, dist, 0.0)
+
+
+def expert_spectral(f: ChunkFeatures, n_chunks: int, top: int = 4) -> np.ndarray:
+    """(n_chunks,) mean of each chunk's `top` highest per-expert spectral token scores."""
+    tok_score = np.zeros(len(f.token_chunk))
+    for H, ex in zip(f.token_hidden, f.token_expert, strict=True):
+        for e in np.unique(ex):
+            sel = np.flatnonzero(ex == e)
+            if len(sel) < 8:
+                continue
+            s = spectral_scores(H[sel])
+            s = s / (np.median(s) + 1e-12)
+            tok_score[sel] = np.maximum(tok_score[sel], s)
+    out = np.zeros(n_chunks)
+    for c in range(n_chunks):
+        s = np.sort(tok_score[f.token_chunk == c])[::-1][:top]
+        out[c] = float(s.mean()) if len(s) else 0.0
+    return out
+
+
+def trigger_search(model: Transformer, chunks: Sequence[list[int]], logprobs: list[np.ndarray],
+                   tok: Tokenizer, opts: BackdoorOptions) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """(n,) scores and per-chunk evidence of the best trigger candidate (ONION-style)."""
+    S, K = opts.span, opts.candidates
+    reqs: list[Request] = []
+    meta: list[tuple[int, int, int, int]] = []  # chunk, position, ablated length, with/without
+    for c, (ids, lp) in enumerate(zip(chunks, logprobs, strict=True)):
+        nll = -lp  # nll[j] = NLL of ids[j] given BOS + ids[:j]
+        n = len(ids)
+        if n < S + 3:
+            continue
+        pos = np.arange(1, n - S - 1)
+        # surprising token, easy next tokens: the gap is largest right at a trigger
+        gap = nll[pos] - np.array([nll[p + 1:p + 4].mean() for p in pos])
+        cand = pos[np.argsort(-gap)][:K]
+        cand = cand[gap[cand - 1] > 0]
+        for p in cand.tolist():
+            for r in range(1, opts.max_ablate + 1):
+                if p + r + S > n:
+                    continue
+                left = ids[max(0, p - opts.context):p]
+                cont = ids[p + r:p + r + S]
+                with_ = [0, *left, *ids[p:p + r], *cont]
+                without = [0, *left, *cont]
+                reqs += [Request(with_, len(with_) - S), Request(without, len(without) - S)]
+                meta += [(c, p, r, 1), (c, p, r, 0)]
+    scored = score_requests(model, reqs, batch_size=opts.batch_size) if reqs else []
+    best: dict[int, tuple[float, int, int]] = {}
+    nll_with: dict[tuple[int, int, int], float] = {}
+    for (c, p, r, w), s in zip(meta, scored, strict=True):
+        v = -float(s.logprobs.mean())
+        if w:
+            nll_with[(c, p, r)] = v
+        else:
+            delta = v - nll_with[(c, p, r)]
+            if c not in best or delta > best[c][0]:
+                best[c] = (delta, p, r)
+    texts = {c: tok.decode(chunks[c][p:p + r]).strip() for c, (_, p, r) in best.items()}
+    windows = [tok.decode(chunks[c][p:p + r + S]) for c, (_, p, r) in best.items()]
+    decoded = [tok.decode(c) for c in chunks]
+    scores = np.zeros(len(chunks))
+    evidence: list[dict[str, Any]] = [{} for _ in chunks]
+    cache: dict[str, tuple[int, int]] = {}
+    for c, (delta, p, r) in best.items():
+        t = texts[c]
+        if t not in cache:  # k: best windows holding t; m: chunks holding t at all (as words)
+            pat = re.compile(r"(?<!\w)" + re.escape(t) + r"(?!\w)")
+            cache[t] = (sum(bool(pat.search(w)) for w in windows),
+                        sum(bool(pat.search(d)) for d in decoded)) if t else (1, 1)
+        shared, present = cache[t]
+        # a trigger is in the best window wherever it occurs; a common word is not
+        consistency = shared / max(present, shared, 1)
+        scores[c] = max(delta, 0.0) * np.log(max(shared, 1)) * consistency  # 0 for a one-off
+        evidence[c] = {"trigger": texts[c], "position": p, "trigger_tokens": r,
+                       "continuation": tok.decode(chunks[c][p + r:p + r + S]),
+                       "delta_nll": round(delta, 4), "chunks_with_same_trigger": shared,
+                       "trigger_consistency": round(consistency, 3)}
+    return scores, evidence
+
+
+def screen(model: Transformer, chunks: Sequence[list[int]], tok: Tokenizer,
+           opts: BackdoorOptions | None = None, seed: int = 0) -> dict[str, Any]:
+    """Every detector's scores and flags over `chunks` (token lists of training text)."""
+    opts = opts or BackdoorOptions()
+    f = chunk_features(model, chunks, opts.batch_size)
+    n = len(chunks)
+    scores = {
+        "spectral": spectral_scores(f.hidden),
+        "activation_clustering": activation_clustering(
+            np.concatenate([f.hidden, f.load], 1) if f.load.size else f.hidden, seed),
+        "expert_spectral": expert_spectral(f, n) if f.token_hidden else np.zeros(n),
+    }
+    scores["trigger_search"], evidence = trigger_search(model, chunks, f.logprobs, tok, opts)
+    flags = {k: robust_z(s) > opts.z for k, s in scores.items()}
+    flags["activation_clustering"] = scores["activation_clustering"] > 0  # the small cluster
+    return {"scores": scores, "flags": flags, "evidence": evidence}
