@@ -24,7 +24,7 @@ app = typer.Typer(
 )
 err_console = Console(stderr=True)
 
-COMMAND_MODULES = ("train", "data", "eval", "serve", "security")
+COMMAND_MODULES = ("train", "data", "eval", "serve", "security", "monitor")
 for _name in COMMAND_MODULES:
     importlib.import_module(f"trustmoe.cli.{_name}").register(app)
 

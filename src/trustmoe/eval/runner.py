@@ -25,6 +25,7 @@ from trustmoe.eval import ood
 from trustmoe.eval.corpus import Corpus, load_corpus, read_texts
 from trustmoe.eval.loglik import Scored, loglik
 from trustmoe.eval.moe_diag import RoutingCollector, compare_routing, summarize_routing
+from trustmoe.eval.profile import write_eval_profile
 from trustmoe.eval.tasks import Task, builtin_tasks, load_task_file, perplexity, score_task
 from trustmoe.io import TrustmoeError, atomic_dir, read_json, sha256_file
 
@@ -124,7 +125,7 @@ def run_eval(
     sz = sizes or Sizes.for_mode(quick)
     window = model.config.max_position_embeddings
     stages = _Stages(["load data", "held-out pass", "training pass", "calibration", "tasks",
-                      "robustness", "attack", "ood", "membership", "report"], progress)
+                      "robustness", "attack", "ood", "membership", "report", "profile"], progress)
     res: dict[str, Any] = {"schema": 1}
     try:
         corpus: Corpus = stages.run("load data", lambda: load_corpus(
@@ -179,6 +180,8 @@ def run_eval(
 
         res = _json_safe(res)
         stages.run("report", lambda: _write(out_dir, res, other, stages.timing, write_report))
+        stages.run("profile", lambda: write_eval_profile(  # the drift monitor's reference
+            model, model_dir, data_dir, tok_path, out_dir, quick=quick, seed=seed, batch_size=batch_size))
     finally:
         stages.close()
     if store_temperature:  # only once everything else succeeded
