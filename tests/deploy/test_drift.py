@@ -3,7 +3,6 @@ alarms is the configured ERT (at least 0.9x, and not wildly conservative either)
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from drift_synth import Stream, synthetic_profile
 

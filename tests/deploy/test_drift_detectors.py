@@ -126,7 +126,7 @@ def test_routing_collapse_is_described(prof: Profile, halves: tuple[np.ndarray, 
     for f in feats:  # every token to expert 0 in layer 1
         assert f.routing is not None
         f.routing[1] = [f.routing[1].sum(), 0, 0, 0]
-    stat, effect, details = det.window_statistic(feats)
+    _stat, effect, details = det.window_statistic(feats)
     assert details["worst_layer"] == 1
     layer = details["layers"][1]
     assert layer["top_expert_share"] == 1.0 and layer["dead_experts"] == 3 and layer["load_entropy"] == 0.0

@@ -44,10 +44,7 @@ def _policy(path: Path | None, window: int | None, ert: float | None) -> Any:
     return pol
 
 
-def _model_and_tokenizer(model_dir: Path | None, profile: Any) -> tuple[Path, Any, Any]:
-    from trustmoe.data.tokenizer import load_tokenizer
-    from trustmoe.model.hf import load
-
+def _model_dir(model_dir: Path | None, profile: Any) -> Path:
     if model_dir is None:
         src = profile.meta.get("source", {}).get("model_dir")
         if not src:
@@ -55,7 +52,14 @@ def _model_and_tokenizer(model_dir: Path | None, profile: Any) -> tuple[Path, An
         model_dir = Path(src)
     if not Path(model_dir).is_dir():
         raise TrustmoeError(f"model directory not found: {model_dir}")
-    return Path(model_dir), load(model_dir), load_tokenizer(model_dir)
+    return Path(model_dir)
+
+
+def _model_and_tokenizer(model_dir: Path) -> tuple[Any, Any]:
+    from trustmoe.data.tokenizer import load_tokenizer
+    from trustmoe.model.hf import load
+
+    return load(model_dir), load_tokenizer(model_dir)
 
 
 def _chat_renderer(model_dir: Path) -> Any:
@@ -96,8 +100,7 @@ def replay_command(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts per forward pass."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Run the model and the detectors over logged or prepared traffic; report the incidents that
-    the monitor would have opened (no action is taken)."""
+    """Run the model and the detectors over logged or prepared traffic; report the incidents the monitor would have opened (no action is taken)."""  # noqa: E501
     from trustmoe.deploy.incidents import IncidentStore, MemorySink
     from trustmoe.deploy.monitor import VersionInfo
     from trustmoe.deploy.replay import read_requests, replay
@@ -106,8 +109,9 @@ def replay_command(
 
     pol = _policy(policy, window, ert)
     prof = load_profile(profile)
-    model_dir, m, tok = _model_and_tokenizer(model, prof)
-    reqs = read_requests(requests, _chat_renderer(model_dir))
+    model_dir = _model_dir(model, prof)
+    reqs = read_requests(requests, _chat_renderer(model_dir))  # bad input fails before the model loads
+    m, tok = _model_and_tokenizer(model_dir)
     weights = model_dir / "model.safetensors"
     info = VersionInfo(version, digest=sha256_file(weights) if weights.exists() else None,
                        dataset_manifest_sha256=trained_on(model_dir))
@@ -180,8 +184,9 @@ def profile_command(
     from trustmoe.eval.profile import profile_from_prompts, save_profile, trained_on
     from trustmoe.io import sha256_file
 
-    model_dir, m, tok = _model_and_tokenizer(model, None)
+    model_dir = _model_dir(model, None)
     reqs = read_requests(requests, _chat_renderer(model_dir))
+    m, tok = _model_and_tokenizer(model_dir)
     limit = m.config.max_position_embeddings
     ids = [t for r in reqs if 1 <= len(t := tok.encode(r.text, add_special_tokens=False).ids) <= limit]
     if len(ids) < 2:

@@ -115,8 +115,10 @@ def registry_url(url: str | None = None) -> str:
     ~/.trustmoe/registry.db. A value without '://' is a SQLite file path."""
     u = url or os.environ.get("TRUSTMOE_REGISTRY") or DEFAULT_REGISTRY
     if "://" in u:
+        if u.startswith(("postgres://", "postgresql://")):  # psycopg 3, as the registry uses
+            return "postgresql+psycopg://" + u.split("://", 1)[1]
         return u
-    p = Path(u).expanduser()
+    p = Path(u).expanduser().absolute()
     p.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{p}"
 
