@@ -53,7 +53,7 @@ def window_alarm_probability(ert_requests: float, window: int, consecutive: int 
     return (lo + hi) / 2
 
 
-def simulation_count(p: float, lo: int = 2000, hi: int = 20000, exceed: int = 200) -> int:
+def simulation_count(p: float, lo: int = 4000, hi: int = 40000, exceed: int = 400) -> int:
     """Windows to simulate so that about `exceed` of them cross the threshold."""
     return int(min(hi, max(lo, math.ceil(exceed / p))))
 
@@ -66,8 +66,9 @@ class Calibration:
     ert_requests: float
     window: int
     consecutive: int
-    simulated: int  # windows simulated
-    exceed: int  # simulated windows beyond the threshold
+    simulated: int  # windows simulated (all re-samplings of the pool together)
+    exceed: int  # simulated windows beyond the threshold, per re-sampling (median)
+    outer: int = 1  # re-samplings of the reference pool
 
     def crossed(self, statistic: float) -> bool:
         if not math.isfinite(statistic):
@@ -79,34 +80,49 @@ class Calibration:
         k = self.consecutive
         runs = f"{k} windows in a row" if k > 1 else "one window"
         rough = " (estimated from few simulated crossings; treat as approximate)" if self.exceed < 10 else ""
+        margin = (f" The threshold is the cautious end of {self.outer} re-samplings of the reference, so a "
+                  "small reference errs towards fewer false alarms.") if self.outer > 1 else ""
         return (f"About 1 in {one_in:,.0f} windows of reference-like traffic crosses this threshold; "
                 f"an alarm needs {runs}, so with no drift there is on average one false alarm every "
-                f"{self.ert_requests:,.0f} requests (the configured ERT){rough}.")
+                f"{self.ert_requests:,.0f} requests (the configured ERT){rough}.{margin}")
 
 
 def calibrate(null_stats: Callable[[np.ndarray], np.ndarray], pool_size: int, *, window: int,
               ert_requests: float, consecutive: int = 1, direction: Direction = "above",
-              rng: np.random.Generator, max_sims: int = 20000) -> Calibration:
+              rng: np.random.Generator, max_sims: int = 40000, outer: int = 8,
+              confidence: float = 0.8) -> Calibration:
     """Threshold for a statistic from simulated reference windows.
 
     `null_stats(idx)` maps a (B, window) array of indices into the pool of reference requests
     to the B window statistics (lower-is-worse statistics such as p-values use direction "below").
+
+    A reference of a few hundred requests pins down the tail of the statistic only roughly
+    (rare kinds of requests may be missing from it), so the pool itself is re-sampled `outer`
+    times, a threshold is found for each, and the `confidence` quantile of those is used: with
+    a small reference, thresholds err towards fewer false alarms rather than more.
     """
     if pool_size < 1:
         raise ValueError("no reference requests to simulate windows from")
     p = window_alarm_probability(ert_requests, window, consecutive)
-    n = simulation_count(p, hi=max_sims)
-    stats = []
+    per = max(simulation_count(p, hi=max_sims) // max(outer, 1), 500)
     chunk = max(1, 2_000_000 // max(window, 1) // 64)
-    for b0 in range(0, n, chunk):
-        idx = rng.integers(0, pool_size, size=(min(chunk, n - b0), window))
-        stats.append(np.asarray(null_stats(idx), dtype=np.float64))
-    s = np.concatenate(stats)
-    s = np.where(np.isfinite(s), s, -np.inf if direction == "above" else np.inf)
-    if direction == "above":
-        thr = float(np.quantile(s, 1 - p, method="higher"))
-        exceed = int((s > thr).sum())
-    else:
-        thr = float(np.quantile(s, p, method="lower"))
-        exceed = int((s < thr).sum())
-    return Calibration(thr, direction, p, ert_requests, window, consecutive, n, exceed)
+    thresholds, exceeds = [], []
+    for _ in range(max(outer, 1)):
+        members = np.arange(pool_size) if outer <= 1 else rng.integers(0, pool_size, size=pool_size)
+        stats = []
+        for b0 in range(0, per, chunk):
+            idx = members[rng.integers(0, pool_size, size=(min(chunk, per - b0), window))]
+            stats.append(np.asarray(null_stats(idx), dtype=np.float64))
+        s = np.concatenate(stats)
+        s = np.where(np.isfinite(s), s, -np.inf if direction == "above" else np.inf)
+        if direction == "above":
+            thr = float(np.quantile(s, 1 - p, method="higher"))
+            exceeds.append(int((s > thr).sum()))
+        else:
+            thr = float(np.quantile(s, p, method="lower"))
+            exceeds.append(int((s < thr).sum()))
+        thresholds.append(thr)
+    t = np.array(thresholds)
+    final = float(np.quantile(t, confidence if direction == "above" else 1 - confidence, method="nearest"))
+    return Calibration(final, direction, p, ert_requests, window, consecutive, per * len(t),
+                       int(np.median(exceeds)), outer)

@@ -69,10 +69,10 @@ class Detector(ABC):
         """Statistics of simulated windows: idx (B, W) indexes reference pool requests -> (B,)."""
 
     def calibrate(self, window: int, ert_requests: float, consecutive: int, rng: np.random.Generator,
-                  max_sims: int = 20000) -> Calibration:
+                  max_sims: int = 40000, outer: int = 8) -> Calibration:
         self.calibration = calibrate(self.pool_statistics, self.pool_size, window=window,
                                      ert_requests=ert_requests, consecutive=consecutive,
-                                     direction=self.direction, rng=rng, max_sims=max_sims)
+                                     direction=self.direction, rng=rng, max_sims=max_sims, outer=outer)
         return self.calibration
 
     def evaluate(self, feats: Sequence[RequestFeatures]) -> WindowResult:
@@ -277,10 +277,12 @@ class HiddenMMD(Detector):
         self.rng = rng
 
     def mmd2(self, X: np.ndarray) -> float:
-        # X: (W, d) -> unbiased MMD² against the reference sample
-        W = len(X)
-        Kxx = np.exp(-self.gamma * _sqdist(X, X))
-        xx = (Kxx.sum() - np.trace(Kxx)) / max(W * (W - 1), 1)
+        # X: (W, d) -> unbiased MMD² against the reference sample; pairs of identical requests
+        # (a repeated prompt) are left out of the within-window term, as in the simulation
+        d2 = _sqdist(X, X)
+        Kxx = np.exp(-self.gamma * d2)
+        distinct = np.any(X[:, None, :] != X[None, :, :], axis=-1)  # (W, W), False on the diagonal
+        xx = (Kxx * distinct).sum() / max(int(distinct.sum()), 1)
         xy = np.exp(-self.gamma * _sqdist(X, self.Y)).mean()
         return float(xx + self.yy - 2 * xy)
 

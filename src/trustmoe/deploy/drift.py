@@ -45,7 +45,7 @@ def split_reference(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 class DriftSuite:
     def __init__(self, profile: Profile, *, window: int, ert_requests: float,
                  specs: Mapping[str, DetectorSpec] | None = None, seed: int = 0,
-                 max_sims: int = 20000) -> None:
+                 max_sims: int = 40000, outer: int = 8) -> None:
         if profile.n_requests < MIN_PROFILE_REQUESTS:
             raise ValueError(f"the profile holds {profile.n_requests} requests; drift detection needs at "
                              f"least {MIN_PROFILE_REQUESTS} (more make thresholds steadier)")
@@ -72,7 +72,7 @@ class DriftSuite:
             except ValueError as e:
                 self.skipped[name] = str(e)
                 continue
-            det.calibrate(window, ert_requests, spec.consecutive, rng, max_sims)
+            det.calibrate(window, ert_requests, spec.consecutive, rng, max_sims, outer)
             self.detectors[name] = det
             self.consecutive[name] = spec.consecutive
 
