@@ -12,6 +12,19 @@ the version. A detector alarms after its `consecutive` windows in a row cross; t
 quiet for the cooldown (requests AND seconds) while its statistics are still recorded.
 `observe` is thread-safe but does the work inline (calibration, webhook retries): the server
 should call it from a background worker, not from the request path.
+
+Wiring into the server (not done here):
+- engine: per request, `FeatureAccumulator(prompt_ids, d, moe_layers, experts)` at admission;
+  for each prefill chunk covering prompt positions [s, e): `add_hidden(final-norm rows (T, d))`,
+  `add_routing(layer, experts (T, k))` per MoE layer, `add_logits(acc.scored_in(s, e), LM-head
+  rows)` (at most 16 rows per request); `finish()` when prefill ends. Positions served from the
+  prefix cache are not recomputed, so their hidden/routing are missing from the means.
+- server: one `RequestRecord` per finished request onto a queue; a worker calls `observe`.
+- versions: `add_version(VersionInfo(...), load_profile(eval_dir))` for each served version
+  (production and canary), again when an alias moves to a new version.
+- `IncidentSink`: `store` into the registry database, `act` rolls the canary to 0% or the
+  production alias back through the registry and says what it did (`ActionResult`).
+- dashboard: `status()` (histories with thresholds per detector, SLOs, incidents), `explain()`.
 """
 
 from __future__ import annotations
