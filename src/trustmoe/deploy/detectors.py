@@ -98,9 +98,10 @@ class Detector(ABC):
         if c is None:
             return f"{self.title}: not calibrated."
         side = "above" if c.direction == "above" else "below"
+        effect = "" if self.effect_name == self.statistic_name else f"its {self.effect_name} is "
         return (f"{self.title}. A window of {c.window} requests counts when its {self.statistic_name} "
-                f"is {side} {c.threshold:.4g} and its {self.effect_name} is at least {self.floor:g}. "
-                f"{c.in_words()} {self.floor_words()}")
+                f"is {side} {c.threshold:.4g} (the calibrated threshold) and {effect}at least "
+                f"{self.floor:g} (the effect-size floor). {c.in_words()} {self.floor_words()}")
 
     def floor_words(self) -> str:
         return (f"The floor ({self.floor:g}) keeps differences too small to matter from alarming; "
