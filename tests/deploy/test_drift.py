@@ -53,3 +53,20 @@ def test_suite_checks_shapes_and_explains_everything(prof: Profile) -> None:
         suite.check(f)
     with pytest.raises(ValueError, match="unknown detector"):
         DriftSuite(prof, window=20, ert_requests=2000, specs={"vibes": DetectorSpec()})
+
+
+def test_dense_model_profile_has_no_routing_detector() -> None:
+    from dataclasses import replace
+
+    from drift_synth import V
+
+    from trustmoe.eval.profile import build_profile
+
+    feats = [replace(f, routing=None) for f in Stream(4).take(60)]
+    suite = DriftSuite(build_profile(feats, V, {}), window=10, ert_requests=1000)
+    assert "routing" not in suite.detectors
+    assert suite.explain()["routing"] == "Off: the profile's model is dense: there is no routing to watch."
+    assert [r.detector for r in suite.evaluate([replace(f, routing=None) for f in Stream(5).take(10)])] == [
+        "tokens", "scalars", "hidden"]
+    with pytest.raises(ValueError, match="at least 20"):
+        DriftSuite(build_profile(feats[:10], V, {}), window=5, ert_requests=1000)
