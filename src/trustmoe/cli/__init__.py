@@ -27,7 +27,7 @@ app = typer.Typer(
 )
 err_console = Console(stderr=True)
 
-COMMAND_MODULES = ("train", "data", "eval", "serve", "security", "registry")
+COMMAND_MODULES = ("train", "data", "eval", "serve", "security", "registry", "monitor")
 for _name in COMMAND_MODULES:
     importlib.import_module(f"trustmoe.cli.{_name}").register(app)
 

@@ -44,6 +44,7 @@ from trustmoe.eval import stages as st
 from trustmoe.eval.corpus import Corpus, load_corpus, read_texts
 from trustmoe.eval.lm import LM, open_lm
 from trustmoe.eval.moe_diag import compare_routing, summarize_routing
+from trustmoe.eval.profile import write_eval_profile
 from trustmoe.eval.stages import Sizes
 from trustmoe.eval.tasks import builtin_tasks, load_task_file, perplexity, score_task
 from trustmoe.io import TrustmoeError, atomic_dir, read_json, sha256_file
@@ -97,7 +98,7 @@ class _Stages:
 
 
 STAGES = ["load data", "held-out pass", "training pass", "quantization", "calibration", "tasks",
-          "robustness", "attack", "ood", "membership", "contamination", "report"]
+          "robustness", "attack", "ood", "membership", "contamination", "report", "profile"]
 
 
 def run_eval(
@@ -208,7 +209,10 @@ def _evaluate(lm: LM, model_dir: Path | None, data_dir: Path, out_dir: Path, tas
         from trustmoe.eval.report import write_report
 
         res = _json_safe(res)
-        stages.run("report", lambda: _write(out_dir, res, other, stages.timing, write_report))
+        stages.run("report", lambda: _write(out_dir, res, other, stages.timing, write_report,
+                                            lambda tmp: stages.run("profile", lambda: _profile(
+                                                lm, model_dir, data_dir, tmp, out_dir, quick,
+                                                seed, batch_size, device))))
     finally:
         stages.close()
     return res
@@ -327,14 +331,34 @@ def _check_out_dir(out_dir: Path, *inputs: Path) -> None:
 
 
 def _write(out_dir: Path, res: dict[str, Any], other: dict[str, Any] | None,
-           timing: dict[str, float], write_report: Any) -> None:
+           timing: dict[str, float], write_report: Any,
+           extra: Callable[[Path], object] | None = None) -> None:
+    """eval.json, report.html and `extra(tmp)`'s files, one atomic dir with its manifest."""
     from trustmoe.io import atomic_write_json
 
     res["timing_s"] = dict(timing)
     with atomic_dir(out_dir) as tmp:
         atomic_write_json(tmp / "eval.json", res)
         write_report(tmp, res, other)
+        if extra is not None:
+            extra(tmp)
         write_manifest(tmp)  # last: every file of the eval dir, by SHA-256
+
+
+def _profile(lm: LM, model_dir: Path | None, data_dir: Path, tmp: Path, out_dir: Path,
+             quick: bool, seed: int, batch_size: int, device: str | None) -> Path | None:
+    """The drift monitor's reference profile (profile.safetensors + profile.json), from the
+    float model of `model_dir`: a URL backend has none (the monitor then needs
+    `trustmoe monitor profile` from trusted traffic)."""
+    if model_dir is None or not (model_dir / "model.safetensors").exists():
+        return None
+    from trustmoe.model.hf import load
+
+    tok = model_dir / "tokenizer.json"
+    tok = tok if tok.exists() else data_dir / "tokenizer.json"
+    model = load(model_dir, device=device)
+    return write_eval_profile(model, model_dir, data_dir, tok, tmp, quick=quick, seed=seed,
+                              batch_size=batch_size, eval_dir=out_dir)
 
 
 def summary(res: dict[str, Any], out_dir: Path) -> dict[str, Any]:
