@@ -209,6 +209,9 @@ class EngineConfig:
                                "(gather the chosen experts' weights; CUDA decode).")
     exact_int8: bool = _f(False, "Without the compiled CPU kernels: weight-only int8 numerics "
                                  "instead of fbgemm's dynamic activation quantization.")
+    features: bool = _f(False, "Emit each request's monitoring features (trustmoe.engine.features) "
+                               "from its prefill: final hidden-state mean, expert routing counts, "
+                               "NLL/entropy/top-1 at up to 16 prompt positions.")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -234,7 +237,8 @@ class EngineConfig:
             raise ConfigError(f"num_threads must be a positive integer, got {self.num_threads!r}")
         if self.moe_path not in MOE_PATHS:
             raise ConfigError(f"moe_path must be one of {', '.join(MOE_PATHS)}, got {self.moe_path!r}")
-        for name in ("batch_invariant", "enable_prefix_caching", "fast_decode", "exact_int8"):
+        for name in ("batch_invariant", "enable_prefix_caching", "fast_decode", "exact_int8",
+                     "features"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
 

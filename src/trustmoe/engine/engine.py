@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 from trustmoe.config import AUTO_DEVICE, EngineConfig
 from trustmoe.data.tokenizer import TextCodec
 from trustmoe.engine.artifact import load_weights
+from trustmoe.engine.features import FeatureAccumulator, RequestFeatures
 from trustmoe.engine.kv_cache import BlockPool, PagedKVCache
 from trustmoe.engine.output import OutputBuilder, RequestOutput
 from trustmoe.engine.runner import Chunk, ModelRunner
@@ -126,6 +127,9 @@ class Engine:
         self.outputs = OutputBuilder(self.decode, self.eos_token_id, self.max_model_len)
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []
+        # cfg.features: request id -> features being built (prefill) / built (until finished)
+        self._acc: dict[str, FeatureAccumulator] = {}
+        self._feats: dict[str, RequestFeatures] = {}
         self._ids = itertools.count()
 
     @staticmethod
@@ -190,6 +194,10 @@ class Engine:
         seq = Sequence(rid, ids, params, state)
         self.scheduler.add(seq)
         self._seqs[rid] = seq
+        if self.engine_config.features:
+            c = self.config
+            self._acc[rid] = FeatureAccumulator(ids, c.hidden_size, c.num_hidden_layers if c.is_moe else 0,
+                                                c.num_local_experts if c.is_moe else 0)
         return rid
 
     def abort(self, request_id: str) -> None:
@@ -198,6 +206,8 @@ class Engine:
             return
         self.scheduler.free(seq)
         seq.finished, seq.finish_reason = True, "abort"
+        self._acc.pop(request_id, None)
+        self._feats.pop(request_id, None)
         self._pending.append(self.outputs.make(seq, [], finished=True))
 
     def has_unfinished(self) -> bool:
@@ -234,7 +244,8 @@ class Engine:
             toks = s.output_ids[w.start - n_prompt: end - n_prompt] if w.start >= n_prompt \
                 else s.all_ids[w.start:end]
             chunks.append(Chunk(toks, w.start, s.slots[:end], want,
-                                first_slot=self.scheduler.first_slot(s)))
+                                first_slot=self.scheduler.first_slot(s),
+                                features=self._acc.get(s.request_id) if w.start < n_prompt else None))
         logits = self.runner.forward(chunks)
         to_sample: list[tuple[Sequence, torch.Tensor]] = []
         finished_now: list[Sequence] = []
@@ -244,6 +255,8 @@ class Engine:
             if s.params.prompt_logprobs is not None and not was_prefilled and lg is not None:
                 self.outputs.add_prompt_logprobs(s, w.start, lg)
             self.scheduler.after_forward(s, w.start + w.length)
+            if s.prefilled and s.request_id in self._acc:
+                self._feats[s.request_id] = self._acc.pop(s.request_id).finish()
             if not s.prefilled or lg is None:
                 continue
             if s.params.max_tokens == 0:
@@ -256,6 +269,10 @@ class Engine:
         for s in finished_now:
             outs.append(self.outputs.make(s, [], finished=True))
             self._finish(s)
+        if self._feats:
+            for o in outs:  # a request's features ride on its finished output
+                if o.finished:
+                    o.prompt_features = self._feats.pop(o.request_id, None)
         return outs
 
     def _sample_and_update(self, rows: list[tuple[Sequence, torch.Tensor]]) -> list[RequestOutput]:

@@ -139,11 +139,14 @@ class FastDecoder:
         return max(attn, moe, 3 * M * d) + 64
 
     @torch.inference_mode()
-    def hidden(self, tokens: list[int], positions: list[int], slot_lists: list[Tensor]) -> Tensor:
+    def hidden(self, tokens: list[int], positions: list[int], slot_lists: list[Tensor],
+               routes: list[Tensor] | None = None) -> Tensor:
         """Final hidden states (M, d), before the last norm, of M one-token chunks.
 
         tokens[m] sits at positions[m]; slot_lists[m] (positions[m] + 1,) int64 holds the KV
         slots of that sequence's positions 0..positions[m] (the last is the new token's).
+        `routes`, when given, receives per MoE layer the (M, k) expert ids the kernel chose
+        (read from its scratch, for monitoring features).
         """
         M = len(tokens)
         assert 0 < M <= cpu_kernels.MAX_ROWS
@@ -176,7 +179,20 @@ class FastDecoder:
             lib.tm_moe_block(xp, M, d, ly.ln2_p, eps, ly.router_p, len(ly.w13), k,
                              self.norm_topk, ly.w13, ly.w2, ly.hdim, ly.sh13_p, ly.sh2_p,
                              ly.sh_gate_p, ly.sh_hdim, sp)
+            if routes is not None and ly.router is not None:
+                routes.append(self._routed_ids(ly, M))
         return x
+
+    def _routed_ids(self, ly: _Layer, M: int) -> Tensor:
+        """(M, k) int64 expert ids tm_moe_block left in its scratch (layout as in decode.c)."""
+        d, k = self.dims[0], self.dims[4]
+        E = len(ly.w13)
+        S = k + (ly.sh13 is not None)
+        hmax = max(ly.hdim, ly.sh_hdim)
+        wid = max(d, hmax)
+        off = M * d + M * (E + 1) + M * S + M * S * hmax + M * S * d + 2 * M * S * wid
+        ids = self.scratch[off: off + M * S].view(torch.int32).view(M, S)  # bits of C ints
+        return ids[:, :k].long()
 
     @torch.inference_mode()
     def logits(self, x: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trustmoe.engine.features import RequestFeatures
 from trustmoe.engine.sampling import TokenLogprob, prompt_logprob_values
 from trustmoe.engine.scheduler import Sequence
 
@@ -37,6 +38,8 @@ class RequestOutput:
     prompt_top_logprobs: list[dict[int, float] | None] | None = None
     # with SamplingParams.prompt_logits: (P-1, V) fp32 raw logits, row i predicts prompt token i+1
     prompt_logits: torch.Tensor | None = None
+    # with EngineConfig.features: the prompt's monitoring features, on the finished output
+    prompt_features: RequestFeatures | None = None
 
 
 def top_alternatives(logits: torch.Tensor, k: int) -> list[dict[int, float] | None]:

@@ -32,6 +32,7 @@ from torch import Tensor
 from trustmoe.engine import cpu_kernels
 from trustmoe.engine.arena import pack_weights
 from trustmoe.engine.fast_decode import FastDecoder
+from trustmoe.engine.features import FeatureAccumulator
 from trustmoe.engine.invariance import blocked_mm, probe_block_rows, probe_invariant_rows
 from trustmoe.engine.kv_cache import PagedKVCache
 from trustmoe.engine.quantize import FloatWeight, Weight
@@ -51,6 +52,7 @@ class Chunk:
     logits: str = "last"  # "last" | "all" | "none"
     rows: slice = field(default_factory=lambda: slice(0, 0))
     first_slot: int | None = None  # set when slots are one contiguous run (no gather needed)
+    features: FeatureAccumulator | None = None  # prefill chunk of a request whose features are kept
 
 
 class ModelRunner:
@@ -83,6 +85,7 @@ class ModelRunner:
         self._arena = pack_weights(weights) if why is None else None  # before the C descriptors
         self.fast = FastDecoder(weights, kv) if why is None else None
         self.k4 = [kv.k[i].unsqueeze(0) for i in range(kv.k.shape[0])]  # (1, Hkv, slots, hd)
+        self._routes: list[Tensor] | None = None  # per MoE layer (N, k) ids, when features are fed
         self.v4 = [kv.v[i].unsqueeze(0) for i in range(kv.v.shape[0])]
 
     # ------------------------------------------------------------ helpers
@@ -132,8 +135,11 @@ class ModelRunner:
         step = cpu_kernels.MAX_ROWS
         for a in range(0, len(dec), step):  # decode rows in groups the kernels take at once
             part = [chunks[i] for i in dec[a: a + step]]
+            routes: list[Tensor] | None = [] if any(c.features for c in part) else None
             x = self.fast.hidden([c.tokens[0] for c in part], [c.start for c in part],
-                                 [c.slots for c in part])  # (B, d)
+                                 [c.slots for c in part], routes)  # (B, d)
+            if routes is not None:  # one-token prefill chunks of monitored requests
+                self._feed(part, x, routes)
             want = [j for j, c in enumerate(part) if c.logits != "none"]  # one row each
             if want:
                 lg = self.fast.logits(x if len(want) == len(part) else x[want])  # (len(want), V)
@@ -162,11 +168,35 @@ class ModelRunner:
         groups = self._groups(chunks)
         masks = [tf.causal_mask(c.start, len(c.tokens), dev) for c in chunks]  # (T, S) or None
         x = self.w.embed[tok]  # (N, d)
+        self._routes = [] if any(c.features for c in chunks) else None
         for i, lw in enumerate(self.w.layers):
             x = x + self._attention(i, lw, x, cos, sin, chunks, new_slots, masks, groups)
             h = tf.rms_norm(x, lw.ln2, self.cfg.rms_norm_eps)
             x = x + self._mlp(lw, h, groups)
+        if self._routes is not None:
+            self._feed(chunks, x, self._routes)
+            self._routes = None
         return self._logits(x, chunks)
+
+    def _feed(self, chunks: list[Chunk], x: Tensor, routes: list[Tensor]) -> None:
+        """Monitoring features from this step's own tensors: x (N, d) final hidden states
+        before the last norm (rows in chunk order), routes: per MoE layer (N, k) expert ids."""
+        off = 0
+        for c in chunks:
+            T = len(c.tokens)
+            rows = slice(off, off + T)
+            off += T
+            acc = c.features
+            if acc is None:
+                continue
+            hn = tf.rms_norm(x[rows], self.w.norm, self.cfg.rms_norm_eps)  # (T, d)
+            acc.add_hidden(hn)
+            for layer, ids in enumerate(routes):
+                acc.add_routing(layer, ids[rows])
+            pos = acc.scored_in(c.start, c.start + T)  # (m,) at most 16 per request
+            if len(pos):
+                h = hn[torch.as_tensor(pos - c.start, device=hn.device)]  # (m, d)
+                acc.add_logits(pos, self.w.lm_head.mm(h).float())  # (m, V)
 
     def _attention(self, layer: int, lw: LayerWeights, x: Tensor, cos: Tensor, sin: Tensor,
                    chunks: list[Chunk], new_slots: Tensor, masks: list[Tensor | None],
@@ -201,6 +231,8 @@ class ModelRunner:
             return self._lin(tf.swiglu_packed(self._lin(h, lw.w13[0], groups)), lw.w2[0], groups)
         logits = self._lin(h, lw.router, groups)  # (N, E)
         _, wts, ids = tf.route(logits, self.cfg.num_experts_per_tok, self.cfg.norm_topk_prob)
+        if self._routes is not None:
+            self._routes.append(ids)  # (N, k), kept for monitoring features
         if wts.dtype != h.dtype:
             wts = wts.to(h.dtype)
         if self.moe_block_rows:  # all rows at once: each expert's weights read once per step
