@@ -9,6 +9,7 @@ import pytest
 from registry_helpers import Backend
 from sqlalchemy import inspect, text
 
+import trustmoe.deploy.incidents  # noqa: F401  (its table is part of the registry schema)
 from trustmoe.deploy import db
 from trustmoe.deploy.db import RegistryError
 from trustmoe.deploy.registry import Registry
@@ -23,8 +24,8 @@ def test_schema_matches_models_and_migrations_are_idempotent(backend: Backend, r
     with reg.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         assert diff == []
-        assert MigrationContext.configure(conn).get_current_heads() == ("0001",)
-        assert {"models", "model_versions", "version_files", "alias_events"} <= set(
+        assert MigrationContext.configure(conn).get_current_heads() == ("0002",)
+        assert {"models", "model_versions", "version_files", "alias_events", "incidents"} <= set(
             inspect(conn).get_table_names())
     again = backend.open()  # a second open finds the schema current and the same registry id
     assert again.registry_id == reg.registry_id

@@ -8,23 +8,30 @@ only when the policy says `log_prompts`).
 `IncidentSink` is the edge to the server: `store` keeps an incident (insert or update by id),
 `act` carries out its action (roll the canary back to 0%, roll the production alias back) and
 says what happened. `MemorySink` is the dry run `trustmoe monitor replay` uses;
-`IncidentStore` keeps incidents in the registry database (table `incidents`).
+`IncidentStore` keeps incidents in the registry database (table `incidents`, created by the
+registry's Alembic migration 0002); `RegistrySink` stores there and acts through the registry
+(`Registry.rollback`, recorded in the alias history) and the server's canary setting.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from sqlalchemy import Float, String, Text, func, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from trustmoe.deploy import db
+from trustmoe.deploy.schema import Base
 from trustmoe.io import TrustmoeError
 
-DEFAULT_REGISTRY = "~/.trustmoe/registry.db"
+if TYPE_CHECKING:
+    from trustmoe.deploy.registry import Registry
 
 
 def hash_request_id(request_id: str) -> str:
@@ -52,6 +59,9 @@ class Incident:
     prompts: list[str] | None = None  # only with log_prompts
     details: dict[str, Any] = field(default_factory=dict)
     action_result: str | None = None  # what `IncidentSink.act` reported
+    role: str | None = None  # the version's role when it was served: production | canary | ...
+    model: str | None = None  # registry model name of the version (None outside a registry)
+    alias: str | None = None  # registry alias it was served under, e.g. "production"
     status: str = "open"  # open | acked
     acked_at: float | None = None
     acked_by: str | None = None
@@ -110,89 +120,90 @@ class MemorySink:
         return ActionResult(False, f"dry run: would {what.get(incident.action, incident.action)}")
 
 
+class IncidentRow(Base):
+    """Table `incidents`: searchable fields as columns, the whole incident as JSON in `payload`
+    (fields added later need no migration to be stored). Not append-only: acks update rows."""
+
+    __tablename__ = "incidents"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    opened_at: Mapped[float] = mapped_column(Float, nullable=False, index=True)
+    detector: Mapped[str] = mapped_column(String(64), nullable=False)
+    version: Mapped[str] = mapped_column(String(256), nullable=False, index=True)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, index=True)
+    action: Mapped[str] = mapped_column(String(32), nullable=False)
+    action_result: Mapped[str | None] = mapped_column(Text, nullable=True)
+    statistic: Mapped[float | None] = mapped_column(Float, nullable=True)
+    threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    dataset_manifest_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    payload: Mapped[str] = mapped_column(Text, nullable=False)
+
+
 def registry_url(url: str | None = None) -> str:
-    """SQLAlchemy URL of the registry database: `url`, else $TRUSTMOE_REGISTRY, else
-    ~/.trustmoe/registry.db. A value without '://' is a SQLite file path."""
-    u = url or os.environ.get("TRUSTMOE_REGISTRY") or DEFAULT_REGISTRY
-    if "://" in u:
-        if u.startswith(("postgres://", "postgresql://")):  # psycopg 3, as the registry uses
-            return "postgresql+psycopg://" + u.split("://", 1)[1]
-        return u
-    p = Path(u).expanduser().absolute()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{p}"
+    """SQLAlchemy URL of the registry database (`trustmoe.deploy.db.resolve_url`: `url`, else
+    $TRUSTMOE_REGISTRY, else ~/.trustmoe/registry.db); a SQLite file's folder is created."""
+    u = db.resolve_url(url)
+    path = db.sqlite_path(u)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return u
 
 
 class IncidentStore:
-    """Incidents in the registry database, table `incidents` (created if missing).
+    """Incidents in the registry database (any URL the registry takes; migrated on open)."""
 
-    The searchable fields are columns; the whole incident is also kept as JSON in `payload`,
-    so fields added later need no migration to be stored.
-    """
-
-    def __init__(self, url: str | None = None) -> None:
-        import sqlalchemy as sa
-
-        self.url = registry_url(url)
+    def __init__(self, url: str | Registry | None = None) -> None:
+        if url is not None and not isinstance(url, str):  # a Registry already open
+            self.url, self.engine, self._own = url.url, url.engine, False
+            return
         try:
-            self.engine = sa.create_engine(self.url)
-        except (sa.exc.ArgumentError, ImportError) as e:
-            raise TrustmoeError(f"cannot use registry database {self.url!r}: {e}") from None
-        md = sa.MetaData()
-        self.table = sa.Table(
-            "incidents", md,
-            sa.Column("id", sa.String(32), primary_key=True),
-            sa.Column("opened_at", sa.Float, nullable=False, index=True),
-            sa.Column("detector", sa.String(64), nullable=False),
-            sa.Column("version", sa.String(256), nullable=False, index=True),
-            sa.Column("status", sa.String(16), nullable=False, index=True),
-            sa.Column("action", sa.String(32), nullable=False),
-            sa.Column("statistic", sa.Float),
-            sa.Column("threshold", sa.Float),
-            sa.Column("digest", sa.String(64)),
-            sa.Column("dataset_manifest_sha256", sa.String(64)),
-            sa.Column("payload", sa.Text, nullable=False),
-        )
-        self.sa = sa
-        try:
-            md.create_all(self.engine, checkfirst=True)
-        except sa.exc.OperationalError as e:
-            raise TrustmoeError(f"cannot open registry database {self.url}: {e.orig}") from None
+            self.url = registry_url(url)
+            self.engine = db.make_engine(self.url)
+        except (ValueError, ImportError, OSError) as e:  # bad URL, missing driver, no folder
+            if isinstance(e, TrustmoeError):
+                raise TrustmoeError(f"cannot use registry database: {e}") from None
+            raise TrustmoeError(f"cannot use registry database {url!r}: {e}") from None
+        self._own = True
+        with db.translate_errors(self.url):
+            db.migrate(self.engine)
+            if db.sqlite_path(self.url) is not None:
+                db.enable_wal(self.engine)
 
     def store(self, incident: Incident) -> None:
         d = incident.to_dict()
-        row = {k: d[k] for k in ("id", "opened_at", "detector", "version", "status", "action",
-                                 "statistic", "threshold", "digest", "dataset_manifest_sha256")}
-        row["payload"] = json.dumps(d, sort_keys=True)
-        t = self.table
-        with self.engine.begin() as c:
-            if c.execute(self.sa.select(t.c.id).where(t.c.id == incident.id)).first():
-                c.execute(t.update().where(t.c.id == incident.id).values(**row))
+        fields = {k: d[k] for k in ("opened_at", "detector", "version", "status", "action", "action_result",
+                                    "statistic", "threshold", "digest", "dataset_manifest_sha256")}
+        fields["payload"] = json.dumps(d, sort_keys=True)
+        with db.translate_errors(self.url), Session(db.writer(self.engine)) as s, s.begin():
+            row = s.get(IncidentRow, incident.id)
+            if row is None:
+                s.add(IncidentRow(id=incident.id, **fields))
             else:
-                c.execute(t.insert().values(**row))
+                for k, v in fields.items():
+                    setattr(row, k, v)
 
     def act(self, incident: Incident) -> ActionResult:
         return ActionResult(False, "the incident store records incidents; it does not act")
 
     def list(self, *, status: str | None = None, version: str | None = None, limit: int = 50) -> list[Incident]:
-        t = self.table
-        q = self.sa.select(t.c.payload).order_by(t.c.opened_at.desc()).limit(limit)
+        q = select(IncidentRow.payload).order_by(IncidentRow.opened_at.desc()).limit(limit)
         if status:
-            q = q.where(t.c.status == status)
+            q = q.where(IncidentRow.status == status)
         if version:
-            q = q.where(t.c.version == version)
-        with self.engine.connect() as c:
-            return [Incident.from_dict(json.loads(r[0])) for r in c.execute(q)]
+            q = q.where(IncidentRow.version == version)
+        with db.translate_errors(self.url), Session(self.engine) as s:
+            return [Incident.from_dict(json.loads(p)) for p in s.execute(q).scalars()]
 
     def get(self, incident_id: str) -> Incident:
-        t = self.table
-        with self.engine.connect() as c:
-            rows = c.execute(self.sa.select(t.c.payload).where(t.c.id.startswith(incident_id, autoescape=True))).all()
+        q = select(IncidentRow.payload).where(IncidentRow.id.startswith(incident_id, autoescape=True))
+        with db.translate_errors(self.url), Session(self.engine) as s:
+            rows = s.execute(q.limit(2)).scalars().all()
         if not rows:
-            raise TrustmoeError(f"no incident {incident_id!r} in {self.url}")
+            raise TrustmoeError(f"no incident {incident_id!r} in {db.display_url(self.url)}")
         if len(rows) > 1:
-            raise TrustmoeError(f"incident id {incident_id!r} is ambiguous ({len(rows)} match); give more digits")
-        return Incident.from_dict(json.loads(rows[0][0]))
+            raise TrustmoeError(f"incident id {incident_id!r} is ambiguous (several match); give more digits")
+        return Incident.from_dict(json.loads(rows[0]))
 
     def ack(self, incident_id: str, by: str | None = None) -> Incident:
         inc = self.get(incident_id)
@@ -204,13 +215,74 @@ class IncidentStore:
 
     def counts(self) -> dict[str, Any]:
         """Open and acknowledged incidents per version and detector."""
-        t = self.table
-        q = self.sa.select(t.c.version, t.c.detector, t.c.status, self.sa.func.count(),
-                           self.sa.func.max(t.c.opened_at)).group_by(t.c.version, t.c.detector, t.c.status)
-        with self.engine.connect() as c:
-            rows = c.execute(q).all()
-        return {"rows": [{"version": v, "detector": d, "status": s, "count": n, "last_opened_at": last}
-                         for v, d, s, n, last in rows]}
+        r = IncidentRow
+        q = select(r.version, r.detector, r.status, func.count(), func.max(r.opened_at)).group_by(
+            r.version, r.detector, r.status)
+        with db.translate_errors(self.url), Session(self.engine) as s:
+            rows = s.execute(q).all()
+        return {"rows": [{"version": v, "detector": d, "status": st, "count": n, "last_opened_at": last}
+                         for v, d, st, n, last in rows]}
 
     def close(self) -> None:
-        self.engine.dispose()
+        if self._own:
+            self.engine.dispose()
+
+
+class RegistrySink:
+    """Stores incidents in the registry database and carries out their actions.
+
+    `rollback_canary`: `set_canary_percent(0)` (the server's canary split), for an incident of
+    the canary. `rollback_production`: `Registry.rollback(model, alias)` when the incident's
+    version still holds that alias (checked, and the write conditioned on the alias history
+    entry read, so a concurrent promotion is never undone), recorded with
+    why="incident <id>: ..."; then `after_rollback()` (the server reloads from the registry).
+    An incident of a canary under `rollback_production` rolls the canary back instead:
+    production did not misbehave. Nothing here raises for a refused action: it says why.
+    """
+
+    def __init__(self, store: IncidentStore, registry: Registry | None = None,
+                 set_canary_percent: Callable[[float], Any] | None = None,
+                 after_rollback: Callable[[], Any] | None = None) -> None:
+        self.store_, self.registry = store, registry
+        self.set_canary_percent, self.after_rollback = set_canary_percent, after_rollback
+
+    def store(self, incident: Incident) -> None:
+        self.store_.store(incident)
+
+    def act(self, incident: Incident) -> ActionResult:
+        if incident.action == "notify":
+            return ActionResult(False, "notify only")
+        if incident.role == "canary":
+            if self.set_canary_percent is None:
+                return ActionResult(False, "no canary control was given to the monitor")
+            self.set_canary_percent(0.0)
+            return ActionResult(True, f"canary {incident.version} set to 0% of traffic")
+        if incident.action == "rollback_canary":
+            return ActionResult(False, f"{incident.version} is not a canary (role {incident.role}); "
+                                       "the policy only rolls canaries back")
+        return self._rollback_alias(incident)
+
+    def _rollback_alias(self, inc: Incident) -> ActionResult:
+        from trustmoe.deploy.records import parse_ref
+
+        if self.registry is None or not inc.model or not inc.alias:
+            return ActionResult(False, f"{inc.version} was not served from a registry alias: "
+                                       "nothing to roll back")
+        holder = self.registry.alias_holder(inc.model, inc.alias)
+        served = parse_ref(inc.version).version if "@" in inc.version else None
+        if holder is None or (served is not None and holder.version != served):
+            now = "nothing" if holder is None else f"v{holder.version}"
+            return ActionResult(False, f"alias {inc.model}@{inc.alias} now holds {now}, not "
+                                       f"{inc.version}: left as it is")
+        why = (f"incident {inc.id}: {inc.detector} {inc.statistic:.4g} crossed {inc.threshold:.4g} "
+               f"on {inc.version}")
+        try:
+            res = self.registry.rollback(inc.model, inc.alias, why=why, expected_seq=holder.seq,
+                                         by="trustmoe-monitor")
+        except TrustmoeError as e:
+            return ActionResult(False, str(e))
+        ev = res.event
+        if self.after_rollback is not None:
+            self.after_rollback()
+        return ActionResult(True, f"alias {inc.model}@{inc.alias} rolled back v{ev.previous_version} -> "
+                                  f"v{ev.version} (alias history #{ev.seq})")

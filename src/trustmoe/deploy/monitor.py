@@ -73,6 +73,8 @@ class VersionInfo:
     dataset_manifest_sha256: str | None = None
     profile_ref: str | None = None  # set from the profile when left empty
     role: str | None = None  # "production" | "canary" | ..., for the sink's decision
+    model: str | None = None  # registry model name (None when not served from a registry)
+    alias: str | None = None  # registry alias the version is served under, e.g. "production"
 
 
 @dataclass
@@ -188,7 +190,8 @@ class Monitor:
             dataset_manifest_sha256=w.info.dataset_manifest_sha256, profile_ref=w.info.profile_ref,
             sample_request_ids=[hash_request_id(r.request_id) for r in sample],
             prompts=[r.prompt or "" for r in sample] if p.log_prompts else None,
-            details=dict(details), opened_at=self.clock())
+            details=dict(details), opened_at=self.clock(), role=w.info.role, model=w.info.model,
+            alias=w.info.alias)
         self.sink.store(inc)
         if inc.action != "notify":
             try:

@@ -11,6 +11,7 @@ from trustmoe.deploy import schema
 
 def _import_models() -> None:
     """Import every module that declares tables on `schema.Base`, so autogenerate sees them."""
+    import trustmoe.deploy.incidents  # noqa: F401  (table incidents)
 
 
 _import_models()
