@@ -59,13 +59,14 @@ def _when(t: Any) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
-def plot(name: str, history: list[dict[str, Any]]) -> str:
+def plot(name: str, history: list[dict[str, Any]], version: str = "") -> str:
     """Inline SVG: the statistic per window (line, crossed windows red) and its threshold (dashed)."""
     pts = [(i, h.get("statistic"), h.get("threshold"), h.get("crossed")) for i, h in enumerate(history)]
     vals = [v for _, s, t, _ in pts for v in (s, t) if isinstance(v, int | float) and math.isfinite(v)]
     label = f'<text x="{PAD}" y="14" class="t">{_e(name)}</text>'
+    svg = f'<svg class="plot" data-version="{_e(version)}" data-detector="{_e(name)}" width="{W}" height="{H}"'
     if not vals:
-        return (f'<svg class="plot" data-detector="{_e(name)}" width="{W}" height="{H}" role="img">{label}'
+        return (f'{svg} role="img">{label}'
                 f'<text x="{W // 2}" y="{H // 2}" text-anchor="middle" class="m">no window yet</text></svg>')
     lo, hi = min(0.0, *vals), max(vals)
     hi = hi if hi > lo else lo + 1.0
@@ -78,13 +79,18 @@ def plot(name: str, history: list[dict[str, Any]]) -> str:
 
     stat = " ".join(xy(i, s) for i, s, _, _ in pts if isinstance(s, int | float) and math.isfinite(s))
     thr = " ".join(xy(i, t) for i, _, t, _ in pts if isinstance(t, int | float) and math.isfinite(t))
-    dots = "".join(f'<circle cx="{xy(i, s).split(",")[0]}" cy="{xy(i, s).split(",")[1]}" r="3.5" class="x"/>'
+    if len(pts) == 1 and thr:  # one window: the threshold as a level, the statistic as a dot
+        y = thr.split(",")[1]
+        thr = f"{PAD},{y} {W - PAD},{y}"
+    dots = "".join(f'<circle cx="{p.split(",")[0]}" cy="{p.split(",")[1]}" r="2.5" class="pt"/>'
+                   for p in stat.split())
+    dots += "".join(f'<circle cx="{xy(i, s).split(",")[0]}" cy="{xy(i, s).split(",")[1]}" r="3.5" class="x"/>'
                    for i, s, _, c in pts if c and isinstance(s, int | float) and math.isfinite(s))
     axes = (f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" class="ax"/>'
             f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{H - PAD}" class="ax"/>'
             f'<text x="2" y="{PAD + 4}" class="m">{hi:.3g}</text><text x="2" y="{H - PAD}" class="m">{lo:.3g}</text>'
             f'<text x="{W - PAD}" y="{H - 8}" text-anchor="end" class="m">window {len(pts)}</text>')
-    return (f'<svg class="plot" data-detector="{_e(name)}" width="{W}" height="{H}" role="img" '
+    return (f'{svg} role="img" '
             f'aria-label="{_e(name)} statistic per window and its threshold">{label}{axes}'
             f'<polyline points="{thr}" class="thr"/><polyline points="{stat}" class="st"/>{dots}</svg>')
 
@@ -97,7 +103,7 @@ vertical-align:top}th{background:#f3f3f3}code{font-size:12px}.ok{color:#1a7f37}.
 .plots{display:flex;flex-wrap:wrap;gap:14px}.card{border:1px solid #ddd;padding:6px;max-width:440px}
 .card p{font-size:12px;color:#444;margin:.3em 0}
 svg .st{fill:none;stroke:#1f5fbf;stroke-width:2}svg .thr{fill:none;stroke:#c0392b;stroke-width:1.5;
-stroke-dasharray:6 4}svg .x{fill:#c0392b}svg .ax{stroke:#999}svg .t{font-size:12px;font-weight:600}
+stroke-dasharray:6 4}svg .x{fill:#c0392b}svg .pt{fill:#1f5fbf}svg .ax{stroke:#999}svg .t{font-size:12px;font-weight:600}
 svg .m{font-size:10px;fill:#666}
 """
 
@@ -151,7 +157,8 @@ def render(st: dict[str, Any], refresh_s: int = 10) -> str:
     for key, w in watched.items():
         cards = []
         for name, d in w.get("detectors", {}).items():
-            cards.append(f'<div class="card">{plot(name, d.get("history", []))}<p>{_e(d.get("explain"))}</p></div>')
+            svg = plot(name, d.get("history", []), key)
+            cards.append(f'<div class="card">{svg}<p>{_e(d.get("explain"))}</p></div>')
         parts.append(f'<h3><code>{_e(key)}</code> ({_e(w.get("info", {}).get("role"))})</h3>'
                      f'<div class="plots">{"".join(cards)}</div>')
 
