@@ -42,7 +42,7 @@ def _serve(eng: Engine, prompts: list[list[int]], max_tokens: int = 3
     while eng.has_unfinished():
         for o in eng.step():
             if o.finished:
-                feats[o.request_id] = o.prompt_features
+                feats[o.request_id] = o.features
                 toks[o.request_id] = o.token_ids
     return feats, toks
 
@@ -99,5 +99,5 @@ def test_aborted_request_leaves_nothing() -> None:
     eng.step()  # first prefill chunk only
     eng.abort("a")
     outs = eng.step()
-    assert [o.finish_reason for o in outs] == ["abort"] and outs[0].prompt_features is None
+    assert [o.finish_reason for o in outs] == ["abort"] and outs[0].features is None
     assert not eng._acc and not eng._feats

@@ -86,6 +86,14 @@ def serve_command(
                                          help="Share of requests (0..100) copied to the shadow."),
     shadow_log: Path = typer.Option(None, "--shadow-log", show_default=False,
                                     help="JSONL file the paired shadow comparisons are appended to."),
+    monitor: Path = typer.Option(None, "--monitor", show_default=False,
+                                 help="Live monitoring policy (monitor.toml): drift detectors and SLOs "
+                                      "per served version against its eval profile, incidents in the "
+                                      "registry database, automatic canary/production rollback, "
+                                      "webhook; adds GET /dashboard and /dashboard/status.json."),
+    log_prompts: bool = typer.Option(False, "--log-prompts",
+                                     help="With --monitor: keep raw prompts of sample requests in "
+                                          "incidents (default: hashed request ids only)."),
     replicas: int = typer.Option(1, "--replicas", min=1,
                                  help="Run N server replicas behind one address with Ray Serve "
                                       "(needs `pip install 'trustmoe[ray]'`)."),
@@ -115,7 +123,22 @@ def serve_command(
         block_size=block_size, max_num_seqs=max_num_seqs, max_queue=max_queue,
         prefill_chunk=prefill_chunk, device=device, num_threads=num_threads,
         batch_invariant=batch_invariant, enable_prefix_caching=prefix_caching,
+        features=monitor is not None,  # the engine emits what the monitor reads
     )
+    on_app = None
+    if monitor is not None:
+        from trustmoe.deploy.policy import load_policy
+
+        load_policy(monitor)  # a bad policy fails before any model loads
+        if replicas > 1:
+            raise TrustmoeError("--monitor runs in one server process: use it without --replicas")
+        from functools import partial
+
+        from trustmoe.serve.monitoring import attach
+
+        on_app = partial(attach, policy_path=monitor, log_prompts=log_prompts)
+    elif log_prompts:
+        raise TrustmoeError("--log-prompts needs --monitor")
     from trustmoe.security.guard import Guard, GuardPolicy
 
     if guard is not None and no_guard:
@@ -143,7 +166,7 @@ def serve_command(
         run(deployment(model_ref, serve_config, replicas=replicas), host=host, port=port,
             blocking=True)
         return
-    serve(model_ref, host, port, serve_config=serve_config, log_level=log_level)
+    serve(model_ref, host, port, serve_config=serve_config, log_level=log_level, on_app=on_app)
 
 
 @export_app.command("gguf")

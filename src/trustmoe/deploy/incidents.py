@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -263,13 +264,12 @@ class RegistrySink:
         return self._rollback_alias(incident)
 
     def _rollback_alias(self, inc: Incident) -> ActionResult:
-        from trustmoe.deploy.records import parse_ref
-
         if self.registry is None or not inc.model or not inc.alias:
             return ActionResult(False, f"{inc.version} was not served from a registry alias: "
                                        "nothing to roll back")
         holder = self.registry.alias_holder(inc.model, inc.alias)
-        served = parse_ref(inc.version).version if "@" in inc.version else None
+        num = re.search(r"[:@](\d+)$", inc.version)  # "demo:3" (a served key) or "demo@3"
+        served = int(num.group(1)) if num else None
         if holder is None or (served is not None and holder.version != served):
             now = "nothing" if holder is None else f"v{holder.version}"
             return ActionResult(False, f"alias {inc.model}@{inc.alias} now holds {now}, not "

@@ -272,7 +272,7 @@ class Engine:
         if self._feats:
             for o in outs:  # a request's features ride on its finished output
                 if o.finished:
-                    o.prompt_features = self._feats.pop(o.request_id, None)
+                    o.features = self._feats.pop(o.request_id, None)
         return outs
 
     def _sample_and_update(self, rows: list[tuple[Sequence, torch.Tensor]]) -> list[RequestOutput]:

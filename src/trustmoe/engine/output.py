@@ -39,7 +39,7 @@ class RequestOutput:
     # with SamplingParams.prompt_logits: (P-1, V) fp32 raw logits, row i predicts prompt token i+1
     prompt_logits: torch.Tensor | None = None
     # with EngineConfig.features: the prompt's monitoring features, on the finished output
-    prompt_features: RequestFeatures | None = None
+    features: RequestFeatures | None = None
 
 
 def top_alternatives(logits: torch.Tensor, k: int) -> list[dict[int, float] | None]:

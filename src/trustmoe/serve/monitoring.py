@@ -61,7 +61,7 @@ class ServedVersionLike(Protocol):
 class FinishedRequestLike(Protocol):
     """What the monitor reads of `trustmoe.serve.fleet.FinishedRequest`."""
 
-    version: str  # ServedVersion.key
+    version: Any  # the ServedVersion that answered (or its key)
     request_id: str
     status: int  # HTTP status (>= 500: an error)
     latency_s: float | None
@@ -105,8 +105,9 @@ def record_of(fr: Any, log_prompts: bool = False, prompt: str | None = None) -> 
     """A fleet `FinishedRequest` as the monitor's `RequestRecord` (arrival = now - latency)."""
     lat = fr.latency_s
     now = time.time()
+    v = fr.version
     return RequestRecord(
-        request_id=str(fr.request_id), version=str(fr.version),
+        request_id=str(fr.request_id), version=str(v.key) if hasattr(v, "key") else str(v),
         time=now - lat if lat is not None else now, latency_s=lat, ttft_s=fr.ttft_s,
         error=int(fr.status) >= 500, guard_blocked=bool(fr.guard_blocked), features=fr.features,
         prompt=prompt if log_prompts else None)
@@ -213,7 +214,7 @@ class LiveMonitor:
             if have is not None and have[0] == v.digest:
                 if have[1] != role:  # a promotion: same weights, new role
                     info = self.monitor.watches[key].info
-                    info.role, info.alias = role, _alias(role)
+                    info.role, info.alias = role, _alias(role, getattr(v, "ref", ""))
                     self._served[key] = (v.digest, role)
                 continue
             if v.eval_dir is None:
@@ -225,7 +226,7 @@ class LiveMonitor:
                 self.counters.not_watched[key] = str(e)
                 continue
             info = VersionInfo(version=key, digest=v.digest, dataset_manifest_sha256=v.dataset_manifest_sha256,
-                               role=role, model=v.name, alias=_alias(role))
+                               role=role, model=v.name, alias=_alias(role, getattr(v, "ref", "")))
             self.monitor.add_version(info, profile)
             self.counters.not_watched.pop(key, None)
             self._served[key] = (v.digest, role)
@@ -270,9 +271,34 @@ class LiveMonitor:
         return out
 
 
-def _alias(role: str | None) -> str | None:
-    """The registry alias a role is served from (the production alias is rolled back)."""
-    return role if role == "production" else None
+def _alias(role: str | None, ref: str = "") -> str | None:
+    """The registry alias a production version is served from (the one rolled back): the
+    alias of its ref (`registry:NAME@ALIAS`), else "production"; None for other roles."""
+    if role != "production":
+        return None
+    if ref.startswith("registry:") and "@" in ref:
+        tail = ref.rsplit("@", 1)[1]
+        return None if tail.isdigit() else tail  # a pinned version follows no alias
+    return "production"
+
+
+def attach(app: Any, policy_path: Path, *, log_prompts: bool = False) -> LiveMonitor:
+    """`trustmoe serve --monitor monitor.toml`: watch `app.state.fleet`, add /dashboard."""
+    from trustmoe.deploy.policy import load_policy
+    from trustmoe.deploy.registry import Registry
+    from trustmoe.serve import dashboard
+
+    fleet = app.state.fleet
+    policy = load_policy(policy_path)
+    url = getattr(fleet.config, "registry_url", None)
+    registry = None
+    if any(getattr(v, "ref", "").startswith("registry:") for v in fleet.versions()):
+        registry = Registry.open(url, create=False)
+    store = IncidentStore(registry if registry is not None else url)
+    live = LiveMonitor(fleet, policy, registry=registry, store=store, log_prompts=log_prompts).start()
+    app.state.monitor = live
+    app.include_router(dashboard.router(live.status))
+    return live
 
 
 def _served_dict(v: Any) -> dict[str, Any]:
