@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import importlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -140,3 +141,17 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.replace(tmp, path)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
+
+
+def json_safe(x: Any) -> Any:
+    """`x` as strict JSON data: dict keys as strings, tuples as lists, numpy/torch scalars as
+    Python numbers, NaN and ±inf as None (json.dumps would write the invalid `NaN`)."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [json_safe(v) for v in x]
+    if not isinstance(x, str | bytes) and getattr(x, "ndim", None) == 0 and hasattr(x, "item"):
+        x = x.item()  # numpy / torch 0-d
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x

@@ -56,3 +56,19 @@ def test_broken_extra_is_not_reported_as_missing(tmp_path: Path,
     with pytest.raises(ModuleNotFoundError) as e:
         require_extra("fake_extra_pkg", "export")
     assert e.value.name == "no_such_dependency_xyz"
+
+
+def test_json_safe_gives_strict_json() -> None:
+    import json
+    import math
+
+    import numpy as np
+    import torch
+
+    from trustmoe.io import json_safe
+
+    x = {1: (np.float32(1.5), math.nan, torch.tensor(2.0), np.int64(3), [math.inf, -math.inf]),
+         "s": "nan", "arr": np.arange(2).tolist()}
+    out = json_safe(x)
+    assert out == {"1": [1.5, None, 2.0, 3, [None, None]], "s": "nan", "arr": [0, 1]}
+    json.dumps(out, allow_nan=False)  # strict JSON: raises on NaN/inf

@@ -14,7 +14,9 @@ The shared object is built with the system C compiler (`cc -O3 -march=native -fo
 source, the flags, the compiler and this CPU, written to a temporary name and renamed, so
 concurrent first uses are safe. Where no compiler is found or the build fails, `available()`
 is False and callers fall back to torch's own matmuls (one warning says why).
-`TRUSTMOE_CPU_KERNELS=0` turns the kernels off.
+`TRUSTMOE_CPU_KERNELS=0` turns the kernels off. `TRUSTMOE_KERNEL_MARCH` replaces `native` in
+`-march=` (e.g. `x86-64`: no AVX2/FMA, the portable vector path CI forces to test it);
+`vector_path()` says which path the loaded build holds.
 """
 
 from __future__ import annotations
@@ -68,7 +70,10 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     # fp-contract off: the C code places every fused multiply-add itself, identically in
     # every tile shape, which batch invariance relies on
-    flags = ["-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=off"]
+    march = os.environ.get("TRUSTMOE_KERNEL_MARCH", "native")
+    if not march.replace("-", "").replace("_", "").isalnum():
+        raise RuntimeError(f"TRUSTMOE_KERNEL_MARCH={march!r} is not a -march name")
+    flags = ["-O3", f"-march={march}", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=off"]
     if _torch_uses_gomp():  # share torch's thread pool rather than start a second one
         flags.append("-fopenmp")
     src = b"\0".join(p.read_bytes() for p in SOURCES + HEADERS)
@@ -110,6 +115,7 @@ def _build() -> ctypes.CDLL:
               lib.tm_final):
         f.restype = None
     lib.tm_num_threads.restype = _c_int
+    lib.tm_vector_path.restype = _c_int
     return lib
 
 
@@ -144,6 +150,12 @@ def lib() -> ctypes.CDLL:
     out = _get()
     assert out is not None, "CPU kernels unavailable"
     return out
+
+
+def vector_path() -> str:
+    """"avx2+fma", "avx2", "fma" or "generic": the vector code the loaded kernels hold."""
+    bits = int(lib().tm_vector_path())
+    return {3: "avx2+fma", 1: "avx2", 2: "fma"}.get(bits, "generic")
 
 
 def available() -> bool:

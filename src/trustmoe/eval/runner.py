@@ -29,13 +29,11 @@ eval.json's `summary` block is flat and stable (the registry's promotion gates r
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from trustmoe.eval import calibration as cal
@@ -47,23 +45,11 @@ from trustmoe.eval.moe_diag import compare_routing, summarize_routing
 from trustmoe.eval.profile import write_eval_profile
 from trustmoe.eval.stages import Sizes
 from trustmoe.eval.tasks import builtin_tasks, load_task_file, perplexity, score_task
-from trustmoe.io import TrustmoeError, atomic_dir, read_json, sha256_file
+from trustmoe.io import TrustmoeError, atomic_dir, json_safe, read_json, sha256_file
 from trustmoe.security.integrity import write_manifest
 
 __all__ = ["Sizes", "run_eval", "summary"]
 MIN_DOCS = 2  # per split: calibration needs a fit and a test document, membership one each
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 class _Stages:
@@ -208,7 +194,7 @@ def _evaluate(lm: LM, model_dir: Path | None, data_dir: Path, out_dir: Path, tas
         res["summary"] = _summary_block(res, scored_tasks, seed)
         from trustmoe.eval.report import write_report
 
-        res = _json_safe(res)
+        res = json_safe(res)
         stages.run("report", lambda: _write(out_dir, res, other, stages.timing, write_report,
                                             lambda tmp: stages.run("profile", lambda: _profile(
                                                 lm, model_dir, data_dir, tmp, out_dir, quick,

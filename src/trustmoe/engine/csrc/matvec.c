@@ -49,6 +49,19 @@ void tm_mm_i4(const float* xd, const float* xsum, const uint8_t* p, const float*
     }
 }
 
+/* Which vector code this build holds: bit 0 AVX2 integer unpacking, bit 1 FMA (0: the
+   portable path, e.g. built with TRUSTMOE_KERNEL_MARCH=x86-64). */
+int tm_vector_path(void) {
+    int bits = 0;
+#if defined(__AVX2__)
+    bits |= 1;
+#endif
+#if defined(__FMA__) && defined(__AVX__)
+    bits |= 2;
+#endif
+    return bits;
+}
+
 int tm_num_threads(void) {
     int n = 1;
 #ifdef _OPENMP
