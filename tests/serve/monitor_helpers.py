@@ -5,6 +5,7 @@ the monitor, not the engine (the end-to-end test serves real models)."""
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,31 @@ def write_eval_dir(d: Path, seed: int = 0, n: int = 300) -> Path:
     save_profile(prof, d)
     (d / "eval.json").write_text(json.dumps({"schema": 1}))
     return d
+
+
+def traffic(seed: int, n: int, vocab: int) -> list[list[int]]:
+    """Prompts of token ids, 8..32 long, ids in [3, vocab) (distinct, so the prefix cache never
+    hides positions): the "trusted traffic" of the end-to-end tests."""
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(8, 32))] for _ in range(n)]
+
+
+def tokenizer_vocab(model_dir: Path) -> int:
+    """How many ids the server's tokenizer knows (prompt ids beyond it get 400)."""
+    from tokenizers import Tokenizer
+
+    return int(Tokenizer.from_file(str(model_dir / "tokenizer.json")).get_vocab_size())
+
+
+def model_eval_dir(model_dir: Path, out: Path, prompts: list[list[int]]) -> Path:
+    """An eval dir whose profile is the model's own features on `prompts`."""
+    from trustmoe.eval.profile import profile_from_prompts
+    from trustmoe.model.hf import load
+
+    save_profile(profile_from_prompts(load(model_dir), prompts, {"kind": "trusted traffic",
+                                                                 "model_dir": str(model_dir)}), out)
+    (out / "eval.json").write_text(json.dumps({"schema": 1}))
+    return out
 
 
 def policy(**kw: Any) -> Policy:

@@ -25,7 +25,7 @@ import hmac
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -337,11 +337,12 @@ def serve(model_ref: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
           config: EngineConfig | None = None, max_concurrency: int = SERVER_MAX_CONCURRENCY,
           api_key: str | None = None, served_model_name: str | None = None,
           log_level: str = "info", guard: Guard | None = None,
-          serve_config: ServeConfig | None = None, on_app: Any = None, **overrides: Any) -> None:
+          serve_config: ServeConfig | None = None,
+          on_app: Callable[[FastAPI], object] | None = None, **overrides: Any) -> None:
     """Load `model_ref` (a model dir or `registry:NAME@ALIAS`) and serve it until interrupted
     (blocks). `config` + `overrides` (EngineConfig field names) set the engine; `serve_config`,
     when given, sets everything else (canary, shadow, follow...) and the other keywords are
-    ignored."""
+    ignored. `on_app(app)` runs once the app is built, before it serves (`--monitor`)."""
     import dataclasses
 
     import uvicorn
@@ -358,6 +359,6 @@ def serve(model_ref: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
     if serve_config.api_key is None and os.environ.get(API_KEY_ENV):
         serve_config = dataclasses.replace(serve_config, api_key=os.environ[API_KEY_ENV])
     app = create_app(model_ref, serve_config)
-    if on_app is not None:  # e.g. trustmoe.serve.monitoring.attach (`--monitor`)
+    if on_app is not None:  # trustmoe.serve.monitoring.attach with `--monitor`
         on_app(app)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

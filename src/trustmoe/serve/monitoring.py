@@ -22,12 +22,13 @@ served but not watched, and `status()` says why.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -39,6 +40,8 @@ from trustmoe.deploy.policy import Policy
 from trustmoe.engine.features import RequestFeatures
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from trustmoe.deploy.registry import Registry
 
 log = logging.getLogger("trustmoe.monitor")
@@ -130,6 +133,7 @@ class LiveMonitor:
         self._served: dict[str, tuple[str, str | None]] = {}  # key -> (digest, role) watched
         self._thread: threading.Thread | None = None
         self._want_sync = False
+        self._subscribed = False
 
     # ------------------------------------------------------------ the request path
 
@@ -154,11 +158,15 @@ class LiveMonitor:
     # ------------------------------------------------------------ the worker
 
     def start(self) -> LiveMonitor:
+        if self._thread is not None:
+            return self
         self._want_sync = True
         self._thread = threading.Thread(target=self._run, name="trustmoe-monitor", daemon=True)
         self._thread.start()
-        self.fleet.on_swap(self.on_swap)
-        self.fleet.on_finished(self.submit)
+        if not self._subscribed:  # once: a restarted worker reads the same subscriptions
+            self._subscribed = True
+            self.fleet.on_swap(self.on_swap)
+            self.fleet.on_finished(self.submit)
         self.q.put(_SYNC)  # watch the versions now, not at the first request
         return self
 
@@ -282,8 +290,13 @@ def _alias(role: str | None, ref: str = "") -> str | None:
     return "production"
 
 
-def attach(app: Any, policy_path: Path, *, log_prompts: bool = False) -> LiveMonitor:
-    """`trustmoe serve --monitor monitor.toml`: watch `app.state.fleet`, add /dashboard."""
+def attach(app: FastAPI, policy_path: Path, *, log_prompts: bool = False) -> LiveMonitor:
+    """`trustmoe serve --monitor monitor.toml`: watch `app.state.fleet`, add /dashboard.
+
+    The worker runs with the app: it starts after the fleet's engines in the app's lifespan
+    and stops (what it queued observed first) before they close, and the registry and
+    incident store opened here close with it. The app's own lifespan is wrapped, not
+    replaced, so `create_app` needs no monitoring hook."""
     from trustmoe.deploy.policy import load_policy
     from trustmoe.deploy.registry import Registry
     from trustmoe.serve import dashboard
@@ -295,9 +308,24 @@ def attach(app: Any, policy_path: Path, *, log_prompts: bool = False) -> LiveMon
     if any(getattr(v, "ref", "").startswith("registry:") for v in fleet.versions()):
         registry = Registry.open(url, create=False)
     store = IncidentStore(registry if registry is not None else url)
-    live = LiveMonitor(fleet, policy, registry=registry, store=store, log_prompts=log_prompts).start()
+    live = LiveMonitor(fleet, policy, registry=registry, store=store, log_prompts=log_prompts)
     app.state.monitor = live
     app.include_router(dashboard.router(live.status))
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(a: Any) -> AsyncIterator[Any]:
+        async with inner(a) as state:  # the fleet's engines run from here
+            live.start()
+            try:
+                yield state
+            finally:  # before the engines close, so a rollback can still reload the fleet
+                await asyncio.to_thread(live.stop)
+                store.close()
+                if registry is not None:
+                    registry.close()
+
+    app.router.lifespan_context = lifespan
     return live
 
 
