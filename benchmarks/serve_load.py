@@ -2,6 +2,7 @@
 
     python benchmarks/serve_load.py            # bench-small, 16 and 64 clients (~2-3 min)
     python benchmarks/serve_load.py --quick    # fewer, shorter requests (~1 min)
+    python benchmarks/serve_load.py --monitor --quick   # monitoring overhead (~2 min)
 
 Builds a random-weight model of the bench-small shape (../shared/bench-shapes.json) with a
 byte-level BPE tokenizer, starts `trustmoe serve` on it in a subprocess (its own GIL and
@@ -12,6 +13,13 @@ The peer runs the same requests one by one through `transformers`
 `MixtralForCausalLM.generate` (greedy, KV cache on) in this process, interleaved with our
 runs so machine noise hits both. Prints one JSON object; `ratio_16` is the headline
 (target >= 8 on bench-small).
+
+`--monitor`: the same load against two servers of the same registry version, one plain and
+one with `--monitor` (engine features on, every request observed by the live monitor against
+the version's eval profile: drift windows of 50 requests, SLOs), runs interleaved off/on
+`--repeats` times so machine noise hits both. No transformers peer. Prints one JSON object
+with both tokens/s and `overhead` = 1 - on/off per client count (target <= 0.05), plus what the
+monitor saw (requests observed, windows, incidents) to show it really worked.
 """
 
 from __future__ import annotations
@@ -53,10 +61,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(model_dir: Path, port: int, max_num_seqs: int) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "trustmoe.cli", "serve", str(model_dir), "--port", str(port),
+def start_server(model_ref: Path | str, port: int, max_num_seqs: int,
+                 extra: list[str] | None = None) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "trustmoe.cli", "serve", str(model_ref), "--port", str(port),
            "--max-num-seqs", str(max_num_seqs), "--max-queue", "512", "--max-concurrency",
-           "1024", "--kv-cache-mb", "512", "--log-level", "warning"]
+           "1024", "--kv-cache-mb", "512", "--log-level", "warning", *(extra or [])]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -135,6 +144,110 @@ def peer_run(hf: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, An
             "tokens_per_s": round(tokens / wall, 1)}
 
 
+MONITOR_TOML = """
+[monitor]
+window = 50
+ert_requests = 100000
+cooldown_s = 0
+
+[actions]
+act = ["drift", "slo"]
+action = "notify"
+
+[slo]
+window = 100
+p99_latency_s = 60.0
+max_error_rate = 0.05
+"""
+
+
+def stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def monitored(url: str, key: str, timeout: float = 300) -> dict[str, Any]:
+    """status.json once the monitor watches `key` (its detectors are calibrated)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = httpx.get(url + "/dashboard/status.json", timeout=30).json()
+        if key in st["versions"]:
+            return dict(st)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the monitor never watched {key}: {st['queue']}")
+        time.sleep(0.5)
+
+
+def monitor_main(args: argparse.Namespace, max_tokens: int, per_client: int,
+                 clients: list[int]) -> None:
+    """Tokens/s with and without `--monitor`, same model, same requests, interleaved."""
+    from trustmoe.deploy.registry import Registry
+    from trustmoe.eval.profile import profile_from_prompts, save_profile
+    from trustmoe.model.hf import load
+
+    tmp = Path(tempfile.mkdtemp(prefix="serve_load_monitor_"))
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        model_dir = build_model(tmp / args.shape, args.shape)
+        model = load(model_dir)
+        rng = random.Random(1)
+        vocab = model.config.vocab_size
+
+        def prompts(n: int) -> list[list[int]]:
+            return [[rng.randrange(3, vocab) for _ in range(rng.randint(16, 128))]
+                    for _ in range(n)]
+
+        eval_dir = tmp / "eval"  # the version's reference: the same kind of prompts as the load
+        save_profile(profile_from_prompts(model, prompts(256), {"kind": "benchmark traffic"}),
+                     eval_dir)
+        (eval_dir / "eval.json").write_text("{}")
+        del model
+        db = tmp / "registry.db"
+        with Registry.open(db) as reg:
+            reg.add(model_dir, "bench", eval_dir=eval_dir, why="serve_load --monitor")
+            reg.promote("bench", 1, "production", why="benchmark", force=True)
+        (tmp / "monitor.toml").write_text(MONITOR_TOML)
+        base = ["--registry", str(db), "--no-guard"]
+        urls = {}
+        for side, extra in (("off", base), ("on", [*base, "--monitor", str(tmp / "monitor.toml")])):
+            port = free_port()
+            procs[side] = start_server("registry:bench@production", port, args.max_num_seqs, extra)
+            urls[side] = f"http://127.0.0.1:{port}"
+        monitored(urls["on"], "bench:1")
+        for url in urls.values():
+            asyncio.run(load_run(url, prompts(4), 4, 4))  # warm-up
+        result: dict[str, Any] = {"shape": args.shape, "max_tokens": max_tokens, "mode": "monitor",
+                                  "repeats": args.repeats, "runs": {}}
+        for c in clients:
+            for url in urls.values():
+                asyncio.run(load_run(url, prompts(c), c, 8))  # warm this batch size
+            runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+            for _ in range(args.repeats):  # off, on, off, on: noise hits both
+                batch = prompts(c * per_client)
+                for side in ("off", "on"):
+                    runs[side].append(asyncio.run(load_run(urls[side], batch, c, max_tokens)))
+            tps = {side: statistics.mean(r["tokens_per_s"] for r in rs) for side, rs in runs.items()}
+            result["runs"][str(c)] = {
+                "tokens_per_s_off": round(tps["off"], 1), "tokens_per_s_on": round(tps["on"], 1),
+                "ratio_on_off": round(tps["on"] / tps["off"], 3),
+                "overhead": round(1 - tps["on"] / tps["off"], 3), "off": runs["off"], "on": runs["on"]}
+        st = monitored(urls["on"], "bench:1")
+        v = st["versions"]["bench:1"]
+        result["monitor"] = {"observed": st["queue"]["observed"], "dropped": st["queue"]["dropped"],
+                             "failed": st["queue"]["failed"], "requests": v["requests"],
+                             "drift_windows": v["windows"], "incidents": len(st.get("incidents", []))}
+        result["overhead"] = max(r["overhead"] for r in result["runs"].values())
+        print(json.dumps(result, indent=2))
+    finally:
+        for proc in procs.values():
+            stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="bench-small", choices=["bench-small", "bench-medium"])
@@ -144,11 +257,17 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=None)
     ap.add_argument("--peer-requests", type=int, default=None)
     ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--monitor", action="store_true",
+                    help="tokens/s with vs without --monitor (live monitoring), same run")
+    ap.add_argument("--repeats", type=int, default=2, help="with --monitor: off/on pairs per client count")
     args = ap.parse_args()
     max_tokens = args.max_tokens or (32 if args.quick else 64)
     per_client = args.requests_per_client or (1 if args.quick else 2)
     n_peer = args.peer_requests or (4 if args.quick else 8)
     clients = [int(x) for x in args.clients.split(",")]
+    if args.monitor:
+        monitor_main(args, max_tokens, per_client, clients)
+        return
 
     from transformers import AutoModelForCausalLM
 
@@ -185,12 +304,7 @@ def main() -> None:
             result[f"ratio_{c}"] = round(result["runs"][str(c)]["tokens_per_s"] / peer_tps, 2)
         print(json.dumps(result, indent=2))
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
