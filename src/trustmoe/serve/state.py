@@ -5,6 +5,11 @@ waiting (429 when none are free), hands every choice of a request to the engine 
 returns a `Lease` whose `close()` aborts whatever has not finished and gives the slots back.
 Handlers close their lease in `finally`, so a request that ends any way at all — finished,
 client gone, error — leaves nothing behind.
+
+Several states (one per engine of a `Fleet`: production, canary, shadow) share one
+`Admission`, the server-wide count of choices in flight against `max_concurrency`. A request
+that runs under a `RequestTracker` (`serve/tracking.py`, set by the route) has its lease
+attached to it, so the tracker sees the outputs (TTFT, tokens) and the end of a stream.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from trustmoe.serve.bridge import AsyncEngine, EngineDeadError, ServedEngine, St
 from trustmoe.serve.chat import ChatTemplate
 from trustmoe.serve.metrics import ServerMetrics
 from trustmoe.serve.protocol import APIError
+from trustmoe.serve.tracking import CURRENT_TRACKER, RequestTracker
 
 if TYPE_CHECKING:
     from trustmoe.serve.jsonmode import State
@@ -49,39 +55,58 @@ class Lease:
     arrival: float
     unfinished: set[str] = field(default_factory=set)
     closed: bool = False
+    tracker: RequestTracker | None = None
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        complete = not self.unfinished
         for rid in self.unfinished:
             self.state.bridge.abort(rid)
         self.unfinished.clear()
         self.state.active -= len(self.subs)
+        self.state.admission.active -= len(self.subs)
+        if self.tracker is not None:
+            self.tracker.lease_closed(complete)
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         """Yield RequestOutputs of all choices until every one has finished."""
         while self.unfinished:
             item = await self.queue.get()
             if isinstance(item, BaseException):
+                if self.tracker is not None:
+                    self.tracker.error_status = 500
                 raise APIError(500, f"generation failed: {type(item).__name__}: {item}")
             if item.finished:
                 self.unfinished.discard(item.request_id)
+            if self.tracker is not None:
+                self.tracker.observe(item)
             yield item
+
+
+@dataclass
+class Admission:
+    """The server-wide count of choices in flight, shared by every engine's state."""
+
+    max_concurrency: int
+    active: int = 0
 
 
 class ServerState:
     def __init__(self, engine: ServedEngine, *, model_name: str | None = None,
                  served_names: list[str] | None = None,
                  max_concurrency: int = SERVER_MAX_CONCURRENCY,
-                 chat_template: ChatTemplate | None = None, api_key: str | None = None) -> None:
+                 chat_template: ChatTemplate | None = None, api_key: str | None = None,
+                 metrics: ServerMetrics | None = None, admission: Admission | None = None) -> None:
         self.engine = engine
         self.model_name = model_name or engine.model_name or "trustmoe"
         self.served_names = set(served_names or []) | {self.model_name}
-        self.metrics = ServerMetrics(self.model_name)
+        self.metrics = metrics if metrics is not None else ServerMetrics(self.model_name)
         self.bridge = AsyncEngine(engine, self.metrics)
         self.max_concurrency = max_concurrency
-        self.active = 0
+        self.admission = admission if admission is not None else Admission(max_concurrency)
+        self.active = 0  # choices of this engine in flight (admission.active: all engines')
         self.chat_template = chat_template or ChatTemplate()
         self.api_key = api_key
         self.created = int(time.time())
@@ -106,6 +131,14 @@ class ServerState:
             self._trie = TokenTrie(self.tokenizer)
         return self._trie
 
+    def release_engine(self) -> None:
+        """Drop this state's engine (a retired slot): its weights and KV cache are freed once
+        nothing else holds them."""
+        self.bridge.engine = None  # type: ignore[assignment]
+        self.engine = None  # type: ignore[assignment]
+        self.mask_cache.clear()
+        self._trie = None
+
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.served_names:
             raise APIError(404, f"The model `{name}` does not exist; this server serves "
@@ -122,11 +155,16 @@ class ServerState:
         if len(subs) > self.max_concurrency:
             raise APIError(400, f"this request asks for {len(subs)} generations (prompts × n); "
                            f"the server allows {self.max_concurrency} at once")
-        if self.active + len(subs) > self.max_concurrency:
-            raise self.reject(429, f"server busy: {self.active} requests in flight "
+        busy = self.admission.active
+        if busy + len(subs) > self.max_concurrency:
+            raise self.reject(429, f"server busy: {busy} requests in flight "
                               f"(--max-concurrency {self.max_concurrency}); retry shortly")
         self.active += len(subs)
-        lease = Lease(self, subs, asyncio.Queue(), time.monotonic())
+        self.admission.active += len(subs)
+        tracker = CURRENT_TRACKER.get()
+        lease = Lease(self, subs, asyncio.Queue(), time.monotonic(), tracker=tracker)
+        if tracker is not None:
+            tracker.attach(lease)
         try:
             for s in subs:
                 lease.unfinished.add(s.request_id)
