@@ -95,3 +95,11 @@ def small_engine(tiny_model_dir: Path) -> Any:
     from trustmoe.engine import Engine
 
     return Engine(tiny_model_dir, kv_cache_mb=8, max_num_seqs=1, max_queue=1)
+
+
+@pytest.fixture(scope="session")
+def model_dir_factory(tiny_data_dir: Path) -> Any:
+    """`model_dir_factory(out, seed=...)`: another tiny model dir (different random weights)."""
+    def make(out: Path, seed: int = 0, preset: str = "tiny") -> Path:
+        return make_model_dir(out, tiny_data_dir, preset=preset, seed=seed)
+    return make

@@ -31,7 +31,9 @@ def _quantize_mode(value: str) -> str | None:
 
 
 def serve_command(
-    model_dir: Path = typer.Argument(..., help="HF-format Mixtral/Llama model directory."),
+    model_ref: str = typer.Argument(..., metavar="MODEL",
+                                    help="A model directory (HF Mixtral/Llama), or a registry "
+                                         "version: registry:NAME@ALIAS or registry:NAME@VERSION."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all)."),
     port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
     quantize: str = typer.Option(_ENGINE.quantize or "none",
@@ -64,16 +66,47 @@ def serve_command(
                                help="Guard policy (guard.toml): prompt-injection scanning, tool "
                                     "allow-list, output secrets/PII/canary. Default: built-in policy."),
     no_guard: bool = typer.Option(False, "--no-guard", help="Turn the request/output guard off."),
+    registry: str = typer.Option(None, "--registry", envvar="TRUSTMOE_REGISTRY", show_default=False,
+                                 help="Registry database (path or SQLAlchemy URL) for registry: refs. "
+                                      "Default: ~/.trustmoe/registry.db."),
+    follow: bool = typer.Option(False, "--follow", help="Poll the registry aliases served and "
+                                "hot-swap when one moves (in-flight requests finish on the old one)."),
+    poll_seconds: float = typer.Option(5.0, "--poll-seconds", help="With --follow: seconds "
+                                       "between alias polls (a database read)."),
+    canary: str = typer.Option(None, "--canary", show_default=False,
+                               help="A second version answering --canary-percent of requests, "
+                                    "e.g. NAME@canary (sticky per `user` / x-trustmoe-user)."),
+    canary_percent: float = typer.Option(0.0, "--canary-percent",
+                                         help="Share of requests (0..100) the canary answers."),
+    shadow: str = typer.Option(None, "--shadow", show_default=False,
+                               help="A version that gets a copy of --shadow-percent of requests, "
+                                    "its output discarded and compared with the answer, e.g. "
+                                    "NAME@candidate."),
+    shadow_percent: float = typer.Option(100.0, "--shadow-percent",
+                                         help="Share of requests (0..100) copied to the shadow."),
+    shadow_log: Path = typer.Option(None, "--shadow-log", show_default=False,
+                                    help="JSONL file the paired shadow comparisons are appended to."),
 ) -> None:
     """Serve a model with an OpenAI-compatible API (completions, chat, streaming, metrics).
 
     Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-    GET /metrics (Prometheus). The guard (on by default) answers 400 with a `guard_<rule>`
-    code to prompt injections and jailbreaks, checks `tools` against its policy, and redacts
-    secrets in the output (see `--guard`). Requests beyond --max-concurrency or a full queue
-    get 429 with Retry-After. Stop with Ctrl-C.
+    GET /ready, GET /metrics (Prometheus), POST /admin/reload (re-read the registry aliases
+    now; needs the API key when one is set). Every response carries
+    `x-trustmoe-model: name:version@sha256:<digest12>`, the version that answered. The guard
+    (on by default) answers 400 with a `guard_<rule>` code to prompt injections and
+    jailbreaks, checks `tools` against its policy, and redacts secrets in the output (see
+    `--guard`). Requests beyond --max-concurrency or a full queue get 429 with Retry-After.
+    Stop with Ctrl-C.
+
+    Examples: `trustmoe serve runs/demo/model`;
+    `trustmoe serve registry:demo@production --follow --canary demo@canary --canary-percent 10`.
     """
-    _check_model_dir(model_dir)
+    from trustmoe.serve.fleet import REGISTRY_PREFIX
+
+    if not model_ref.startswith(REGISTRY_PREFIX):
+        _check_model_dir(Path(model_ref))
+    if shadow_log is not None and not shadow_log.parent.is_dir():
+        raise TrustmoeError(f"--shadow-log: directory {shadow_log.parent} does not exist")
     config = EngineConfig(  # ConfigError (one line, exit 2) for a setting that cannot work
         quantize=_quantize_mode(quantize), group_size=group_size, kv_cache_mb=kv_cache_mb,
         block_size=block_size, max_num_seqs=max_num_seqs, max_queue=max_queue,
@@ -93,10 +126,14 @@ def serve_command(
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", "20000")
     from trustmoe.serve.app import serve
+    from trustmoe.serve.fleet import ServeConfig
 
-    serve(model_dir, host, port, config=config, max_concurrency=max_concurrency,
-          api_key=api_key or None, served_model_name=served_model_name or None,
-          log_level=log_level, guard=guard_obj)
+    serve_config = ServeConfig(
+        engine=config, registry_url=registry, canary=canary, canary_percent=canary_percent,
+        shadow=shadow, shadow_percent=shadow_percent, shadow_log=shadow_log, follow=follow,
+        poll_seconds=poll_seconds, max_concurrency=max_concurrency, api_key=api_key or None,
+        served_model_name=served_model_name or None, guard=guard_obj).validate()
+    serve(model_ref, host, port, serve_config=serve_config, log_level=log_level)
 
 
 @export_app.command("gguf")
