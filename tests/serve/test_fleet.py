@@ -241,3 +241,27 @@ def test_reload_error_keeps_serving_in_process(reg_db: Path) -> None:
     finally:
         _promote(reg_db, 1)
         fleet.close()
+
+
+def test_demo_serve_serves_the_demo_registry(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from rich.console import Console
+
+    from trustmoe.cli.demo import demo_serve_ref
+    from trustmoe.cli.registry import register_demo
+
+    rec = register_demo(tmp_path, tiny_model_dir, None, None, Console(file=None, quiet=True))
+    ref, db = demo_serve_ref(rec)
+    assert db == str(tmp_path / "registry.db")
+    if rec["alias"] is None:  # no eval: the gates keep it out of production; serve the version
+        assert ref == "registry:demo@1"
+        reg = Registry.open(db)
+        reg.promote("demo", 1, "production", why="test", force=True)
+        reg.close()
+        rec = {**rec, "alias": "production"}
+        ref, db = demo_serve_ref(rec)
+    assert ref == "registry:demo@production"
+    fleet = Fleet(ref, ServeConfig(engine=ENGINE, registry_url=db))
+    try:
+        assert fleet.versions()[0].header.startswith("demo:1@sha256:")
+    finally:
+        fleet.close()

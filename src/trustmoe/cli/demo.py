@@ -124,10 +124,20 @@ def demo_cmd(
     console.print(summary_table(summary))
     console.print(next_steps(summary, port))
     if serve:
-        console.rule(f"[bold]5. serve on http://127.0.0.1:{port}/v1 (Ctrl-C to stop)")
+        ref, db = demo_serve_ref(registered)
+        console.rule(f"[bold]5. serve {ref} on http://127.0.0.1:{port}/v1 (Ctrl-C to stop)")
         from trustmoe.serve.app import serve as serve_model
+        from trustmoe.serve.fleet import ServeConfig
 
-        serve_model(model_dir, host="127.0.0.1", port=port)
+        serve_model(ref, host="127.0.0.1", port=port,
+                    serve_config=ServeConfig(registry_url=db, follow=True))
+
+
+def demo_serve_ref(registered: dict[str, Any]) -> tuple[str, str]:
+    """What `demo --serve` serves: registry:demo@production from the demo's registry, or the
+    version just registered when the gates kept it out of production."""
+    target = registered["alias"] or registered["version"]
+    return f"registry:{registered['name']}@{target}", registered["db"]
 
 
 def _starved_note(res: Any, preset: str, minutes: float) -> str | None:
@@ -255,6 +265,10 @@ def next_steps(s: dict[str, Any], port: int = 8000) -> Table:
     t.add_column(style="dim", overflow="fold")
     t.add_row("[bold]next:[/]", "")
     t.add_row(f"trustmoe serve {model}", f"OpenAI-compatible API on http://127.0.0.1:{port}/v1")
+    r = s.get("registry")
+    if r and r.get("alias"):
+        t.add_row(f"trustmoe serve registry:{r['name']}@{r['alias']} --registry {r['db']} --follow",
+                  "serve what the registry's alias names, hot-swapping when it moves")
     t.add_row(f'trustmoe generate {model} "def "', "sample from the model")
     if s.get("eval"):
         t.add_row(f"open {s['eval'].get('report', 'report.html')}", "the evaluation report")
