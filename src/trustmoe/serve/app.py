@@ -212,7 +212,8 @@ def create_app(model: ServedEngine | Fleet | str | Path,
 
     @app.get("/ready")
     async def ready() -> Response:
-        body = {"ready": fleet.ready, "versions": [v.to_dict() for v in fleet.versions()]}
+        body = {"ready": fleet.ready, "versions": [v.to_dict() for v in fleet.versions()],
+                "pid": os.getpid()}
         return JSONResponse(body, status_code=200 if fleet.ready else 503)
 
     @app.get("/v1/models")
