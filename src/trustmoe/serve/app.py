@@ -296,7 +296,7 @@ async def _answer(fleet: Fleet, request: Request, model: type[BaseModel], handle
     try:
         req = await _parse(request, model)
     except APIError as e:
-        slot = fleet.production.acquire()
+        slot = fleet.pick(None, fleet.production.version.key)  # header: production's
         RequestTracker(fleet, slot, endpoint, None, slot.state.new_id("http")).finish(e.status)
         raise
     hashed = user_hash(getattr(req, "user", None) or request.headers.get(USER_HEADER))

@@ -281,6 +281,7 @@ class Fleet:
         self._canary_percent = self.config.canary_percent
         self._rng = random.Random()
         self._reload_lock = threading.Lock()
+        self._pick_lock = threading.Lock()  # choosing a slot and taking its reference vs a swap
         self._finished_fns: list[Callable[[FinishedRequest], None]] = []
         self._swap_fns: list[Callable[[list[ServedVersion]], None]] = []
         self._notify_q: queue.SimpleQueue[tuple[Callable[[Any], None], Any] | None] = queue.SimpleQueue()
@@ -346,8 +347,10 @@ class Fleet:
                         continue
                     pinned = replace(src, registry_ref=f"{info.name}@{info.version}")
                     new = self._load(src, self._resolve(pinned))
-                    old = self._slots[role]
-                    self._slots[role] = new  # one assignment: new requests go to the new engine
+                    with self._pick_lock:  # no request can be between choosing and holding
+                        old = self._slots[role]
+                        self._slots[role] = new  # new requests go to the new engine
+                        old.retiring = True
                     self._retire(old)
                     moved.append(new.version)
                     log.info("swapped %s: %s -> %s", role, old.version.header, new.version.header)
@@ -401,18 +404,28 @@ class Fleet:
 
     def pick(self, hashed_user: str | None, model: str | None = None) -> Slot:
         """The slot a new request runs on (its reference taken: release it when done)."""
+        with self._pick_lock:
+            return self._choose(hashed_user, model).acquire()
+
+    def hold(self, role: str) -> Slot | None:
+        """The slot of `role` with a reference taken (None when there is none)."""
+        with self._pick_lock:
+            s = self._slots.get(role)
+            return s.acquire() if s is not None else None
+
+    def _choose(self, hashed_user: str | None, model: str | None) -> Slot:
         canary = self._slots.get("canary")
         if model is not None:
             for role in ("production", "canary"):
                 s = self._slots.get(role)
                 if s is not None and model == s.version.key:
-                    return s.acquire()
+                    return s
         p = self._canary_percent
         if canary is not None and p > 0:
             x = user_bucket(hashed_user) if hashed_user else self._rng.random() * 100.0
             if x < p:
-                return canary.acquire()
-        return self.production.acquire()
+                return canary
+        return self.production
 
     @property
     def ready(self) -> bool:
@@ -505,7 +518,6 @@ class Fleet:
         return slot
 
     def _retire(self, old: Slot) -> None:
-        old.retiring = True
         self._retiring.append(old)
         threading.Thread(target=self._drain, args=(old,), name="trustmoe-retire",
                          daemon=True).start()

@@ -155,10 +155,9 @@ class ShadowRunner:
 
     async def _one(self, tracker: RequestTracker, fr: FinishedRequest, rec: ChoiceRecord
                    ) -> Comparison | None:
-        slot = self.fleet.slot("shadow")
+        slot = self.fleet.hold("shadow")
         if slot is None:
             return None
-        slot.acquire()
         rid = f"shadow-{fr.request_id}-{rec.index}"
         out: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         params = SamplingParams(max_tokens=len(rec.token_ids), temperature=0.0, logprobs=1,
