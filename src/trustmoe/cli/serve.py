@@ -86,6 +86,9 @@ def serve_command(
                                          help="Share of requests (0..100) copied to the shadow."),
     shadow_log: Path = typer.Option(None, "--shadow-log", show_default=False,
                                     help="JSONL file the paired shadow comparisons are appended to."),
+    replicas: int = typer.Option(1, "--replicas", min=1,
+                                 help="Run N server replicas behind one address with Ray Serve "
+                                      "(needs `pip install 'trustmoe[ray]'`)."),
 ) -> None:
     """Serve a model with an OpenAI-compatible API (completions, chat, streaming, metrics).
 
@@ -133,6 +136,13 @@ def serve_command(
         shadow=shadow, shadow_percent=shadow_percent, shadow_log=shadow_log, follow=follow,
         poll_seconds=poll_seconds, max_concurrency=max_concurrency, api_key=api_key or None,
         served_model_name=served_model_name or None, guard=guard_obj).validate()
+    if replicas > 1:
+        from trustmoe.serve.ray import deployment, run
+
+        typer.echo(f"starting {replicas} replicas under Ray Serve on http://{host}:{port}")
+        run(deployment(model_ref, serve_config, replicas=replicas), host=host, port=port,
+            blocking=True)
+        return
     serve(model_ref, host, port, serve_config=serve_config, log_level=log_level)
 
 

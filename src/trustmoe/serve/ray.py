@@ -46,7 +46,13 @@ def deployment(model_ref: str | Path, config: ServeConfig | None = None, *, repl
     cfg = (config or ServeConfig()).validate()
     policy = cfg.guard.policy if cfg.guard is not None else None
     cfg = dataclasses.replace(cfg, guard=None)  # rebuilt in each replica from its policy
-    ref = str(model_ref)
+    ref = _absolute(str(model_ref))  # replicas may run in another working directory
+    if cfg.registry_url and "://" not in cfg.registry_url:
+        cfg = dataclasses.replace(cfg, registry_url=str(Path(cfg.registry_url).expanduser().absolute()))
+    for name in ("canary", "shadow"):
+        value = getattr(cfg, name)
+        if value and Path(value).expanduser().is_dir():
+            cfg = dataclasses.replace(cfg, **{name: _absolute(value)})
 
     def build_app() -> Any:  # runs in each replica
         from trustmoe.security.guard import Guard
@@ -60,6 +66,14 @@ def deployment(model_ref: str | Path, config: ServeConfig | None = None, *, repl
     if ray_actor_options:
         options["ray_actor_options"] = ray_actor_options
     return serve.deployment(**options)(ingress).bind()
+
+
+def _absolute(ref: str) -> str:
+    from trustmoe.serve.fleet import REGISTRY_PREFIX
+
+    if ref.startswith(REGISTRY_PREFIX) or not Path(ref).expanduser().is_dir():
+        return ref
+    return str(Path(ref).expanduser().absolute())
 
 
 def run(app: Any, *, host: str = "127.0.0.1", port: int = 8000, name: str = DEPLOYMENT_NAME,
