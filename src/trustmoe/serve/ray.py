@@ -49,10 +49,8 @@ def deployment(model_ref: str | Path, config: ServeConfig | None = None, *, repl
     ref = _absolute(str(model_ref))  # replicas may run in another working directory
     if cfg.registry_url and "://" not in cfg.registry_url:
         cfg = dataclasses.replace(cfg, registry_url=str(Path(cfg.registry_url).expanduser().absolute()))
-    for name in ("canary", "shadow"):
-        value = getattr(cfg, name)
-        if value and Path(value).expanduser().is_dir():
-            cfg = dataclasses.replace(cfg, **{name: _absolute(value)})
+    cfg = dataclasses.replace(cfg, canary=cfg.canary and _absolute(cfg.canary),
+                              shadow=cfg.shadow and _absolute(cfg.shadow))
 
     def build_app() -> Any:  # runs in each replica
         from trustmoe.security.guard import Guard
