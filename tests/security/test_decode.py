@@ -100,6 +100,7 @@ def test_decoder_prefilters_find_exactly_what_the_regexes_find() -> None:
               "aaaaaaaaaaaaaaaaaaaaaaaaa", "AbCdEfGhIjKlMnOpQrStUvWxYz0123456789", "deadbeefcafebabe"]
     rng = random.Random(0)
     for _ in range(400):
-        raw = "".join(rng.choice(pieces) + rng.choice(["", " ", "\n", "\u00a0", "."]) for _ in range(rng.randint(1, 12)))
+        seps = ["", " ", "\n", "\u00a0", "."]
+        raw = "".join(rng.choice(pieces) + rng.choice(seps) for _ in range(rng.randint(1, 12)))
         assert d._payloads(raw) == _reference_payloads(raw), raw
     assert d._rot13(codecs.encode(ATTACK, "rot13")) == ATTACK

@@ -63,7 +63,8 @@ RULES: tuple[Rule, ...] = (
         r"|\bfrom now on,? (?:you (?:are|will|must|shall)|act as|respond as|your (?:new )?(?:role|name))"
         r"|\byou are no longer (?:an? )?(?:ai|assistant|chatbot|bound|restricted|required)"
         r"|\b(?:stop|cease) (?:being|acting as) (?:an? )?(?:helpful )?(?:ai|assistant)"),
-        ("instruction", "task", "rules", "system prompt", "directive", "from now on", "no longer", "being", "acting as")),
+        ("instruction", "task", "rules", "system prompt", "directive", "from now on", "no longer", "being",
+         "acting as")),
     Rule("role_tag", 0.95, re.compile(
         r"<\|(?:im_start|im_end|system|endoftext|start_header_id|end_header_id|eot_id)\|>"
         r"|\[/?inst\]|<</?sys>>|(?:^|\n)\s*#{2,}\s*(?:system|instruction)s?\s*:"
@@ -80,7 +81,9 @@ RULES: tuple[Rule, ...] = (
         r"|\b(?:stay|remain|keep) in character\b|\bbroken free of\b"
         r"|\bwithout (?:any )?(?:restrictions|filters|filtering|censorship|limitations|refusals?)\b"
         r"|\b(?:unfiltered|uncensored|amoral|unethical) (?:ai|assistant|chatbot|model|response)"),
-        ("anything", "dan", "mode", "jailbr", "guideline", "constraint", "restriction", "filter", "polic", "rules", "limit", "principle", "boundar", "character", "broken free", "without", "uncensored", "amoral", "unethical")),
+        ("anything", "dan", "mode", "jailbr", "guideline", "constraint", "restriction", "filter", "polic",
+         "rules", "limit", "principle", "boundar", "character", "broken free", "without", "uncensored",
+         "amoral", "unethical")),
     Rule("sysprompt_extraction", 0.9, re.compile(
         r"\b(?:repeat|print|show|reveal|output|display|tell me|give me|what (?:is|are|were)|list|"
         r"spell|translate|encode|dump|leak|copy|recite|write (?:out|down))\b[^.\n?]{0,40}?"
@@ -89,7 +92,8 @@ RULES: tuple[Rule, ...] = (
         r"|(?:instructions|prompt) (?:above|you were given|you received|before this)"
         r"|(?:text|words|everything|conversation) (?:above|so far|before this)"
         r"|beginning of (?:this|the|our) conversation)"),
-        ("prompt", "message", "instruction", "rules", "configuration", "above", "so far", "before this", "beginning of")),
+        ("prompt", "message", "instruction", "rules", "configuration", "above", "so far", "before this",
+         "beginning of")),
     Rule("exfil_link", 0.9, re.compile(
         r"!\[[^\]\n]{0,80}\]\(\s*https?://[^\s)]{0,200}[?&][^\s)=]{1,30}=[^\s)]{0,20}"
         r"(?:\{|\[|<|%7b|\$|data|secret|password|key|token|conversation|history|summary|prompt)"
