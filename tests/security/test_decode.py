@@ -69,3 +69,38 @@ def test_bounded_on_big_inputs() -> None:
 def test_lone_surrogate_is_named() -> None:
     assert check_text("ok") is None
     assert "surrogate" in (check_text("bad \ud800 text") or "")
+
+
+def _reference_payloads(raw: str) -> list[tuple[str, str]]:
+    """What `_payloads` finds when every decoder's regex runs over the whole text (no
+    prefilters): the fast paths must give exactly this."""
+    import html
+    import urllib.parse
+
+    from trustmoe.security import decode as d
+
+    out = [("base64", s) for m in d._B64.finditer(raw) if (s := d._b64(m.group())) is not None]
+    out += [("hex", s) for m in d._HEX.finditer(raw) if (s := d._hex(m.group())) is not None]
+    if d._PCT.search(raw) and urllib.parse.unquote(raw) != raw:
+        out.append(("url", urllib.parse.unquote(raw)))
+    if d._HTML.search(raw) and html.unescape(raw) != raw:
+        out.append(("html", html.unescape(raw)))
+    return out
+
+
+def test_decoder_prefilters_find_exactly_what_the_regexes_find() -> None:
+    import random
+
+    from trustmoe.security import decode as d
+
+    b64 = base64.b64encode(ATTACK.encode()).decode()
+    pieces = [b64, b64[:20], b64 + "==", "(" + b64 + ")", b64.replace("+", "-"), ATTACK.encode().hex(),
+              " ".join(f"0x{b:02x}" for b in ATTACK.encode()), "de ad be ef ca fe", "\\x69\\x67\\x6e\\x6f",
+              "%69%67%6e%6f%72%65", "&#105;&#103;", "ignore", "the", "\n", "\t", " ", ",", ":", "=",
+              "aaaaaaaaaaaaaaaaaaaaaaaaa", "AbCdEfGhIjKlMnOpQrStUvWxYz0123456789", "deadbeefcafebabe"]
+    rng = random.Random(0)
+    for _ in range(400):
+        seps = ["", " ", "\n", "\u00a0", "."]
+        raw = "".join(rng.choice(pieces) + rng.choice(seps) for _ in range(rng.randint(1, 12)))
+        assert d._payloads(raw) == _reference_payloads(raw), raw
+    assert d._rot13(codecs.encode(ATTACK, "rot13")) == ATTACK

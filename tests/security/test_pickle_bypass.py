@@ -59,6 +59,16 @@ def samples(marker: Path) -> dict[str, bytes]:
                                 + b"\ntR)R.")
     # profiler family (GHSA-46h3): cProfile.run(statement) executes the statement
     out["cprofile_run"] = b"ccProfile\nrun\n(" + P.STRING + repr(code).encode() + b"\ntR."
+    # modelscan#85: BUILD's slot state setattr()s "os" and "system" onto the allow-listed
+    # global numpy.prod; GLOBAL numpy prod.a / prod.b (dotted names, protocol >= 4) read them
+    # back, PUT/GET carry them to STACK_GLOBAL, so no dangerous name sits next to a GLOBAL
+    def slot(attr: str, value: str) -> bytes:  # (None, {attr: value}) BUILD on the stack top
+        return P.NONE + P.MARK + _unicode(attr) + _unicode(value) + P.DICT + P.TUPLE2 + P.BUILD
+    out["build_on_safe_global"] = (
+        P.PROTO + b"\x05" + P.GLOBAL + b"numpy\nprod\n" + slot("a", "os") + slot("b", "system")
+        + P.POP + P.GLOBAL + b"numpy\nprod.a\n" + P.PUT + b"0\n" + P.GLOBAL + b"numpy\nprod.b\n"
+        + P.PUT + b"1\n" + P.POP + P.POP + P.GET + b"0\n" + P.GET + b"1\n" + P.STACK_GLOBAL
+        + _unicode(cmd) + P.TUPLE1 + P.REDUCE + P.STOP)
     return out
 
 

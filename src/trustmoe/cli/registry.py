@@ -75,6 +75,9 @@ def add_cmd(
     train_state: Annotated[bool, typer.Option("--with-train-state", help="Also store a "
                                               "checkpoint's optimizer state (left out by "
                                               "default: serving never reads it).")] = False,
+    pubkey: Annotated[list[Path] | None, typer.Option(
+        "--pubkey", help="Require MODEL_DIR to be signed (`trustmoe sign`) by this Ed25519 public "
+        "key (repeatable; adds to the gates file's [signatures] keys).")] = None,
     registry: RegistryOpt = None,
     blobs: BlobsOpt = None,
     as_json: JsonOpt = False,
@@ -83,20 +86,25 @@ def add_cmd(
 
     Prints the version number. Files are stored once by SHA-256 (shared between versions); pickle weights are refused.
     The version records its digest, dataset manifest SHA-256, training args, eval and security
-    summaries, who, when and why.
+    summaries, who, when and why. With --pubkey or a gates file with [signatures] require = true,
+    an unsigned model, or one not signed by a trusted key, is refused; the signing key's
+    fingerprint is recorded.
     """
     from trustmoe.cli.registry_show import AddProgress
 
     reg = _open(registry, blobs, create=True)
     err = _err()
+    signatures = reg.signature_policy().with_keys(pubkey) if pubkey else None
     with AddProgress(err, enabled=not as_json) as bar:
         info = reg.add(model_dir, name, eval_dir=eval_dir, security_dir=security_dir,
                        data_dir=data_dir, why=why, progress=bar.advance, train_state=train_state,
-                       notice=lambda m: err.print(f"[yellow]note:[/] {m}"))
+                       notice=lambda m: err.print(f"[yellow]note:[/] {m}"), signatures=signatures)
     if as_json:
         _echo_json({**info.to_dict(), "registry": reg.url})
         return
-    typer.echo(f"{info.name} v{info.version}  sha256:{info.digest}")
+    sig = info.metadata.get("signature") or {}
+    signed = f"  signed by {sig['key']}" if sig.get("verified") else ""
+    typer.echo(f"{info.name} v{info.version}  sha256:{info.digest}{signed}")
 
 
 @registry_app.command("list")
@@ -327,7 +335,8 @@ def gates_cmd(
     pol = load_policy(path)
     if as_json:
         _echo_json({"source": pol.source, "sha256": pol.sha256,
-                    "gates": [g.__dict__ for g in pol.gates]})
+                    "gates": [g.__dict__ for g in pol.gates],
+                    "signatures": {"require": pol.signatures.require, "keys": list(pol.signatures.keys)}})
         return
     typer.echo(f"# policy: {pol.source} (sha256 {pol.sha256[:12]}...)")
     typer.echo(Path(path).read_text(encoding="utf-8") if path else DEFAULT_GATES_TOML, nl=False)

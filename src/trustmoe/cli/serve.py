@@ -112,7 +112,7 @@ def serve_command(
     Examples: `trustmoe serve runs/demo/model`;
     `trustmoe serve registry:demo@production --follow --canary demo@canary --canary-percent 10`.
     """
-    from trustmoe.serve.fleet import REGISTRY_PREFIX
+    from trustmoe.serve.sources import REGISTRY_PREFIX
 
     if not model_ref.startswith(REGISTRY_PREFIX):
         _check_model_dir(Path(model_ref))

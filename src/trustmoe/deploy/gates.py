@@ -15,6 +15,9 @@
     min = 0.25
     aliases = ["production"]         # only for promotions to these aliases
 
+A `[signatures]` table (`require = true`, `keys = [...]`) makes the registry require signed
+models: see `deploy/signatures.py`.
+
 Bounds: `max`, `min` (absolute), `max_ratio_to_holder`, `min_ratio_to_holder`,
 `max_increase_over_holder` (candidate - holder). A ratio or increase gate passes when the
 alias has no holder yet (nothing to compare against). Every failed gate is reported with both
@@ -32,6 +35,7 @@ from typing import Any
 
 from trustmoe.deploy.db import RegistryError
 from trustmoe.deploy.evidence import METRICS, SEVERITIES, lookup
+from trustmoe.deploy.signatures import SignaturePolicy, parse_signatures
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -89,6 +93,7 @@ class Policy:
     gates: tuple[Gate, ...]
     source: str  # the file, or "built-in default"
     sha256: str
+    signatures: SignaturePolicy = field(default_factory=SignaturePolicy)
 
 
 @dataclass(frozen=True)
@@ -148,15 +153,16 @@ def parse_policy(text: str, source: str) -> Policy:
     if default_missing not in ("fail", "skip"):
         raise GatesError(f"gates file {source}: missing must be \"fail\" or \"skip\", "
                          f"not {default_missing!r}")
-    unknown_top = set(raw) - {"missing", "gates"}
+    unknown_top = set(raw) - {"missing", "gates", "signatures"}
     if unknown_top:
         raise GatesError(f"gates file {source}: unknown top-level key {sorted(unknown_top)[0]!r} "
-                         "(expected missing and [gates.NAME] tables)")
+                         "(expected missing, [gates.NAME] tables and [signatures])")
     tables = raw.get("gates", {})
-    if not isinstance(tables, dict) or not tables:
+    if not isinstance(tables, dict) or (not tables and "signatures" not in raw):
         raise GatesError(f"gates file {source} defines no [gates.NAME] tables")
     gates = tuple(_parse_gate(name, t, default_missing, source) for name, t in tables.items())
-    return Policy(gates, source, hashlib.sha256(text.encode()).hexdigest())
+    sigs = parse_signatures(raw["signatures"], source) if "signatures" in raw else SignaturePolicy()
+    return Policy(gates, source, hashlib.sha256(text.encode()).hexdigest(), sigs)
 
 
 def _parse_gate(name: str, t: Any, default_missing: str, source: str) -> Gate:

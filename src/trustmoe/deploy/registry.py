@@ -69,6 +69,8 @@ from trustmoe.deploy.records import (
     parse_ref,
 )
 from trustmoe.deploy.schema import AliasEventRow, Base, FileRow, ModelRow, VersionRow, metadata
+from trustmoe.deploy.signatures import SignaturePolicy, check_signed
+from trustmoe.security.integrity import RESERVED
 
 __all__ = ["Base", "Registry", "ResolvedVersion", "metadata"]
 
@@ -160,13 +162,15 @@ class Registry:
     def add(self, model_dir: Path, name: str, *, eval_dir: Path | None = None,
             security_dir: Path | None = None, data_dir: Path | None = None, why: str = "",
             by: str | None = None, progress: Callable[[str, int], None] | None = None,
-            notice: Callable[[str], None] | None = None, train_state: bool = False
-            ) -> VersionInfo:
+            notice: Callable[[str], None] | None = None, train_state: bool = False,
+            signatures: SignaturePolicy | None = None) -> VersionInfo:
         """Register the files of `model_dir` (+ eval/security dirs) as the next version of `name`.
         Returns the new version, or the existing one when every file is identical to it.
         A checkpoint's optimizer state (train_state.safetensors, twice the weights) is left out
-        unless `train_state`: serving never reads it."""
+        unless `train_state`: serving never reads it. `signatures` (default: the gates file's
+        `[signatures]`) may require the model to be signed by a trusted key."""
         check_name(name)
+        sig_policy = signatures if signatures is not None else self.signature_policy()
         sources = {"model": Path(model_dir)}
         if eval_dir is not None:
             sources["eval"] = Path(eval_dir)
@@ -193,6 +197,10 @@ class Registry:
             digests = {part: manifest_digest(es) for part, es in parts.items()}
             meta = build_metadata(lambda e: staged[e.sha256].tmp.read_bytes(), parts, digests,
                                   sources, data_dir, notice or (lambda _m: None))
+            signed = check_signed(parts["model"], lambda e: staged[e.sha256].tmp.read_bytes(), sig_policy,
+                                  f"model dir {model_dir}", () if train_state else (TRAIN_STATE,))
+            if signed is not None:
+                meta["signature"] = signed
             for st in staged.values():  # every check passed: only now does the store change
                 self.store.commit(st)
         finally:
@@ -387,11 +395,31 @@ class Registry:
     def promote(self, name: str, version: int, alias: str, *, why: str = "", force: bool = False,
                 policy: Any = None, expected_seq: int | None = None, by: str | None = None
                 ) -> PromoteResult:
-        """Point `alias` at `version` if the gates pass (or `force` with a `why`)."""
-        from trustmoe.deploy.aliases import promote
+        """Point `alias` at `version` if the gates pass (or `force` with a `why`); a required
+        signature (the policy's `[signatures]`) is checked first and cannot be forced."""
+        from trustmoe.deploy.aliases import _policy, promote
 
-        return promote(self, name, version, alias, why=why, force=force, policy=policy,
+        pol = _policy(self, policy)
+        if pol.signatures.require:
+            self.check_signature(name, version, pol.signatures)
+        return promote(self, name, version, alias, why=why, force=force, policy=pol,
                        expected_seq=expected_seq, by=by or whoami())
+
+    def signature_policy(self) -> SignaturePolicy:
+        """The `[signatures]` of the gates file in force (none, or a named file that does not
+        exist: signatures are not required to add; `promote` refuses a missing gates file)."""
+        from trustmoe.deploy.aliases import find_policy_file
+        from trustmoe.deploy.gates import load_policy
+
+        path = find_policy_file(self.url)
+        return load_policy(path).signatures if path is not None and path.is_file() else SignaturePolicy()
+
+    def check_signature(self, name: str, version: int, policy: SignaturePolicy) -> dict[str, Any] | None:
+        """Check a stored version's signature against `policy` (RegistryError if it fails)."""
+        entries = self.files(name, version, "model")
+        signing = [e for e in entries if e.path in RESERVED]
+        self.store.verify_entries(signing, f"{name}@{version} model")
+        return check_signed(entries, store_reader(self.store), policy, f"{name} v{version}")
 
     def rollback(self, name: str, alias: str, why: str = "", *, expected_seq: int | None = None,
                  by: str | None = None) -> PromoteResult:

@@ -83,37 +83,45 @@ class Featurizer:
 
     def features(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """(buckets int64 (F,), positions int64 (F,)) for the normalized `text`."""
+        buckets, positions = self.pieces(text, with_positions=True)
+        if not buckets:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        return np.concatenate(buckets), np.concatenate(positions)
+
+    def pieces(self, text: str, with_positions: bool = False
+               ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The buckets of each n-gram family (char n for each n, words, word bigrams), and
+        with `with_positions` where each n-gram starts; `features` concatenates them."""
         codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
         L = len(codes)
         fwd, bwd = self._tables(L + 1)
+        buckets: list[np.ndarray] = []
+        positions: list[np.ndarray] = []
         with np.errstate(over="ignore"):
             c = codes.astype(np.uint64) + np.uint64(1)  # (L,)
             q = np.zeros(L + 1, dtype=np.uint64)
             np.cumsum(c * fwd[:L], out=q[1:])  # q[k] = sum_{t<k} c[t] B^t
-            buckets, positions = [], []
             for n in self.cfg.char_ns:
                 if n > L:
                     continue
                 h = (q[n:] - q[:-n]) * bwd[: L - n + 1]  # hash of text[i:i+n], (L-n+1,)
                 buckets.append(self._bucket(h ^ (np.uint64(n) * _MIX)))
-                positions.append(np.arange(L - n + 1, dtype=np.int64))
+                if with_positions:
+                    positions.append(np.arange(L - n + 1, dtype=np.int64))
             if self.cfg.words and L:
                 wb, wp = self._words(codes, q, bwd)
                 buckets += wb
-                positions += wp
-        if not buckets:
-            return np.empty(0, np.int64), np.empty(0, np.int64)
-        return np.concatenate(buckets), np.concatenate(positions)
+                positions += wp if with_positions else []
+        return buckets, positions
 
     def _words(self, codes: np.ndarray, q: np.ndarray, bwd: np.ndarray
                ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         alnum = _is_word_char(codes)  # (L,) bool
-        edges = np.diff(np.concatenate(([False], alnum, [False])).astype(np.int8))
-        starts = np.flatnonzero(edges == 1)
-        ends = np.flatnonzero(edges == -1)
-        if not len(starts):
+        edges = np.diff(alnum, prepend=False, append=False).nonzero()[0]  # starts, ends alternate
+        if not len(edges):
             return [], []
-        ends = np.minimum(ends, starts + _MAXLEN)
+        starts = edges[0::2]
+        ends = np.minimum(edges[1::2], starts + _MAXLEN)
         h = (q[ends] - q[starts]) * bwd[starts] ^ _WORD_TAG  # (W,)
         out_b = [self._bucket(h)]
         out_p = [starts.astype(np.int64)]
@@ -134,9 +142,13 @@ class Featurizer:
         return idx, counts / np.sqrt(len(b))
 
 
+_WORD_CHARS = np.zeros(256, dtype=bool)  # [0-9A-Za-z_] and every code point from U+00C0 on
+for _a, _b in ((48, 57), (65, 90), (95, 95), (97, 122), (0xC0, 0xFF)):
+    _WORD_CHARS[_a: _b + 1] = True
+
+
 def _is_word_char(codes: np.ndarray) -> np.ndarray:
-    return (((codes >= 48) & (codes <= 57)) | ((codes >= 97) & (codes <= 122))
-            | ((codes >= 65) & (codes <= 90)) | (codes == 95) | (codes >= 0xC0))
+    return _WORD_CHARS[np.minimum(codes, 255)]  # (L,) bool; codes above 255 land on True
 
 
 @dataclass
@@ -160,11 +172,13 @@ class GuardClassifier:
         """The highest window logit of normalized `text` (long texts in blocks of 16 windows,
         so memory and hash tables stay bounded)."""
         W, L = self.cfg.window, len(text)
-        if L <= W:
-            b, _ = self.feat.features(text)
-            if not len(b):
+        if L <= W:  # one window: sum the weights of each n-gram family, no positions needed
+            parts, _ = self.feat.pieces(text)
+            count = sum(len(p) for p in parts)
+            if not count:
                 return self.bias
-            return float(self.weight[b].astype(np.float64).sum() / np.sqrt(len(b)) + self.bias)
+            total = sum(float(self.weight[p].sum(dtype=np.float64)) for p in parts)
+            return total / float(np.sqrt(count)) + self.bias
         block = 16 * W
         best = -np.inf
         for s in range(0, L, block):

@@ -46,10 +46,10 @@ _HOMOGLYPHS = str.maketrans({
     "Τ": "t", "Υ": "y", "Χ": "x", "ı": "i", "ℓ": "l",
 })
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
-_SPACE = re.compile(r"\s+")
 _B64 = re.compile(r"(?:[A-Za-z0-9+/]{4}){4,}(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?"
                   r"|[A-Za-z0-9_-]{24,}={0,2}")
 _HEX = re.compile(r"(?:(?:0x|\\x)?[0-9a-fA-F]{2}[\s,:]?){8,}")
+_HEX_START = re.compile(r"[0-9a-fA-F]{2}(?:[\s,:]?(?:0x|\\x)?[0-9a-fA-F]{2}){3}")  # in every _HEX match
 _PCT = re.compile(r"(?:%[0-9a-fA-F]{2}[^%\s]{0,3}){3,}")
 _HTML = re.compile(r"&(?:#\d{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z]{2,8});")
 _WORD = re.compile(r"[a-z]{2,}")
@@ -94,7 +94,7 @@ def normalize(text: str, signals: set[str] | None = None) -> str:
         if folded != text and _mixed_script(text):
             sig.add("homoglyph")
         text = folded
-    return _SPACE.sub(" ", text).strip().lower()
+    return " ".join(text.split()).lower()  # str.split and re's \s: the same whitespace
 
 
 def _mixed_script(text: str) -> bool:
@@ -141,31 +141,41 @@ def _hex(tok: str) -> str | None:
         return None
 
 
+_ROT = str.maketrans("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
+                     "nopqrstuvwxyzabcdefghijklmNOPQRSTUVWXYZABCDEFGHIJKLM")
+# ROT13 maps lower-case runs onto lower-case runs at the same places, so the common words of
+# the rotated text are the words of the text found in the rotated word list: no second pass
+_COMMON_ROT = frozenset(w.translate(_ROT) for w in COMMON)
+
+
 def _rot13(text: str) -> str | None:
     words = _WORD.findall(text)
     if len(words) < 3:
         return None
-    rot = text.translate(_ROT)
-    before = sum(w in COMMON for w in words)
-    after = sum(w in COMMON for w in _WORD.findall(rot))
-    return rot if after >= 2 and after > 2 * before + 1 else None
-
-
-_ROT = str.maketrans("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
-                     "nopqrstuvwxyzabcdefghijklmNOPQRSTUVWXYZABCDEFGHIJKLM")
+    after = sum(map(_COMMON_ROT.__contains__, words))
+    if after < 2 or after <= 2 * sum(map(COMMON.__contains__, words)) + 1:
+        return None
+    return text.translate(_ROT)
 
 
 def _payloads(raw: str) -> list[tuple[str, str]]:
     """Decoded pieces found in `raw` (one layer)."""
     out: list[tuple[str, str]] = []
-    for m in _B64.finditer(raw):
-        s = _b64(m.group())
-        if s is not None:
-            out.append(("base64", s))
-    for m in _HEX.finditer(raw):
-        s = _hex(m.group())
-        if s is not None:
-            out.append(("hex", s))
+    # each decoder runs only where its payload can be: a base64 match holds no whitespace, so
+    # it lies inside one whitespace-free word of >= 16 characters (the same matches, in order);
+    # hex needs four byte pairs in a row (the first four of its eight)
+    for word in raw.split():
+        if len(word) < 16:
+            continue
+        for m in _B64.finditer(word):
+            s = _b64(m.group())
+            if s is not None:
+                out.append(("base64", s))
+    if _HEX_START.search(raw):
+        for m in _HEX.finditer(raw):
+            s = _hex(m.group())
+            if s is not None:
+                out.append(("hex", s))
     if "%" in raw and _PCT.search(raw):
         s = urllib.parse.unquote(raw)
         if s != raw:

@@ -35,6 +35,7 @@ guard.toml (every key optional; `trustmoe serve --guard guard.toml`):
     max_tools = 64
     max_schema_bytes = 32768
     max_schema_depth = 16
+    max_calls = 8              # tool calls in one choice (parallel_tool_calls; false: 1)
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class ToolPolicyConfig:
     max_tools: int = 64
     max_schema_bytes: int = 32768
     max_schema_depth: int = 16
+    max_calls: int = 8  # tool calls per choice when the request allows parallel calls
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ class GuardPolicy:
         t = self.tools
         if t.max_tools < 1 or t.max_schema_bytes < 64 or not 1 <= t.max_schema_depth <= 64:
             raise TrustmoeError("guard policy: tools limits must be positive (max_schema_depth 1..64)")
+        if not 1 <= t.max_calls <= 64:
+            raise TrustmoeError(f"guard policy: tools.max_calls must be in 1..64, got {t.max_calls}")
         return self
 
 

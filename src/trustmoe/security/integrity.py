@@ -142,13 +142,18 @@ def _safe_rel(name: Any) -> bool:
 
 def read_manifest(root: Path) -> dict[str, dict[str, Any]]:
     """The manifest's file table, validated (raises IntegrityError naming what is wrong)."""
+    return parse_manifest((root / MANIFEST).read_bytes(), root)
+
+
+def parse_manifest(raw: bytes, root: Path | str) -> dict[str, dict[str, Any]]:
+    """`read_manifest` of the bytes of an integrity.json (e.g. a stored copy); `root` names it."""
     try:
-        data = json.loads((root / MANIFEST).read_bytes())
+        data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise IntegrityError(f"{root / MANIFEST} is not valid JSON ({e})") from None
+        raise IntegrityError(f"{Path(root) / MANIFEST} is not valid JSON ({e})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(
             data.get("files"), dict):
-        raise IntegrityError(f"{root / MANIFEST} is not a {FORMAT} manifest")
+        raise IntegrityError(f"{Path(root) / MANIFEST} is not a {FORMAT} manifest")
     out: dict[str, dict[str, Any]] = {}
     for name, ent in data["files"].items():
         if not _safe_rel(name) or name in RESERVED:

@@ -16,6 +16,12 @@ each says which rule fired and on what text.
 | `exfil_link` | markdown images or links that carry data out in their query string |
 | `tool_hijack` | text that tells the model to call a tool or send data somewhere |
 | `hidden_text` | Unicode tag characters (ASCII smuggling), bidi controls, mixed-script look-alikes |
+
+Speed: each rule also lists `keys`, literal substrings of which every match of its pattern
+must contain one (the words its alternatives cannot do without). `scan` runs a rule's regex
+only when one of its keys is in the text: a substring test in C costs a fraction of a regex
+pass with `\\b` alternations, and ordinary text holds few keys. The keys are a necessary
+condition, so the hits are exactly those of the regexes alone (tested on the guard data).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class Rule:
     name: str
     weight: float
     pattern: re.Pattern[str]
+    keys: tuple[str, ...] = ()  # every match contains one of these (empty: always run)
 
 
 @dataclass(frozen=True)
@@ -48,17 +55,21 @@ class RuleHit:
 RULES: tuple[Rule, ...] = (
     Rule("override", 0.97, re.compile(
         rf"\b{_OVERRIDE_VERB}\b[^.\n]{{0,24}}?\b{_PRIOR}\b[^.\n]{{0,30}}?\b{_INSTR}\b"
-        rf"(?![^.\n]{{0,12}}\b(?:file|section|below|in the (?:readme|docs?))\b)")),
+        rf"(?![^.\n]{{0,12}}\b(?:file|section|below|in the (?:readme|docs?))\b)"),
+        ("ignore", "disregard", "forget", "skip", "bypass", "override", "neglect", "abandon", "discard", "set aside")),
     Rule("new_instructions", 0.8, re.compile(
         r"\b(?:new|updated|real|actual|true|revised|secret|hidden) (?:instructions?|task|rules|"
         r"system prompt|directive)s?\s*[:\-]"
         r"|\bfrom now on,? (?:you (?:are|will|must|shall)|act as|respond as|your (?:new )?(?:role|name))"
         r"|\byou are no longer (?:an? )?(?:ai|assistant|chatbot|bound|restricted|required)"
-        r"|\b(?:stop|cease) (?:being|acting as) (?:an? )?(?:helpful )?(?:ai|assistant)")),
+        r"|\b(?:stop|cease) (?:being|acting as) (?:an? )?(?:helpful )?(?:ai|assistant)"),
+        ("instruction", "task", "rules", "system prompt", "directive", "from now on", "no longer", "being",
+         "acting as")),
     Rule("role_tag", 0.95, re.compile(
         r"<\|(?:im_start|im_end|system|endoftext|start_header_id|end_header_id|eot_id)\|>"
         r"|\[/?inst\]|<</?sys>>|(?:^|\n)\s*#{2,}\s*(?:system|instruction)s?\s*:"
-        r"|\[system\]\(#|(?:^|\n)\s*(?:system|assistant)\s*:\s*(?:ignore|you (?:are|must|will))")),
+        r"|\[system\]\(#|(?:^|\n)\s*(?:system|assistant)\s*:\s*(?:ignore|you (?:are|must|will))"),
+        ("<|", "inst]", "sys>>", "##", "system", "assistant")),
     Rule("roleplay_jailbreak", 0.95, re.compile(
         r"\bdo anything now\b|\bdan(?: mode| \d|,)|\b(?:dude|stan|aim|god|jailbreak|"
         r"unrestricted|evil) mode\b|\bjailbr(?:oken|eak)\b|\banti-?dan\b"
@@ -69,7 +80,10 @@ RULES: tuple[Rule, ...] = (
         r"filters?|polic(?:y|ies)|rules|limits|principles|boundaries)"
         r"|\b(?:stay|remain|keep) in character\b|\bbroken free of\b"
         r"|\bwithout (?:any )?(?:restrictions|filters|filtering|censorship|limitations|refusals?)\b"
-        r"|\b(?:unfiltered|uncensored|amoral|unethical) (?:ai|assistant|chatbot|model|response)")),
+        r"|\b(?:unfiltered|uncensored|amoral|unethical) (?:ai|assistant|chatbot|model|response)"),
+        ("anything", "dan", "mode", "jailbr", "guideline", "constraint", "restriction", "filter", "polic",
+         "rules", "limit", "principle", "boundar", "character", "broken free", "without", "uncensored",
+         "amoral", "unethical")),
     Rule("sysprompt_extraction", 0.9, re.compile(
         r"\b(?:repeat|print|show|reveal|output|display|tell me|give me|what (?:is|are|were)|list|"
         r"spell|translate|encode|dump|leak|copy|recite|write (?:out|down))\b[^.\n?]{0,40}?"
@@ -77,20 +91,24 @@ RULES: tuple[Rule, ...] = (
         r"first) (?:prompt|message|instructions?|rules|configuration)"
         r"|(?:instructions|prompt) (?:above|you were given|you received|before this)"
         r"|(?:text|words|everything|conversation) (?:above|so far|before this)"
-        r"|beginning of (?:this|the|our) conversation)")),
+        r"|beginning of (?:this|the|our) conversation)"),
+        ("prompt", "message", "instruction", "rules", "configuration", "above", "so far", "before this",
+         "beginning of")),
     Rule("exfil_link", 0.9, re.compile(
         r"!\[[^\]\n]{0,80}\]\(\s*https?://[^\s)]{0,200}[?&][^\s)=]{1,30}=[^\s)]{0,20}"
         r"(?:\{|\[|<|%7b|\$|data|secret|password|key|token|conversation|history|summary|prompt)"
         r"|\b(?:append|add|include|put|encode|concatenate)\b[^.\n]{0,60}?\b(?:conversation|chat|"
         r"history|password|secret|api key|token|credentials|personal data|system prompt|previous "
-        r"messages?)\b[^.\n]{0,60}?\b(?:url|link|query string|query parameter|image)")),
+        r"messages?)\b[^.\n]{0,60}?\b(?:url|link|query string|query parameter|image)"),
+        ("![", "url", "link", "query", "image")),
     Rule("tool_hijack", 0.6, re.compile(
         r"\b(?:call|invoke|use|run|execute|trigger)\b (?:the )?[\w.-]{2,40} "
         r"(?:tool|function|plugin|api)\b[^.\n]{0,80}?\b(?:send|forward|email|post|upload|delete|"
         r"transfer|wire|pay|exfiltrate)"
         r"|\b(?:send|forward|email|post|upload|transfer)\b[^.\n]{0,50}?\b(?:all|every|the user'?s?|"
         r"their|your)\b[^.\n]{0,30}?\b(?:emails?|files?|passwords?|contacts|credentials|data|"
-        r"documents|messages|history|keys?)\b[^.\n]{0,40}?\bto\b[^.\n]{0,20}?(?:@|https?://)")),
+        r"documents|messages|history|keys?)\b[^.\n]{0,40}?\bto\b[^.\n]{0,20}?(?:@|https?://)"),
+        ("tool", "function", "plugin", "api", "@", "http")),
 )
 
 SIGNAL_WEIGHTS = {"tag_chars": 0.95, "homoglyph": 0.5, "bidi": 0.4}
@@ -100,6 +118,8 @@ def scan(normalized: str, view: str = "text") -> list[RuleHit]:
     """Every rule that matches `normalized` (one hit per rule: the first match)."""
     hits = []
     for r in RULES:
+        if r.keys and not any(k in normalized for k in r.keys):
+            continue  # no match is possible without one of its keys
         m = r.pattern.search(normalized)
         if m is not None:
             hits.append(RuleHit(r.name, r.weight, m.group()[:80], view))

@@ -9,6 +9,7 @@ key, the raw 32 bytes in base64 on one line.
     generate_key("signing.pem", "signing.pub")
     sign_dir("runs/demo/model", "signing.pem")
     verify_dir("runs/demo/model", pubkey="signing.pub").ok
+    trusted_signer(manifest_bytes, sig_bytes, ["a.pub", "b.pub"])   # fingerprint, or raises
 """
 
 from __future__ import annotations
@@ -150,3 +151,33 @@ def check_signature(root: Path, pubkey: str | os.PathLike[str] | bytes | None,
     except (InvalidSignature, TrustmoeError):
         res.signature_ok = False
         res.problems.append(Problem("signature", SIGNATURE, "does not verify with the given key"))
+
+
+def key_fingerprint(src: str | os.PathLike[str] | bytes) -> str:
+    """Fingerprint of a public key (a PEM file, a base64 file, or the raw 32 bytes)."""
+    ser = _crypto()
+    return fingerprint(load_public_key(src).public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw))
+
+
+def trusted_signer(manifest: bytes, sig: bytes, keys: list[str | os.PathLike[str] | bytes],
+                   where: str = "the artifact") -> str:
+    """The fingerprint of the first of `keys` under which `sig` (integrity.sig's bytes) signs
+    `manifest` (integrity.json's exact bytes); TrustmoeError with one line if none does."""
+    from cryptography.exceptions import InvalidSignature
+
+    if not keys:
+        raise TrustmoeError("no trusted public key to check the signature with")
+    try:
+        doc = json.loads(sig)
+        signature = base64.b64decode(doc["signature"], validate=True)
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise TrustmoeError(f"{where}: {SIGNATURE} is malformed ({e})") from None
+    for k in keys:
+        key = load_public_key(k)
+        try:
+            key.verify(signature, manifest)
+        except InvalidSignature:
+            continue
+        return key_fingerprint(k)
+    fps = ", ".join(key_fingerprint(k) for k in keys)
+    raise TrustmoeError(f"{where}: {SIGNATURE} does not verify with any trusted key ({fps})")

@@ -45,6 +45,7 @@ class EnabledTools:
     mode: str  # none | auto | required | named
     forced: str | None = None  # the name when mode == "named"
     dropped: tuple[str, ...] = ()  # sensitive tools withheld because tool output was flagged
+    max_calls: int = 1  # calls one choice may make (parallel_tool_calls)
 
     def get(self, name: str) -> ToolSpec | None:
         return next((t for t in self.tools if t.name == name), None)
@@ -61,8 +62,12 @@ def _depth(x: Any, limit: int, d: int = 0) -> int:
 
 
 def parse_tools(tools: Any, tool_choice: Any, policy: ToolPolicyConfig,
-                tool_output_flagged: bool = False) -> EnabledTools:
-    """Validate the request's `tools` and `tool_choice` against the policy."""
+                tool_output_flagged: bool = False, parallel: Any = None) -> EnabledTools:
+    """Validate the request's `tools` and `tool_choice` against the policy. `parallel` is the
+    request's `parallel_tool_calls` (default true, as OpenAI's): up to `policy.max_calls`
+    calls per choice, else one; a call forced by name is made once."""
+    if parallel is not None and not isinstance(parallel, bool):
+        raise ToolPolicyError("parallel_tool_calls must be a boolean", "invalid_type")
     if tools is None:
         if tool_choice not in (None, "none", "auto"):
             raise ToolPolicyError("tool_choice needs tools", "invalid_tool_choice")
@@ -105,7 +110,8 @@ def parse_tools(tools: Any, tool_choice: Any, policy: ToolPolicyConfig,
         dropped = tuple(s.name for s in specs if s.name in policy.sensitive)
         specs = [s for s in specs if s.name not in policy.sensitive]
     mode, forced = _choice(tool_choice, specs, dropped)
-    return EnabledTools(tuple(specs), mode, forced, dropped)
+    most = 1 if parallel is False or mode == "named" else policy.max_calls
+    return EnabledTools(tuple(specs), mode, forced, dropped, most)
 
 
 def _choice(tc: Any, specs: list[ToolSpec], dropped: tuple[str, ...]) -> tuple[str, str | None]:

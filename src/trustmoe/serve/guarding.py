@@ -5,10 +5,15 @@ Hooks in `handlers.py` call, per request:
 - `check_chat` / `check_prompts` before anything is tokenized: scans system, user and tool
   messages (or completion prompts) and raises `GuardBlocked` (400, `code` = `guard_<rule>`)
   on a block; validates `tools` / `tool_choice` against the tool policy (400 on violation);
-- `ChatGuard.constrain` on each choice's sampling params: a forced or required tool call is
-  decoded under the JSON schema of a call to an *enabled* tool (`serve/jsonmode.py`);
-- `ChatGuard.finish` / `ChatGuard.stream` on generated text: tool-call parsing and the
-  output scanner (secrets, PII, canary), which holds back text until it is safe to send.
+- `ChatGuard.constrain` on each choice's sampling params, whenever tools are enabled: each
+  call is `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, decoded under the JSON
+  schema of a call to an *enabled* tool (`serve/jsonmode.py`). "auto" lets the model write
+  text, and once its text spells `<tool_call>` only a valid call can follow; "required" and a
+  named tool start with the call. With `parallel_tool_calls` (default true) up to
+  `[tools] max_calls` calls follow each other in one choice; false (or a named tool): one;
+- `ChatGuard.finish` / `ChatGuard.stream` on generated text: tool-call parsing (every call is
+  validated again; a call to a tool not enabled is never returned) and the output scanner
+  (secrets, PII, canary; tool-call arguments too), which holds back text until it is safe.
 
 Flags set `X-Trustmoe-Guard: flag` (+ `X-Trustmoe-Guard-Rule`, `-Score`); every decision
 counts in `trustmoe:guard_events{rule, action}`. An output block ends that choice with
@@ -20,15 +25,19 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 from trustmoe.security.decode import check_text
 from trustmoe.security.guard import Guard, OutputScanner, ScanItem, Verdict
 from trustmoe.security.tools import EnabledTools, ToolPolicyError, call_schema, parse_tools, validate_args
+from trustmoe.serve.jsonmode import CALL_CLOSE, CALL_OPEN, Node
 from trustmoe.serve.protocol import APIError
 
-TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+TOOL_OPEN, TOOL_CLOSE = CALL_OPEN, CALL_CLOSE
+_ROOTS: OrderedDict[str, Node] = OrderedDict()  # compiled call schemas: equal tools share
+# their schema nodes, so the mask cache (keyed by automaton states) serves later requests too
 
 
 class GuardBlocked(APIError):
@@ -122,7 +131,8 @@ class ChatGuard:
     enabled: EnabledTools
     messages: list[dict[str, Any]]  # what the chat template renders
     scanners: dict[int, OutputScanner] = field(default_factory=dict)
-    stream_buf: dict[int, str] = field(default_factory=dict)
+    stream_buf: dict[int, str] = field(default_factory=dict)  # a streamed choice's calls so far
+    held: dict[int, str] = field(default_factory=dict)  # streamed text that may open a call
     blocked: set[int] = field(default_factory=set)  # choices the output guard has cut
 
     @property
@@ -136,16 +146,14 @@ class ChatGuard:
         return h
 
     def constrain(self, params: Any, eos_ids: list[int]) -> None:
-        """Forced or required call: decode only a call to an enabled tool (JSON schema)."""
-        if self.enabled.mode not in ("required", "named"):
+        """Tools enabled: decode text and/or calls to enabled tools only (see the module doc)."""
+        if self.enabled.mode == "none":
             return
-        from trustmoe.serve.jsonmode import JSONLogitsProcessor, SchemaError, compile_schema
+        from trustmoe.serve.jsonmode import JSONLogitsProcessor, tool_calls_state
 
-        try:
-            root = compile_schema(call_schema(self.enabled))
-        except SchemaError as e:
-            raise APIError(400, f"tools: {e}", "tools", code="invalid_value") from None
-        proc = JSONLogitsProcessor(root, self.state.trie, eos_ids, self.state.mask_cache)
+        root = _call_root(self.enabled)
+        start = tool_calls_state(root, self.enabled.max_calls, allow_text=self.enabled.mode == "auto")
+        proc = JSONLogitsProcessor(root, self.state.trie, eos_ids, self.state.mask_cache, start=start)
         params.logits_processors = [*(params.logits_processors or []), proc]
 
     def _scanner(self, index: int) -> OutputScanner | None:
@@ -155,79 +163,164 @@ class ChatGuard:
             self.scanners[index] = self.guard.output_scanner()
         return self.scanners[index]
 
-    def _tool_call(self, text: str) -> tuple[dict[str, Any] | None, str]:
-        """(OpenAI tool call, remaining content) from generated text."""
-        body, rest = text, ""
-        if self.enabled.mode == "auto":
-            a = text.find(TOOL_OPEN)
-            if a < 0:
-                return None, text
-            b = text.find(TOOL_CLOSE, a)
-            body = text[a + len(TOOL_OPEN): b if b >= 0 else len(text)]
-            rest = text[:a] + (text[b + len(TOOL_CLOSE):] if b >= 0 else "")
-        try:
-            obj = json.loads(body)
-        except (json.JSONDecodeError, RecursionError):
-            return None, text if self.enabled.mode == "auto" else ""
-        name = obj.get("name") if isinstance(obj, dict) else None
-        spec = self.enabled.get(name) if isinstance(name, str) else None
-        if spec is None or (self.enabled.forced and name != self.enabled.forced):
-            _record(self.state, "tool_not_enabled", "block")  # never emitted as a call
-            return None, rest
-        args = obj.get("arguments", {})
-        err = validate_args(spec.parameters, args)
-        if err is not None:
-            _record(self.state, "tool_bad_arguments", "block")
-            return None, rest
-        call = {"id": self.state.new_id("call"), "type": "function",
-                "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
-        return call, rest
+    def _calls(self, text: str) -> tuple[list[dict[str, Any]], bool]:
+        """(valid OpenAI tool calls, whether the text ends inside a call) from the part of the
+        output that starts at its first `<tool_call>`. Invalid calls are counted, not returned."""
+        bodies, cut = split_calls(text)
+        calls: list[dict[str, Any]] = []
+        for body in bodies[: self.enabled.max_calls]:
+            try:
+                obj = json.loads(body)
+            except (json.JSONDecodeError, RecursionError):
+                _record(self.state, "tool_bad_arguments", "block")
+                continue
+            name = obj.get("name") if isinstance(obj, dict) else None
+            spec = self.enabled.get(name) if isinstance(name, str) else None
+            if spec is None or (self.enabled.forced and name != self.enabled.forced):
+                _record(self.state, "tool_not_enabled", "block")  # never emitted as a call
+                continue
+            args = obj.get("arguments", {})
+            if validate_args(spec.parameters, args) is not None:
+                _record(self.state, "tool_bad_arguments", "block")
+                continue
+            calls.append({"id": self.state.new_id("call"), "type": "function",
+                          "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}})
+        return calls, cut
+
+    def _leaks(self, calls: list[dict[str, Any]]) -> bool:
+        """Whether a call's arguments trip a blocking output rule (the canary, a blocked secret)."""
+        if self.guard is None:
+            return False
+        for c in calls:
+            sc = self.guard.output_scanner()
+            sc.feed(c["function"]["arguments"], final=True)
+            self._count(sc)
+            if sc.blocked:
+                return True
+        return False
 
     def finish(self, index: int, text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:
         """The choice's message and finish_reason for a whole (non-streamed) generation."""
-        msg: dict[str, Any] = {"role": "assistant", "content": text}
+        calls: list[dict[str, Any]] = []
+        cut = False
         if self.enabled.mode != "none":
-            call, text = self._tool_call(text)
-            if call is not None:
-                return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
-            msg["content"] = text
+            a = text.find(TOOL_OPEN)
+            if a >= 0:
+                calls, cut = self._calls(text[a:])
+                text = text[:a]
+        content: str | None = text
         sc = self._scanner(index)
         if sc is not None:
-            out = sc.feed(text, final=True)
+            content = sc.feed(text, final=True)
             self._count(sc)
-            if sc.blocked:
+            if sc.blocked or self._leaks(calls):
+                self.blocked.add(index)
                 return {"role": "assistant", "content": ""}, "content_filter"
-            msg["content"] = out
-        return msg, reason
+        if calls:
+            return ({"role": "assistant", "content": content or None, "tool_calls": calls},
+                    "length" if cut and reason == "length" else "tool_calls")
+        return {"role": "assistant", "content": content}, reason
 
     def stream(self, index: int, new_text: str, finished: bool, reason: str | None
                ) -> tuple[dict[str, Any], str | None, bool]:
-        """(delta, finish_reason or None, blocked) for one streamed output."""
-        if self.enabled.mode in ("required", "named") or (
-                self.enabled.mode == "auto" and TOOL_OPEN in self.stream_buf.get(index, "") + new_text):
+        """(delta, finish_reason or None, blocked) for one streamed output. Text goes out as it
+        is safe; anything that may be the start of `<tool_call>` is held back, and calls are
+        sent whole, validated, when the choice ends."""
+        if self.enabled.mode in ("required", "named"):
             self.stream_buf[index] = self.stream_buf.get(index, "") + new_text
             if not finished:
                 return {}, None, False
-            msg, why = self.finish(index, self.stream_buf.pop(index), reason)
-            delta = {"tool_calls": [{"index": 0, **msg["tool_calls"][0]}]} if "tool_calls" in msg else (
-                {"content": msg["content"]} if msg.get("content") else {})
-            if why == "content_filter":
-                self.blocked.add(index)
-            return delta, why, why == "content_filter"
+            return self._end_calls(index, "", reason)
+        if index in self.stream_buf:  # inside the calls: collect until the end
+            self.stream_buf[index] += new_text
+            return self._end_calls(index, "", reason) if finished else ({}, None, False)
+        text = self.held.pop(index, "") + new_text
+        if self.enabled.mode == "auto":
+            a = text.find(TOOL_OPEN)
+            if a >= 0:
+                self.stream_buf[index] = text[a:]
+                text = text[:a]
+                if finished:
+                    return self._end_calls(index, text, reason)
+            elif not finished:
+                keep = _open_prefix(text)  # may still become "<tool_call>"
+                if keep:
+                    self.held[index], text = text[-keep:], text[:-keep]
         sc = self._scanner(index)
         if sc is None:
-            return ({"content": new_text} if new_text else {}), (reason if finished else None), False
-        out = sc.feed(new_text, final=finished)
+            return ({"content": text} if text else {}), (reason if finished else None), False
+        out = sc.feed(text, final=finished)
         self._count(sc)
         if sc.blocked:
             self.blocked.add(index)
             return {}, "content_filter", True
         return ({"content": out} if out else {}), (reason if finished else None), False
 
+    def _end_calls(self, index: int, text: str, reason: str | None
+                   ) -> tuple[dict[str, Any], str | None, bool]:
+        """The last delta of a streamed choice that made calls: the rest of its text (released
+        by the scanner) and every valid call."""
+        calls, cut = self._calls(self.stream_buf.pop(index))
+        delta: dict[str, Any] = {}
+        sc = self._scanner(index)
+        out = text
+        if sc is not None:
+            out = sc.feed(text, final=True)
+            self._count(sc)
+            if sc.blocked or self._leaks(calls):
+                self.blocked.add(index)
+                return {}, "content_filter", True
+        if out:
+            delta["content"] = out
+        if calls:
+            delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
+            return delta, "length" if cut and reason == "length" else "tool_calls", False
+        return delta, reason, False
+
     def _count(self, sc: OutputScanner) -> None:
         for e in sc.events:
             _record(self.state, e.rule, e.action)
         sc.events.clear()
+
+
+def split_calls(text: str) -> tuple[list[str], bool]:
+    """The JSON bodies of `<tool_call>...</tool_call>` blocks at the start of `text` (blocks
+    separated by whitespace at most), and whether it ends inside an unfinished block."""
+    bodies: list[str] = []
+    rest = text.lstrip()
+    while rest.startswith(TOOL_OPEN):
+        b = rest.find(TOOL_CLOSE)
+        if b < 0:
+            return bodies, True
+        bodies.append(rest[len(TOOL_OPEN): b])
+        rest = rest[b + len(TOOL_CLOSE):].lstrip()
+    return bodies, False
+
+
+def _open_prefix(text: str) -> int:
+    """Length of the longest end of `text` that `<tool_call>` starts with (0: none)."""
+    for n in range(min(len(TOOL_OPEN) - 1, len(text)), 0, -1):
+        if text.endswith(TOOL_OPEN[:n]):
+            return n
+    return 0
+
+
+def _call_root(enabled: EnabledTools) -> Node:
+    from trustmoe.serve.jsonmode import SchemaError, compile_schema
+
+    schema = call_schema(enabled)
+    key = json.dumps(schema, sort_keys=True)
+    root = _ROOTS.get(key)
+    if root is None:
+        try:
+            root = compile_schema(schema)
+        except SchemaError as e:
+            raise APIError(400, f"tools: {e}", "tools", code="invalid_value") from None
+        _ROOTS[key] = root
+        if len(_ROOTS) > 64:
+            _ROOTS.popitem(last=False)
+    _ROOTS.move_to_end(key)
+    return root
 
 
 def _signature(t: Any) -> str:
@@ -245,7 +338,8 @@ def _signature(t: Any) -> str:
 
 def _tools_preamble(enabled: EnabledTools) -> str:
     lines = "\n".join(_signature(t) for t in enabled.tools)
-    return f"Tools (to call one, reply {TOOL_OPEN}{{\"name\": ..., \"arguments\": {{...}}}}{TOOL_CLOSE}):\n{lines}"
+    return (f"Tools (to call one, reply {TOOL_OPEN}{{\"name\": ..., \"arguments\": {{...}}}}{TOOL_CLOSE}; "
+            f"one such block per call):\n{lines}")
 
 
 def check_chat(state: Any, req: Any) -> ChatGuard:
@@ -259,7 +353,8 @@ def check_chat(state: Any, req: Any) -> ChatGuard:
     try:
         enabled = parse_tools(getattr(req, "tools", None), getattr(req, "tool_choice", None),
                               policy or ToolPolicyConfig(),
-                              tool_output_flagged=bool(verdict and verdict.tool_flagged))
+                              tool_output_flagged=bool(verdict and verdict.tool_flagged),
+                              parallel=getattr(req, "parallel_tool_calls", None))
     except ToolPolicyError as e:
         if e.code == "tool_not_allowed":
             _record(state, "tool_not_allowed", "block")

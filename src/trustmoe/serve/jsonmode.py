@@ -21,6 +21,13 @@ in whitespace. Strings are valid UTF-8. Schema subset:
 
 Annotations (title, description, default, examples, format, $schema, strict) are ignored.
 Anything else (pattern, minimum, ...) raises `SchemaError` (the server answers 400).
+
+Tool calls (`tool_calls_state`) wrap the same automaton: each call is
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` under the schema of a call to an
+enabled tool, calls may follow each other (optionally one newline apart) up to `max_calls`,
+and nothing but the end of the turn may follow the last. With `tool_choice` "auto" free text
+comes first (`text` frame: any bytes, watching for `<tool_call>`); once the text spells that
+marker the output is committed to a call and only a valid one can be decoded.
 """
 
 from __future__ import annotations
@@ -33,13 +40,19 @@ import torch
 from trustmoe.serve.schema import ANY, ANY_ARR, FREE_OBJ, Node, SchemaError, compile_schema
 from trustmoe.serve.vocab import TokenTrie
 
-__all__ = ["JSONLogitsProcessor", "Node", "SchemaError", "advance", "compile_schema",
-           "initial_state", "is_complete", "step"]
+__all__ = ["CALL_CLOSE", "CALL_OPEN", "JSONLogitsProcessor", "Node", "SchemaError", "advance",
+           "compile_schema", "initial_state", "is_complete", "step", "tool_calls_state"]
+
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+_OPEN, _CLOSE = CALL_OPEN.encode(), CALL_CLOSE.encode()
+assert _OPEN[0] not in _OPEN[1:]  # so a failed partial match restarts at "<" or at nothing
 
 
 # ---------------------------------------------------------------- the automaton
 # frames: ("val", node) | ("str", mode, count, min_len, max_len) | ("num", phase, integer_only,
 #         digits) | ("lit", options, pos) | ("obj", node, phase, i) | ("arr", node, phase, count)
+#         | ("text", matched, call, max_calls): free text, `matched` bytes of <tool_call> seen
+#         | ("calls", call, done, max_calls, newline): `done` calls decoded; another, or the end
 # A string's mode: 0 plain, 1 after a backslash, 2..5 the 1st..4th hex digit of \u, 6 the 2nd
 # hex digit after \uD (no surrogates), or (low, high, left): inside a UTF-8 character, the next
 # byte in [low, high], `left` bytes to go. Its count runs only while a bound needs it.
@@ -95,12 +108,47 @@ def _keys(node: Node, i: int, rest: Stack) -> list[Stack]:
 
 
 def _can_close(frame: tuple[Any, ...]) -> bool:
-    """A number or literal that may end here (it ends when a byte does not continue it)."""
+    """A number or literal that may end here (it ends when a byte does not continue it), free
+    text, or a run of tool calls with at least one call in it."""
     if frame[0] == "num":
         return frame[1] in NUM_END
     if frame[0] == "lit":
         return any(len(o) == frame[2] for o in frame[1])
+    if frame[0] == "text":
+        return True
+    if frame[0] == "calls":
+        return bool(frame[2])
     return False
+
+
+def _call(rest: Stack, call: Node, done: int, most: int) -> Stack:
+    """Just after `<tool_call>`: the call's JSON, then `</tool_call>`, then what may follow."""
+    return (*rest, ("calls", call, done + 1, most, False), ("lit", (_CLOSE,), 0), ("val", call))
+
+
+def _text(top: tuple[Any, ...], rest: Stack, b: int) -> list[Stack]:
+    _, k, call, most = top
+    k = k + 1 if _OPEN[k] == b else int(b == _OPEN[0])
+    if k == len(_OPEN):  # committed: from here on only a valid call
+        return [_call(rest, call, 0, most)]
+    return [(*rest, ("text", k, call, most))]
+
+
+def _calls(top: tuple[Any, ...], rest: Stack, b: int) -> list[Stack]:
+    _, call, done, most, newline = top
+    out: list[Stack] = []
+    if b == ord("\n") and done and not newline:
+        out.append((*rest, ("calls", call, done, most, True)))
+    if done < most and b == _OPEN[0]:
+        out.append((*_call(rest, call, done, most), ("lit", (_OPEN,), 1)))
+    return out
+
+
+def tool_calls_state(call: Node, max_calls: int, allow_text: bool) -> State:
+    """Start state of a turn that answers with tool calls (`allow_text`: text first, or calls)."""
+    if allow_text:
+        return frozenset({(("text", 0, call, max_calls),)})
+    return frozenset({(("calls", call, 0, max_calls, False),)})
 
 
 def step(stack: Stack, b: int) -> list[Stack]:
@@ -132,6 +180,10 @@ def step(stack: Stack, b: int) -> list[Stack]:
         return _obj(top, rest, b)
     if kind == "arr":
         return _arr(top, rest, b)
+    if kind == "text":
+        return _text(top, rest, b)
+    if kind == "calls":
+        return _calls(top, rest, b)
     return []
 
 
@@ -252,22 +304,30 @@ def advance(state: State, data: bytes) -> State:
 
 
 def is_complete(state: State) -> bool:
-    return any(not st or (len(st) == 1 and _can_close(st[0])) for st in state)
+    return any(_done(st) for st in state)
+
+
+def _done(st: Stack) -> bool:
+    if len(st) == 2 and st[0][0] == "calls" and _can_close(st[1]):  # after "</tool_call>"
+        st = st[:1]
+    return not st or (len(st) == 1 and _can_close(st[0]))
 
 
 class JSONLogitsProcessor:
     """`f(generated_ids, logits (V,)) -> logits (V,)` that keeps the output valid JSON."""
 
     def __init__(self, root: Node, trie: TokenTrie, eos_ids: list[int],
-                 cache: OrderedDict[Any, torch.Tensor] | None = None) -> None:
+                 cache: OrderedDict[Any, torch.Tensor] | None = None, start: State | None = None
+                 ) -> None:
         self.root, self.trie, self.eos_ids = root, trie, eos_ids
-        self.state = initial_state(root)
+        self.start = start if start is not None else initial_state(root)
+        self.state = self.start
         self.consumed = 0
         self.cache: OrderedDict[Any, torch.Tensor] = cache if cache is not None else OrderedDict()
 
     def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
         if len(generated) < self.consumed:  # restarted: replay from the beginning
-            self.state, self.consumed = initial_state(self.root), 0
+            self.state, self.consumed = self.start, 0
         for tid in generated[self.consumed:]:
             self.state = advance(self.state, self.trie.token_bytes(tid))
         self.consumed = len(generated)
@@ -288,7 +348,14 @@ class JSONLogitsProcessor:
             self.cache.move_to_end(key)
             return hit
         mask = torch.zeros(self.trie.vocab_size, dtype=torch.bool)
-        if state:
+        if state and all(len(st) == 1 and st[0][0] == "text" for st in state):
+            # free text: every token, except those that complete "<tool_call>" (they hold its
+            # final ">") and then go on with bytes no valid call starts with
+            mask[self.trie.all_ids()] = True
+            bad = [i for i in self.trie.ids_with(_OPEN[-1]) if not advance(state, self.trie.token_bytes(i))]
+            if bad:
+                mask[bad] = False
+        elif state:
             ids = self.trie.walk(state, lambda s, b: frozenset(x for st in s for x in step(st, b)))
             if ids:
                 mask[ids] = True

@@ -67,7 +67,7 @@ def deployment(model_ref: str | Path, config: ServeConfig | None = None, *, repl
 
 
 def _absolute(ref: str) -> str:
-    from trustmoe.serve.fleet import REGISTRY_PREFIX
+    from trustmoe.serve.sources import REGISTRY_PREFIX
 
     if ref.startswith(REGISTRY_PREFIX) or not Path(ref).expanduser().is_dir():
         return ref

@@ -152,6 +152,8 @@ class ShadowRunner:
                 continue
             if c is not None:
                 self._record(c)
+                if self.log_path is not None:  # file I/O off the event loop
+                    await asyncio.to_thread(self._write, c)
 
     async def _one(self, tracker: RequestTracker, fr: FinishedRequest, rec: ChoiceRecord
                    ) -> Comparison | None:
@@ -197,11 +199,13 @@ class ShadowRunner:
         self.nll_diff.labels(*lab).observe(c.nll_difference)
         self.latency.labels(*lab, "primary").observe(c.primary_latency_s)
         self.latency.labels(*lab, "shadow").observe(c.shadow_latency_s)
-        if self.log_path is not None:
-            line = json.dumps(asdict(c), sort_keys=True) + "\n"
-            with self._log_lock:
-                try:
-                    with open(self.log_path, "a", encoding="utf-8") as f:
-                        f.write(line)
-                except OSError as e:
-                    log.warning("cannot write the shadow log %s: %s", self.log_path, e.strerror)
+
+    def _write(self, c: Comparison) -> None:
+        assert self.log_path is not None
+        line = json.dumps(asdict(c), sort_keys=True) + "\n"
+        with self._log_lock:
+            try:
+                with open(self.log_path, "a", encoding="utf-8") as f:
+                    f.write(line)
+            except OSError as e:
+                log.warning("cannot write the shadow log %s: %s", self.log_path, e.strerror)

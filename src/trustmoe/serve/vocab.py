@@ -44,6 +44,8 @@ class TokenTrie:
         special = {t["id"] for t in spec.get("added_tokens") or [] if t.get("special")}
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self._bytes: list[bytes] = []
+        self._all: list[int] | None = None
+        self._with: dict[int, list[int]] = {}
         self.root = _Node()
         for i in range(self.vocab_size):
             s = tok.id_to_token(i)
@@ -63,6 +65,18 @@ class TokenTrie:
                 for b in data:
                     node = node.children.setdefault(b, _Node())
                 node.ids.append(i)
+
+    def all_ids(self) -> list[int]:
+        """Ids of every token in the trie (every token with bytes, specials left out)."""
+        if self._all is None:
+            self._all = [i for i, b in enumerate(self._bytes) if b]
+        return self._all
+
+    def ids_with(self, byte: int) -> list[int]:
+        """Ids of the trie's tokens whose bytes contain `byte`."""
+        if byte not in self._with:
+            self._with[byte] = [i for i, b in enumerate(self._bytes) if byte in b]
+        return self._with[byte]
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
