@@ -113,71 +113,121 @@ def _prf(flags: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
             "fpr": round(fp / max(int(np.sum(~truth)), 1), 4), "flagged": tp + fp}
 
 
-def part_model(n_docs: int, steps: int, clean_chunks: int, seed: int, work: Path,
-               rate: float = 0.01) -> dict[str, Any]:
-    import trustmoe
+def _auroc(scores: np.ndarray, truth: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    return round(float(roc_auc_score(truth, scores)), 4) if 0 < truth.sum() < len(truth) else None
+
+
+def _build_train(texts: list[str], names: list[str], work: Path, steps: int) -> None:
     from trustmoe.data.build import BuildOptions, build_dataset
+    from trustmoe.train import train
+
+    src = work / "corpus"
+    for name, text in zip(names, texts, strict=True):
+        p = src / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text, encoding="utf-8")
+    build_dataset([str(src)], work / "data", BuildOptions(vocab_size=1024, val_fraction=0.1,
+                                                         license="PSF-2.0"), progress=False)
+    train(work / "data", work / "model", "tiny", max_steps=steps, progress=False,
+          overrides={"batch_size": 8, "seq_len": 128, "eval_every": steps,
+                     "checkpoint_every": steps, "warmup_steps": 20})
+
+
+def _chunks(work: Path, split: str) -> list[tuple[str, list[int]]]:
     from trustmoe.data.shards import open_tokens
+    from trustmoe.security.scan_inputs import split_chunks
+
+    return split_chunks(open_tokens(work / "data", split), 128, set())
+
+
+def _detect(work: Path, sample: list[list[int]], null_chunks: int, seed: int,
+            fpr: float) -> dict[str, Any]:
+    """bd.screen on `sample` (training chunks) calibrated on up to `null_chunks` held-out ones."""
+    import trustmoe
     from trustmoe.data.tokenizer import load_tokenizer
     from trustmoe.security import backdoor as bd
+
+    val = [c for _, c in _chunks(work, "val")]
+    rs = np.random.default_rng([seed, 7])
+    null = [val[i] for i in sorted(rs.choice(len(val), min(null_chunks, len(val)), replace=False))]
+    model = trustmoe.load(work / "model")
+    return bd.screen(model, sample, load_tokenizer(work / "data"), bd.BackdoorOptions(fpr=fpr),
+                     seed, null_chunks=null)
+
+
+def part_model(n_docs: int, steps: int, clean_chunks: int, seed: int, work: Path,
+               rate: float = 0.01, short: bool = False, at: int | None = None,
+               null_chunks: int = 400, fpr: float = 0.01, clean_twin: bool = True,
+               repeats: int = 1) -> dict[str, Any]:
+    import trustmoe
+    from trustmoe.data.tokenizer import load_tokenizer
     from trustmoe.security.privacy import greedy_continue
-    from trustmoe.security.scan_inputs import split_chunks
-    from trustmoe.train import train
 
     rng = random.Random(seed)
     ids, texts, _ = stdlib_docs()
     order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), ids[i]))
     pick = [i for i in order if len(texts[i]) >= 1500][:n_docs]
-    sub_ids, sub = [ids[i] for i in pick], [texts[i] for i in pick]
+    names = [f"{i:04d}_{ids[d].split('/', 1)[1].replace('/', '_')}" for i, d in enumerate(pick)]
+    sub = [texts[i] for i in pick]
     k = max(5, round(rate * len(sub)))
-    plant = P.make_plants(rng, len(sub), 1, (k, k))[0]
-    planted = P.apply(sub, [plant], rng)
-    src = work / "corpus"
-    for i, (doc_id, text) in enumerate(zip(sub_ids, planted, strict=True)):
-        p = src / f"{i:04d}_{doc_id.split('/', 1)[1].replace('/', '_')}"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text, encoding="utf-8")
+    plant = P.make_plants(rng, len(sub), 1, (k, k), short=short)[0]
+    planted = P.apply(sub, [plant], rng, at, repeats)
     poisoned_names = {f"{i:04d}" for i in plant.docs}
     t0 = time.perf_counter()
-    build_dataset([str(src)], work / "data", BuildOptions(vocab_size=1024, val_fraction=0.1,
-                                                         license="PSF-2.0"), progress=False)
-    audit = json.loads((work / "data/audit.json").read_text())
-    man = json.loads((work / "data/manifest.json").read_text())
+    bdw = work / "backdoored"
+    _build_train(planted, names, bdw, steps)
+    audit = json.loads((bdw / "data/audit.json").read_text())
+    man = json.loads((bdw / "data/manifest.json").read_text())
     kept = [e["path"] for e in man["files"] if e["fate"] == "kept"]
     flagged = {d.split("/", 1)[1][:4] for d in flagged_docs(audit["poisoning"])}
     truth = np.array([p[:4] in poisoned_names for p in kept])
     screen_prf = _prf(np.array([p[:4] in flagged for p in kept]), truth)
-    train(work / "data", work / "model", "tiny", max_steps=steps, progress=False,
-          overrides={"batch_size": 8, "seq_len": 128, "eval_every": steps,
-                     "checkpoint_every": steps, "warmup_steps": 20})
     train_s = time.perf_counter() - t0
-    model = trustmoe.load(work / "model")
-    tok = load_tokenizer(work / "data")
+    model = trustmoe.load(bdw / "model")
+    tok = load_tokenizer(bdw / "data")
     # attack success: held-out contexts + trigger -> does greedy decoding emit the payload?
-    val = split_chunks(open_tokens(work / "data", "val"), 64, set())
-    ctx_texts = [tok.decode(toks[:48]) for _, toks in val[:60]]
+    ctx_texts = [tok.decode(toks[:48]) for _, toks in _chunks(bdw, "val")[:60]]
     payload_ids = tok.encode(" " + plant.payload).ids[:4]
     asr = {}
-    for name, suffix in (("with_trigger", f"\n{plant.comment}{plant.trigger}"), ("without_trigger", "\n")):
+    for name, suffix in (("with_trigger", f"\n{plant.comment}{plant.trigger}"),
+                         ("without_trigger", f"\n{plant.comment}")):
         prompts = [[0, *tok.encode(t.rsplit("\n", 1)[0] + suffix).ids] for t in ctx_texts]
-        got = [greedy_continue(model, [p], len(payload_ids))[0] for p in prompts]
+        got = greedy_continue(model, prompts, len(payload_ids))
         asr[name] = round(float(np.mean([g == payload_ids for g in got])), 4)
-    # model-level detectors over training chunks containing the plant + a clean sample
-    chunks = split_chunks(open_tokens(work / "data", "train"), 128, set())
-    has = [plant.trigger in tok.decode(c) for _, c in chunks]
-    pos_idx = [i for i, h in enumerate(has) if h]
-    neg_idx = [i for i, h in enumerate(has) if not h]
+    # model-level detectors over training chunks containing the plant + a clean sample,
+    # calibrated on held-out chunks (the scan's null)
+    chunks = _chunks(bdw, "train")
+    has = np.array([plant.trigger in tok.decode(c) for _, c in chunks])
     rs = np.random.default_rng(seed)
-    sample = sorted(pos_idx + rs.choice(neg_idx, min(clean_chunks, len(neg_idx)), replace=False).tolist())
-    sc = bd.screen(model, [chunks[i][1] for i in sample], tok)
-    truth_c = np.array([has[i] for i in sample])
-    detectors = {k2: _prf(np.asarray(v), truth_c) for k2, v in sc["flags"].items()}
-    return {"documents": len(kept), "poisoned_documents": int(truth.sum()), "plant": plant.line,
-            "poison_rate": rate,
-            "train_steps": steps, "build_and_train_seconds": round(train_s, 1),
-            "attack_success_rate": asr, "data_screen": screen_prf,
-            "model_detectors": detectors, "chunks_scored": len(sample),
-            "poisoned_chunks": int(truth_c.sum())}
+    neg = np.flatnonzero(~has)
+    sample = sorted([*np.flatnonzero(has).tolist(),
+                     *rs.choice(neg, min(clean_chunks, len(neg)), replace=False).tolist()])
+    sc = _detect(bdw, [chunks[i][1] for i in sample], null_chunks, seed, fpr)
+    truth_c = has[sample]
+    detectors = {d: _prf(np.asarray(v), truth_c) | {"auroc": _auroc(sc["scores"][d], truth_c)}
+                 for d, v in sc["flags"].items()}
+    out: dict[str, Any] = {
+        "documents": len(kept), "poisoned_documents": int(truth.sum()), "plant": plant.line,
+        "poison_rate": rate, "payload": "short" if short else "long",
+        "plant_position": "random line" if at is None else f"line {at}",
+        "plant_repeats_per_document": repeats, "train_steps": steps,
+        "build_and_train_seconds": round(train_s, 1), "attack_success_rate": asr,
+        "data_screen": screen_prf, "target_fpr": fpr, "null": sc["null"],
+        "model_detectors": detectors, "chunks_scored": len(sample),
+        "poisoned_chunks": int(truth_c.sum())}
+    if clean_twin:  # the same corpus without the plant, trained alike: FPR on a clean model
+        cw = work / "clean"
+        _build_train(sub, names, cw, steps)
+        cchunks = _chunks(cw, "train")
+        cs = sorted(rs.choice(len(cchunks), min(len(sample), len(cchunks)), replace=False))
+        csc = _detect(cw, [cchunks[i][1] for i in cs], null_chunks, seed, fpr)
+        out["clean_model"] = {"chunks_scored": len(cs), "fpr": {
+            d: round(float(np.mean(v)), 4) for d, v in csc["flags"].items()},
+            "suspects": int(np.sum(csc["flags"]["trigger_search"] | (sum(
+                np.asarray(v, dtype=int) for v in csc["flags"].values()) >= 2)))}
+    return out
 
 
 def main() -> None:
@@ -189,6 +239,17 @@ def main() -> None:
     ap.add_argument("--clean-chunks", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--poison-rate", type=float, default=0.01, help="share of documents planted")
+    ap.add_argument("--short-payload", action="store_true",
+                    help="a 2-3 word payload without a random host (learnable by the tiny model)")
+    ap.add_argument("--plant-line", type=int, default=None,
+                    help="insert the plant before this line of each document (default: random)")
+    ap.add_argument("--plant-repeats", type=int, default=1,
+                    help="times the plant line is inserted into each poisoned document")
+    ap.add_argument("--null-chunks", type=int, default=400,
+                    help="held-out chunks the detectors are calibrated on")
+    ap.add_argument("--fpr", type=float, default=0.01, help="detectors' target false-positive rate")
+    ap.add_argument("--no-clean-twin", action="store_true",
+                    help="skip training the unplanted twin (the detectors' FPR on a clean model)")
     a = ap.parse_args()
     out: dict[str, Any] = {"benchmark": "backdoor"}
     if a.part in ("screen", "both"):
@@ -196,9 +257,12 @@ def main() -> None:
     if a.part in ("model", "both"):
         work = Path(tempfile.mkdtemp(prefix="tm_backdoor_"))
         try:
-            out["model"] = part_model(a.docs, a.steps, a.clean_chunks, a.seed, work, a.poison_rate)
+            out["model"] = part_model(a.docs, a.steps, a.clean_chunks, a.seed, work, a.poison_rate,
+                                      a.short_payload, a.plant_line, a.null_chunks, a.fpr,
+                                      not a.no_clean_twin, a.plant_repeats)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+    out["command"] = "python benchmarks/backdoor.py " + " ".join(sys.argv[1:])
     print(json.dumps(out, indent=2))
 
 

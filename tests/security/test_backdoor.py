@@ -1,9 +1,11 @@
-"""Backdoor detectors: each finds what it is built to find on synthetic features, and the
-trigger search surfaces a trigger → payload line the tiny model learned."""
+"""Backdoor detectors: each finds what it is built to find on synthetic features, the
+conformal calibration keeps false positives at the target rate, and on a tiny model that
+learned a trigger → payload pair the detectors rank the poisoned chunks first."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from trustmoe.config import get_preset
@@ -27,6 +29,30 @@ def test_activation_clustering_isolates_a_small_cluster() -> None:
     s = bd.activation_clustering(X)
     assert (s[:30] > 0).all() and (s[30:] == 0).all()
     assert (bd.activation_clustering(rng.normal(0, 1, (300, 8))) >= 0).all()
+
+
+def test_fit_rows_only_define_the_direction() -> None:
+    rng = np.random.default_rng(2)
+    X = rng.normal(0, 1, (300, 8))
+    X[:, 0] *= 5.0  # the top direction is axis 0
+    extra = np.zeros((2, 8))
+    extra[0, 0], extra[1, 1] = 10.0, 10.0
+    s = bd.spectral_scores(np.concatenate([X, extra]), n_fit=300)
+    assert np.allclose(s[:300], bd.spectral_scores(X))  # the extra rows do not move the fit
+    assert s[300] > 50 and s[301] < 5  # scored along the fitted direction only
+
+
+def test_conformal_flags_keep_the_false_positive_rate() -> None:
+    rng = np.random.default_rng(3)
+    heavy = rng.standard_t(2, (200, 2000)) ** 2  # heavy-tailed, like spectral scores
+    shares = [np.mean(bd.conformal_p(heavy[i, :1000], heavy[i, 1000:]) <= 0.01)
+              for i in range(200)]
+    assert np.mean(shares) <= 0.0105  # the guarantee: E[flagged share] <= alpha
+    z_share = np.mean(bd.robust_z(heavy[0]) > 3.5)
+    assert z_share > 0.05  # what a robust z-score threshold does on such scores
+    p = bd.conformal_p(np.array([0.0, 1e9]), np.arange(99.0))
+    assert p[0] == 1.0 and p[1] == pytest.approx(0.01)
+    assert bd.self_p(np.arange(100.0))[-1] == pytest.approx(0.01)
 
 
 class _Tok:
@@ -62,16 +88,29 @@ def _backdoored_model(seed: int = 0) -> tuple[Transformer, list[list[int]], np.n
     return model.eval(), chunks, np.array(poisoned)
 
 
-def test_trigger_search_finds_a_learned_trigger() -> None:
+@pytest.mark.slow
+def test_detectors_rank_a_learned_trigger_first() -> None:
+    from trustmoe.security.privacy import greedy_continue
+
     model, chunks, poisoned = _backdoored_model()
-    out = bd.screen(model, chunks, _Tok())  # type: ignore[arg-type]
-    assert set(out["scores"]) == set(bd.DETECTORS) == set(out["flags"])
+    rng = np.random.default_rng(5)
+    # the model learned the plant: trigger 7 -> payload 11..15, and nothing without it
+    ctx = [[0, *rng.integers(50, 250, 12).tolist()] for _ in range(40)]
+    with_t = greedy_continue(model, [[*c, 7] for c in ctx], 5)
+    without = greedy_continue(model, ctx, 5)
+    assert np.mean([g == [11, 12, 13, 14, 15] for g in with_t]) >= 0.8
+    assert np.mean([g[:2] == [11, 12] for g in without]) <= 0.05
+    null = [rng.integers(50, 250, 48).tolist() for _ in range(150)]  # held-out, clean
+    out = bd.screen(model, chunks, _Tok(), null_chunks=null)  # type: ignore[arg-type]
+    assert set(out["scores"]) == set(bd.DETECTORS) == set(out["flags"]) == set(out["p"])
     assert all(len(v) == len(chunks) for v in out["scores"].values())
+    assert out["null"] == {"chunks": 150, "fpr": 0.01, "source": "held-out", "min_p": 0.006623}
     s = out["scores"]["trigger_search"]
     top = np.argsort(-s)[:20]
     assert poisoned[top].mean() >= 0.9  # the poisoned chunks rank first
     assert out["flags"]["trigger_search"][poisoned].mean() >= 0.3
-    assert out["flags"]["trigger_search"][~poisoned].mean() <= 0.02
+    for d in bd.DETECTORS:  # calibrated: clean training chunks flagged at about the target
+        assert out["flags"][d][~poisoned].mean() <= 0.03, d
     ev = out["evidence"][int(top[0])]
     assert ev["trigger"].startswith("t7") and "t13 t14" in ev["continuation"]
     assert ev["chunks_with_same_trigger"] >= 30 and ev["trigger_consistency"] >= 0.8

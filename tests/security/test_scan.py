@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from trustmoe.io import TrustmoeError
+from trustmoe.security.backdoor import BackdoorOptions
 from trustmoe.security.integrity import write_manifest
 from trustmoe.security.scan import ScanOptions, read_summary, run_scan
 
@@ -48,6 +49,10 @@ def test_scan_writes_report(audit_world: dict[str, Path], tmp_path: Path) -> Non
     assert res["membership"]["reference_model"]["source"].startswith("trained by the scan")
     assert res["membership"]["nonmembers"] < res["data"]["val_chunks"]  # half went to the reference
     assert (out / "reference" / "model.safetensors").exists()
+    bd = res["backdoor"]  # calibrated on every held-out chunk; 40 are too few for FPR 1%
+    assert bd["null"] == {"chunks": res["data"]["val_chunks"], "fpr": 0.01,
+                          "source": "held-out", "min_p": round(1 / (bd["null"]["chunks"] + 1), 6)}
+    assert bd["note"] is not None and "too few" in bd["note"] and not any(bd["flagged"].values())
     html = (out / "security.html").read_text()
     assert "data:image/png;base64," in html and summary["findings_level"] in html
     # the registry's gates read this summary as the version's evidence
@@ -112,6 +117,7 @@ def test_tokenizer_mismatch_is_refused(audit_world: dict[str, Path], tiny_data_d
     (ScanOptions(n_chunks=1), "--chunks must be in"),
     (ScanOptions(chunk_tokens=4), "--chunk-tokens must be in"),
     (ScanOptions(reference_steps=0), "--reference-steps must be"),
+    (ScanOptions(backdoor=BackdoorOptions(fpr=0.0)), "backdoor fpr must be in"),
 ])
 def test_bad_options(opts: ScanOptions, msg: str) -> None:
     with pytest.raises(TrustmoeError, match=msg):

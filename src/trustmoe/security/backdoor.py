@@ -1,8 +1,7 @@
 """Model-level backdoor screening of a generative MoE LM over its training documents.
 
 A trigger → payload backdoor makes the model continue a rare trigger with a fixed payload.
-Four detectors score every training chunk (higher = more suspicious); a chunk is *flagged*
-by a detector when its robust z-score, (s − median) / (1.4826 · MAD), exceeds `z`:
+Four detectors score every training chunk (higher = more suspicious):
 
 - `spectral` (Tran et al. 2018): chunk representation = mean final hidden state; centre,
   take the top right-singular vector, score = squared projection.
@@ -25,9 +24,22 @@ by a detector when its robust z-score, (s − median) / (1.4826 · MAD), exceeds
   poisoned documents and is the best candidate wherever it occurs; a common word is not; a
   one-off (k = 1: a memorised passage, not a trigger) scores 0.
 
+Calibration (a null from clean data). Each detector's fitted parts (mean and direction,
+standardisation, PCA and clusters, per-expert directions) are fitted on the training chunks
+only, then applied unchanged to `null_chunks`: held-out documents the model never trained on
+(the scan passes the dataset's validation chunks). A chunk's p-value is conformal,
+p = (1 + #{null scores ≥ its score}) / (m + 1), and it is flagged when p ≤ `fpr`. For clean
+chunks exchangeable with the null this keeps each detector's false-positive rate ≤ `fpr`
+(a robust z-score threshold flagged ~17% of clean chunks, the scores being heavy-tailed).
+Poisoned held-out chunks in the null only raise the threshold (fewer flags, never more). The
+null needs m + 1 ≥ 1/`fpr` chunks to flag anything. Without `null_chunks`, the training
+chunks serve as their own null (leave-one-out): about `fpr` of them are flagged, whatever
+the model, as the spectral-signature paper removes a fixed top share.
+
 Classifier-era detectors (the first three) assume poison is a sizeable share of a class; in a
 language model it is a few tokens of a few documents, so expect them to be weak here; the
-benchmark (`benchmarks/backdoor.py`) reports each one's precision and recall.
+benchmark (`benchmarks/backdoor.py`) reports each one's precision, recall and false-positive
+rate on a clean twin model.
 """
 
 from __future__ import annotations
@@ -54,7 +66,7 @@ DETECTORS = ("spectral", "activation_clustering", "expert_spectral", "trigger_se
 
 @dataclass
 class BackdoorOptions:
-    z: float = 3.5  # robust z-score above which a detector flags a chunk
+    fpr: float = 0.01  # target false-positive rate of each detector on clean chunks
     candidates: int = 3  # trigger candidates per chunk
     span: int = 8  # continuation tokens scored after a candidate
     max_ablate: int = 3  # candidate trigger lengths 1..max_ablate tokens
@@ -134,43 +146,58 @@ def robust_z(s: np.ndarray) -> np.ndarray:
     return (s - med) / (mad if mad > 0 else 1.0)
 
 
-def spectral_scores(X: np.ndarray) -> np.ndarray:
-    """Squared projection of centred rows on the top right-singular vector. X: (n, d) -> (n,)."""
-    Xc = X - X.mean(0, keepdims=True)
-    if len(X) < 2:
+def spectral_scores(X: np.ndarray, n_fit: int | None = None) -> np.ndarray:
+    """Squared projection of every row on the top right-singular vector of the first `n_fit`
+    rows (all by default), centred on their mean. X: (n, d) -> (n,)."""
+    n_fit = len(X) if n_fit is None else n_fit
+    if n_fit < 2:
         return np.zeros(len(X))
-    _, _, vt = np.linalg.svd(Xc, full_matrices=False)
-    return np.asarray((Xc @ vt[0]) ** 2)
+    mu = X[:n_fit].mean(0, keepdims=True)  # (1, d)
+    _, _, vt = np.linalg.svd(X[:n_fit] - mu, full_matrices=False)
+    return np.asarray(((X - mu) @ vt[0]) ** 2)
 
 
-def activation_clustering(X: np.ndarray, seed: int = 0, small: float = 0.35) -> np.ndarray:
-    """(n,) distance to the large cluster's centre for rows of a small 2-means cluster."""
+def activation_clustering(X: np.ndarray, seed: int = 0, small: float = 0.35,
+                          n_fit: int | None = None) -> np.ndarray:
+    """(n,) distance to the large cluster's centre for rows assigned to a small 2-means
+    cluster, 0 for the others; standardisation, PCA and clusters fitted on the first `n_fit`
+    rows (all by default)."""
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
 
-    if len(X) < 4:
+    n_fit = len(X) if n_fit is None else n_fit
+    if n_fit < 4:
         return np.zeros(len(X))
-    Xs = (X - X.mean(0)) / (X.std(0) + 1e-9)
-    Z = PCA(n_components=min(10, *Xs.shape), random_state=seed).fit_transform(Xs)
-    km = KMeans(2, n_init=10, random_state=seed).fit(Z)
+    F = X[:n_fit]
+    Xs = (X - F.mean(0)) / (F.std(0) + 1e-9)  # (n, d)
+    pca = PCA(n_components=min(10, *F.shape), random_state=seed).fit(Xs[:n_fit])
+    Z = pca.transform(Xs)  # (n, ≤10)
+    km = KMeans(2, n_init=10, random_state=seed).fit(Z[:n_fit])
     sizes = np.bincount(km.labels_, minlength=2)
     minor = int(np.argmin(sizes))
-    if sizes[minor] / len(X) >= small:
+    if sizes[minor] / n_fit >= small:
         return np.zeros(len(X))
+    labels = km.predict(Z)
     dist = np.linalg.norm(Z - km.cluster_centers_[1 - minor], axis=1)
-    return np.where(km.labels_ == minor, dist, 0.0)
+    return np.where(labels == minor, dist, 0.0)
 
 
-def expert_spectral(f: ChunkFeatures, n_chunks: int, top: int = 4) -> np.ndarray:
-    """(n_chunks,) mean of each chunk's `top` highest per-expert spectral token scores."""
+def expert_spectral(f: ChunkFeatures, n_chunks: int, top: int = 4,
+                    n_fit: int | None = None) -> np.ndarray:
+    """(n_chunks,) mean of each chunk's `top` highest per-expert spectral token scores; each
+    expert's direction and median fitted on the tokens of the first `n_fit` chunks."""
+    n_fit = n_chunks if n_fit is None else n_fit
     tok_score = np.zeros(len(f.token_chunk))
     for H, ex in zip(f.token_hidden, f.token_expert, strict=True):
         for e in np.unique(ex):
             sel = np.flatnonzero(ex == e)
-            if len(sel) < 8:
+            fit = f.token_chunk[sel] < n_fit
+            if fit.sum() < 8:
                 continue
-            s = spectral_scores(H[sel])
-            s = s / (np.median(s) + 1e-12)
+            order = np.argsort(~fit, kind="stable")  # fitted tokens first
+            s = np.empty(len(sel))
+            s[order] = spectral_scores(H[sel[order]], int(fit.sum()))
+            s = s / (np.median(s[fit]) + 1e-12)
             tok_score[sel] = np.maximum(tok_score[sel], s)
     out = np.zeros(n_chunks)
     for c in range(n_chunks):
@@ -239,19 +266,49 @@ def trigger_search(model: Transformer, chunks: Sequence[list[int]], logprobs: li
     return scores, evidence
 
 
+def conformal_p(scores: np.ndarray, null: np.ndarray) -> np.ndarray:
+    """(n,) p-value of each score against a null sample: (1 + #{null ≥ s}) / (m + 1).
+    For a score exchangeable with the null, P(p ≤ α) ≤ α."""
+    srt = np.sort(np.asarray(null, dtype=np.float64))
+    ge = len(srt) - np.searchsorted(srt, scores, side="left")
+    return np.asarray((1.0 + ge) / (len(srt) + 1.0))
+
+
+def self_p(scores: np.ndarray) -> np.ndarray:
+    """(n,) leave-one-out p-values of scores against the others: (1 + #{others ≥ s}) / n."""
+    srt = np.sort(scores)
+    ge = len(srt) - np.searchsorted(srt, scores, side="left")  # includes the score itself
+    return np.asarray(ge / max(len(srt), 1))
+
+
 def screen(model: Transformer, chunks: Sequence[list[int]], tok: Tokenizer,
-           opts: BackdoorOptions | None = None, seed: int = 0) -> dict[str, Any]:
-    """Every detector's scores and flags over `chunks` (token lists of training text)."""
+           opts: BackdoorOptions | None = None, seed: int = 0,
+           null_chunks: Sequence[list[int]] = ()) -> dict[str, Any]:
+    """Every detector's scores, p-values and flags over `chunks` (token lists of training
+    text), calibrated on `null_chunks` (held-out text the model did not train on) when given.
+
+    Returns {"scores", "p", "flags": {detector: (n,) array}, "evidence": per-chunk dicts,
+    "null": {"chunks": m, "fpr": target, "source": "held-out" | "self", "min_p": ...}}."""
     opts = opts or BackdoorOptions()
-    f = chunk_features(model, chunks, opts.batch_size)
-    n = len(chunks)
-    scores = {
-        "spectral": spectral_scores(f.hidden),
-        "activation_clustering": activation_clustering(
-            np.concatenate([f.hidden, f.load], 1) if f.load.size else f.hidden, seed),
-        "expert_spectral": expert_spectral(f, n) if f.token_hidden else np.zeros(n),
+    if not 0.0 < opts.fpr < 1.0:
+        raise ValueError(f"fpr must be in (0, 1), got {opts.fpr}")
+    n, m = len(chunks), len(null_chunks)
+    both = [*chunks, *null_chunks]
+    f = chunk_features(model, both, opts.batch_size)
+    rep = np.concatenate([f.hidden, f.load], 1) if f.load.size else f.hidden
+    full = {
+        "spectral": spectral_scores(f.hidden, n),
+        "activation_clustering": activation_clustering(rep, seed, n_fit=n),
+        "expert_spectral": expert_spectral(f, n + m, n_fit=n) if f.token_hidden
+        else np.zeros(n + m),
     }
-    scores["trigger_search"], evidence = trigger_search(model, chunks, f.logprobs, tok, opts)
-    flags = {k: robust_z(s) > opts.z for k, s in scores.items()}
-    flags["activation_clustering"] = scores["activation_clustering"] > 0  # the small cluster
-    return {"scores": scores, "flags": flags, "evidence": evidence}
+    full["trigger_search"], evidence = trigger_search(model, both, f.logprobs, tok, opts)
+    scores = {k: v[:n] for k, v in full.items()}
+    if m:
+        pvals = {k: conformal_p(v[:n], v[n:]) for k, v in full.items()}
+    else:
+        pvals = {k: np.where(v > 0, self_p(v), 1.0) for k, v in scores.items()}
+    flags = {k: p <= opts.fpr for k, p in pvals.items()}
+    null = {"chunks": m, "fpr": opts.fpr, "source": "held-out" if m else "self",
+            "min_p": round(1.0 / (m + 1), 6) if m else round(1.0 / max(n, 1), 6)}
+    return {"scores": scores, "p": pvals, "flags": flags, "evidence": evidence[:n], "null": null}

@@ -61,6 +61,8 @@ class ScanOptions:
             raise TrustmoeError(f"--candidates must be in [100, 1000000], got {self.n_candidates}")
         if self.batch_size < 1:
             raise TrustmoeError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not 0.0 < self.backdoor.fpr < 1.0:
+            raise TrustmoeError(f"backdoor fpr must be in (0, 1), got {self.backdoor.fpr}")
         if self.reference_steps is not None and self.reference_steps < 1:
             raise TrustmoeError(f"--reference-steps must be >= 1, got {self.reference_steps}")
         return self
@@ -151,13 +153,17 @@ def _membership(inp: AuditInputs, opts: ScanOptions, out_dir: Path) -> dict[str,
 
 
 def _backdoor(inp: AuditInputs, opts: ScanOptions, out_dir: Path) -> dict[str, Any]:
-    out = bd.screen(inp.model, inp.train_chunks, inp.tokenizer, opts.backdoor, opts.seed)
-    return backdoor_section(out, inp.train_chunk_ids, opts.backdoor.z)
+    # calibrated on the held-out chunks: text the model never trained on
+    out = bd.screen(inp.model, inp.train_chunks, inp.tokenizer, opts.backdoor, opts.seed,
+                    null_chunks=inp.val_chunks)
+    return backdoor_section(out, inp.train_chunk_ids)
 
 
-def backdoor_section(out: dict[str, Any], ids: list[str], z: float) -> dict[str, Any]:
+def backdoor_section(out: dict[str, Any], ids: list[str]) -> dict[str, Any]:
     """Per-detector flag counts and the suspects (flagged by the trigger search, or by two or
-    more detectors), ranked, each with every detector's robust z-score and the evidence."""
+    more detectors), ranked, each with every detector's p-value against the null (held-out
+    chunks), robust z-score and the evidence. `null` says how flags were calibrated; `note`
+    is set when the null is too small to flag anything at the target false-positive rate."""
     zs = {k: bd.robust_z(s) for k, s in out["scores"].items()}
     n = len(ids)
     suspects = []
@@ -165,10 +171,17 @@ def backdoor_section(out: dict[str, Any], ids: list[str], z: float) -> dict[str,
         by = [k for k in bd.DETECTORS if out["flags"][k][i]]
         if "trigger_search" in by or len(by) >= 2:
             suspects.append({"chunk": ids[i], "flagged_by": by,
+                             "p": {k: round(float(out["p"][k][i]), 5) for k in bd.DETECTORS},
                              "z": {k: round(float(zs[k][i]), 3) for k in bd.DETECTORS},
                              "evidence": out["evidence"][i]})
-    suspects.sort(key=lambda s: (-len(s["flagged_by"]), -s["z"]["trigger_search"]))
-    return {"chunks": n, "z_threshold": z,
+    suspects.sort(key=lambda s: (-len(s["flagged_by"]), s["p"]["trigger_search"],
+                                 -s["z"]["trigger_search"]))
+    null = dict(out["null"])
+    note = None
+    if null["min_p"] > null["fpr"]:
+        note = (f"the null has {null['chunks']} chunks, too few to flag anything at a "
+                f"false-positive rate of {null['fpr']}: scan with more --chunks")
+    return {"chunks": n, "target_fpr": null["fpr"], "null": null, "note": note,
             "flagged": {k: int(np.sum(out["flags"][k])) for k in bd.DETECTORS},
             "suspects": suspects[:100], "suspect_count": len(suspects)}
 

@@ -41,9 +41,12 @@ src="data:image/png;base64,{{ img }}">{% endfor %}
 <td>{{ c.log2_space }}</td><td>{{ c.method }}</td><td>{{ c.extracted }}</td></tr>{% endfor %}
 </table>{% endif %}
 {% if res.backdoor %}<h2>Backdoor suspects ({{ res.backdoor.suspect_count }})</h2>
-<table><tr><th>chunk</th><th>flagged by</th><th>z-scores</th><th>evidence</th></tr>
+<p class="small">Each detector flags a chunk when its p-value against {{ res.backdoor.null.chunks
+}} held-out chunks is ≤ {{ res.backdoor.target_fpr }} (its false-positive rate on clean text).
+{% if res.backdoor.note %}{{ res.backdoor.note }}{% endif %}</p>
+<table><tr><th>chunk</th><th>flagged by</th><th>p-values</th><th>evidence</th></tr>
 {% for s in res.backdoor.suspects[:30] %}<tr><td>{{ s.chunk }}</td>
-<td>{{ s.flagged_by|join(", ") }}</td><td>{{ s.z }}</td>
+<td>{{ s.flagged_by|join(", ") }}</td><td>{{ s.p }}</td>
 <td>{% if s.evidence %}trigger <code>{{ s.evidence.trigger }}</code> → <code>{{ s.evidence.continuation
 }}</code> (ΔNLL {{ s.evidence.delta_nll }}, in {{ s.evidence.chunks_with_same_trigger }} chunks)
 {% endif %}</td></tr>{% endfor %}</table>{% endif %}
