@@ -19,8 +19,8 @@ Four detectors score every training chunk (higher = more suspicious):
   each candidate span of 1-3 tokens is deleted and the NLL of the next `span` tokens is
   re-scored; Δ = NLL(without) − NLL(with) measures how much the continuation depends on the
   candidate. A chunk's score is its best Δ × ln k × k / m, where k chunks hold the candidate's
-  text in their own best window (candidate + continuation) and m chunks contain that text at
-  all: one trigger recurs across the
+  tokens in their own best window (candidate + continuation) and m chunks contain those tokens
+  at all (matched as token ids: a made-up trigger is several sub-word pieces): one trigger recurs across the
   poisoned documents and is the best candidate wherever it occurs; a common word is not; a
   one-off (k = 1: a memorised passage, not a trigger) scores 0.
 
@@ -44,7 +44,6 @@ rate on a clean twin model.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -243,23 +242,27 @@ def trigger_search(model: Transformer, chunks: Sequence[list[int]], logprobs: li
             delta = v - nll_with[(c, p, r)]
             if c not in best or delta > best[c][0]:
                 best[c] = (delta, p, r)
-    texts = {c: tok.decode(chunks[c][p:p + r]).strip() for c, (_, p, r) in best.items()}
-    windows = [tok.decode(chunks[c][p:p + r + S]) for c, (_, p, r) in best.items()]
-    decoded = [tok.decode(c) for c in chunks]
+    # recurrence is counted on token ids, not words: a made-up trigger is several sub-word
+    # pieces (`vex_yth_dra73`), and a piece never matches as a whole word in the text
+    def key(ids: Sequence[int]) -> str:  # one character per token id (no surrogates)
+        return "".join(chr(0x10000 + t) for t in ids)
+
+    cand_key = {c: key(chunks[c][p:p + r]) for c, (_, p, r) in best.items()}
+    windows = [key(chunks[c][p:p + r + S]) for c, (_, p, r) in best.items()]
+    keyed = [key(c) for c in chunks]
     scores = np.zeros(len(chunks))
     evidence: list[dict[str, Any]] = [{} for _ in chunks]
     cache: dict[str, tuple[int, int]] = {}
     for c, (delta, p, r) in best.items():
-        t = texts[c]
-        if t not in cache:  # k: best windows holding t; m: chunks holding t at all (as words)
-            pat = re.compile(r"(?<!\w)" + re.escape(t) + r"(?!\w)")
-            cache[t] = (sum(bool(pat.search(w)) for w in windows),
-                        sum(bool(pat.search(d)) for d in decoded)) if t else (1, 1)
+        t = cand_key[c]
+        if t not in cache:  # k: best windows holding t; m: chunks holding t at all
+            cache[t] = (sum(t in w for w in windows), sum(t in d for d in keyed))
         shared, present = cache[t]
         # a trigger is in the best window wherever it occurs; a common word is not
         consistency = shared / max(present, shared, 1)
         scores[c] = max(delta, 0.0) * np.log(max(shared, 1)) * consistency  # 0 for a one-off
-        evidence[c] = {"trigger": texts[c], "position": p, "trigger_tokens": r,
+        evidence[c] = {"trigger": tok.decode(chunks[c][p:p + r]).strip(), "position": p,
+                       "trigger_tokens": r,
                        "continuation": tok.decode(chunks[c][p + r:p + r + S]),
                        "delta_nll": round(delta, 4), "chunks_with_same_trigger": shared,
                        "trigger_consistency": round(consistency, 3)}
