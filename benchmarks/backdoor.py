@@ -14,10 +14,16 @@ recall at document level); the tiny preset trained `--steps` steps; attack succe
 greedy continuations of held-out contexts that start with the payload's first words, with
 and without the trigger; each model-level detector's precision/recall over training chunks
 (all poisoned chunks + `--clean-chunks` random clean ones; FPR is unbiased, precision is on
-that sample).
+that sample), each detector calibrated on `--null-chunks` held-out chunks (as the scan is),
+with its AUROC and its recall at the oracle threshold flagging `--fpr` of the clean chunks;
+then an unplanted twin (same documents, same steps) gives each detector's FPR on a clean
+model. The issue's 1% setting (long payload, one insertion per document) is not learned by the
+tiny preset; `--short-payload --plant-repeats 3 --poison-rate 0.15 --docs 200` is.
 
     python benchmarks/backdoor.py                       # both parts, ~10 min on 2 cores
     python benchmarks/backdoor.py --part screen --trials 2
+    OMP_NUM_THREADS=1 python benchmarks/backdoor.py --part model --docs 200 --poison-rate 0.15 \
+        --short-payload --plant-repeats 3 --clean-chunks 300 --null-chunks 300
 """
 
 from __future__ import annotations
@@ -113,6 +119,15 @@ def _prf(flags: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
             "fpr": round(fp / max(int(np.sum(~truth)), 1), 4), "flagged": tp + fp}
 
 
+def _tpr_at(scores: np.ndarray, truth: np.ndarray, fpr: float) -> float | None:
+    """Recall with the threshold that flags `fpr` of the scored clean chunks (an oracle null:
+    what the ranking allows, whatever the held-out null holds)."""
+    if not 0 < truth.sum() < len(truth):
+        return None
+    thr = np.quantile(scores[~truth], 1.0 - fpr)
+    return round(float(np.mean(scores[truth] > thr)), 4)
+
+
 def _auroc(scores: np.ndarray, truth: np.ndarray) -> float | None:
     from sklearn.metrics import roc_auc_score
 
@@ -206,15 +221,21 @@ def part_model(n_docs: int, steps: int, clean_chunks: int, seed: int, work: Path
                      *rs.choice(neg, min(clean_chunks, len(neg)), replace=False).tolist()])
     sc = _detect(bdw, [chunks[i][1] for i in sample], null_chunks, seed, fpr)
     truth_c = has[sample]
-    detectors = {d: _prf(np.asarray(v), truth_c) | {"auroc": _auroc(sc["scores"][d], truth_c)}
-                 for d, v in sc["flags"].items()}
+    detectors = {d: _prf(np.asarray(v), truth_c) | {
+        "auroc": _auroc(sc["scores"][d], truth_c),
+        "recall_at_fpr_oracle": _tpr_at(sc["scores"][d], truth_c, fpr)}
+        for d, v in sc["flags"].items()}
+    # poisoned held-out chunks in the null raise its threshold: count them
+    val_has = [plant.trigger in tok.decode(c) for _, c in _chunks(bdw, "val")]
     out: dict[str, Any] = {
         "documents": len(kept), "poisoned_documents": int(truth.sum()), "plant": plant.line,
         "poison_rate": rate, "payload": "short" if short else "long",
         "plant_position": "random line" if at is None else f"line {at}",
         "plant_repeats_per_document": repeats, "train_steps": steps,
         "build_and_train_seconds": round(train_s, 1), "attack_success_rate": asr,
-        "data_screen": screen_prf, "target_fpr": fpr, "null": sc["null"],
+        "data_screen": screen_prf, "target_fpr": fpr,
+        "null": sc["null"] | {"poisoned_heldout_chunks_in_split": int(sum(val_has)),
+                              "heldout_chunks_in_split": len(val_has)},
         "model_detectors": detectors, "chunks_scored": len(sample),
         "poisoned_chunks": int(truth_c.sum())}
     if clean_twin:  # the same corpus without the plant, trained alike: FPR on a clean model
