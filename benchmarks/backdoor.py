@@ -180,7 +180,8 @@ def part_model(n_docs: int, steps: int, clean_chunks: int, seed: int, work: Path
     from trustmoe.data.tokenizer import load_tokenizer
     from trustmoe.security.privacy import greedy_continue
 
-    rng = random.Random(seed)
+    # not Random(seed): its first shuffle of as many documents would equal the build's val split
+    rng = random.Random(f"backdoor-plants:{seed}")
     ids, texts, _ = stdlib_docs()
     order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), ids[i]))
     pick = [i for i in order if len(texts[i]) >= 1500][:n_docs]
