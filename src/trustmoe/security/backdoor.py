@@ -66,7 +66,7 @@ DETECTORS = ("spectral", "activation_clustering", "expert_spectral", "trigger_se
 @dataclass
 class BackdoorOptions:
     fpr: float = 0.01  # target false-positive rate of each detector on clean chunks
-    candidates: int = 3  # trigger candidates per chunk
+    candidates: int = 8  # trigger candidates per chunk (3 missed a learned trigger in most chunks)
     span: int = 8  # continuation tokens scored after a candidate
     max_ablate: int = 3  # candidate trigger lengths 1..max_ablate tokens
     context: int = 48  # tokens of left context kept when re-scoring
