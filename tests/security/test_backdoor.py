@@ -100,13 +100,14 @@ def test_detectors_rank_a_learned_trigger_first() -> None:
     without = greedy_continue(model, ctx, 5)
     assert np.mean([g == [11, 12, 13, 14, 15] for g in with_t]) >= 0.8
     assert np.mean([g[:2] == [11, 12] for g in without]) <= 0.05
-    null = [rng.integers(50, 250, 48).tolist() for _ in range(150)]  # held-out, clean
+    null = [rng.integers(50, 250, 48).tolist() for _ in range(120)]  # held-out, clean
+    chunks, poisoned = chunks[:300], poisoned[:300]  # 30 poisoned: enough, and quick
     out = bd.screen(model, chunks, _Tok(), null_chunks=null)  # type: ignore[arg-type]
     assert set(out["scores"]) == set(bd.DETECTORS) == set(out["flags"]) == set(out["p"])
     assert all(len(v) == len(chunks) for v in out["scores"].values())
-    assert out["null"] == {"chunks": 150, "fpr": 0.01, "source": "held-out", "min_p": 0.006623}
+    assert out["null"] == {"chunks": 120, "fpr": 0.01, "source": "held-out", "min_p": 0.008264}
     s = out["scores"]["trigger_search"]
-    top = np.argsort(-s)[:20]
+    top = np.argsort(-s)[:10]
     assert poisoned[top].mean() >= 0.9  # the poisoned chunks rank first
     assert out["flags"]["trigger_search"][poisoned].mean() >= 0.3
     # calibrated: clean training chunks flagged at about the target (1%); they are members,
@@ -115,4 +116,4 @@ def test_detectors_rank_a_learned_trigger_first() -> None:
         assert out["flags"][d][~poisoned].mean() <= 0.05, d
     ev = out["evidence"][int(top[0])]
     assert ev["trigger"].startswith("t7") and "t13 t14" in ev["continuation"]
-    assert ev["chunks_with_same_trigger"] >= 30 and ev["trigger_consistency"] >= 0.8
+    assert ev["chunks_with_same_trigger"] >= 20 and ev["trigger_consistency"] >= 0.8
