@@ -183,6 +183,9 @@ class Engine:
         V = self.config.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < V for t in ids):
             raise ValueError(f"prompt token ids must be integers in [0, {V})")
+        if params.prompt_logits_from is not None and params.prompt_logits_from >= len(ids):
+            raise ValueError(f"prompt_logits_from ({params.prompt_logits_from}) must be below "
+                             f"the prompt length ({len(ids)})")
         if len(ids) + params.max_tokens > self.max_model_len:
             raise PromptTooLongError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model "
@@ -235,16 +238,20 @@ class Engine:
             s = w.seq
             end = w.start + w.length
             assert s.slots is not None
-            want = "none"
+            want, skip = "none", 0
             if s.params.prompt_logprobs is not None and not s.prefilled:
                 want = "all"
+                if s.params.prompt_logits_from is not None:  # rows before it are not scored
+                    skip = max(0, s.params.prompt_logits_from - 1 - w.start)
+                    if skip >= w.length:  # never the last chunk: its last row is always scored
+                        want, skip = "none", 0
             elif end >= len(s.prompt_ids):
                 want = "last"
             n_prompt = len(s.prompt_ids)
             toks = s.output_ids[w.start - n_prompt: end - n_prompt] if w.start >= n_prompt \
                 else s.all_ids[w.start:end]
             chunks.append(Chunk(toks, w.start, s.slots[:end], want,
-                                first_slot=self.scheduler.first_slot(s),
+                                first_slot=self.scheduler.first_slot(s), skip=skip,
                                 features=self._acc.get(s.request_id) if w.start < n_prompt else None))
         logits = self.runner.forward(chunks)
         to_sample: list[tuple[Sequence, torch.Tensor]] = []
@@ -253,7 +260,7 @@ class Engine:
             s = w.seq
             was_prefilled = s.prefilled
             if s.params.prompt_logprobs is not None and not was_prefilled and lg is not None:
-                self.outputs.add_prompt_logprobs(s, w.start, lg)
+                self._add_prompt_logprobs(s, w.start, lg)
             self.scheduler.after_forward(s, w.start + w.length)
             if s.prefilled and s.request_id in self._acc:
                 self._feats[s.request_id] = self._acc.pop(s.request_id).finish()
@@ -274,6 +281,19 @@ class Engine:
                 if o.finished:
                     o.features = self._feats.pop(o.request_id, None)
         return outs
+
+    def _add_prompt_logprobs(self, s: Sequence, start: int, lg: torch.Tensor) -> None:
+        """lg: (T, V) logits of this chunk's positions from start + skip on, where skip is
+        how many leading positions precede `prompt_logits_from - 1` (they are not scored)."""
+        f = s.params.prompt_logits_from
+        if f is not None:
+            first = max(start, f - 1)  # the position of lg's first row
+            if s.prompt_logprobs is None:  # prompt tokens 0..f-1 are not scored
+                s.prompt_logprobs = [None] * f
+                if s.params.prompt_logprobs:
+                    s.prompt_top_logprobs = [None] * f
+            start = first
+        self.outputs.add_prompt_logprobs(s, start, lg)
 
     def _sample_and_update(self, rows: list[tuple[Sequence, torch.Tensor]]) -> list[RequestOutput]:
         seqs = [s for s, _ in rows]

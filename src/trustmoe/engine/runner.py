@@ -53,6 +53,7 @@ class Chunk:
     rows: slice = field(default_factory=lambda: slice(0, 0))
     first_slot: int | None = None  # set when slots are one contiguous run (no gather needed)
     features: FeatureAccumulator | None = None  # prefill chunk of a request whose features are kept
+    skip: int = 0  # with logits="all": leading rows whose logits are not wanted
 
 
 class ModelRunner:
@@ -292,7 +293,8 @@ class ModelRunner:
             if c.logits == "none":
                 spans.append(None)
                 continue
-            rows = x[c.rows] if c.logits == "all" else x[c.rows.stop - 1: c.rows.stop]
+            rows = x[c.rows.start + c.skip: c.rows.stop] if c.logits == "all" \
+                else x[c.rows.stop - 1: c.rows.stop]
             sel.append(rows)
             spans.append((n, n + rows.shape[0]))
             n += rows.shape[0]

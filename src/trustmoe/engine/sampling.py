@@ -41,6 +41,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # for OpenAI `echo` + logprobs
     # with prompt_logprobs set: also return the raw (P-1, V) prompt logits (for evaluation)
     prompt_logits: bool = False
+    # with prompt_logprobs set: score only prompt tokens from this index on (>= 1); the rows
+    # before it are neither computed nor returned, and the positions before index - 1 may come
+    # from the prefix cache (scoring a continuation after a shared context). None: all of them
+    prompt_logits_from: int | None = None
     logits_processors: list[LogitsProcessor] | None = None
 
     def validate(self, max_model_len: int) -> None:
@@ -77,6 +81,12 @@ class SamplingParams:
                 bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {v!r}")
         if self.prompt_logits and self.prompt_logprobs is None:
             bad("prompt_logits needs prompt_logprobs (0 or more)")
+        f = self.prompt_logits_from
+        if f is not None:
+            if not isinstance(f, int) or isinstance(f, bool) or f < 1:
+                bad(f"prompt_logits_from must be an integer >= 1, got {f!r}")
+            if self.prompt_logprobs is None:
+                bad("prompt_logits_from needs prompt_logprobs (0 or more)")
         if self.stop is not None:
             if not isinstance(self.stop, list) or len(self.stop) > MAX_STOP_STRINGS:
                 bad(f"stop must be a list of at most {MAX_STOP_STRINGS} strings")

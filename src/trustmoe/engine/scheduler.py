@@ -101,8 +101,13 @@ class Scheduler:
         self.waiting.append(seq)
 
     def _prefix_keys(self, seq: Sequence) -> list[BlockKey]:
-        if seq.params.prompt_logprobs is not None:
-            return []  # every prompt position must be computed to score it
+        p = seq.params
+        if p.prompt_logprobs is not None:
+            if p.prompt_logits_from is None:
+                return []  # every prompt position must be computed to score it
+            # positions from prompt_logits_from - 1 on are computed (their logits are scored);
+            # the full blocks before that may be reused
+            return block_keys(seq.prompt_ids[: p.prompt_logits_from - 1], self.bs)
         return block_keys(seq.prompt_ids[: len(seq.prompt_ids) - 1], self.bs)
 
     def _try_admit(self, seq: Sequence) -> bool:

@@ -6,11 +6,15 @@ KV cache, fused and quantized weights, its MoE paths) computes the logits at eve
 position, and the summaries are taken from them with the same maths as the torch backend, so
 fp32 numbers agree to float noise and int8/int4 numbers measure the quantized weights.
 Requests are fed through `add_request`/`step` as the scheduler admits them (continuous
-batching); prefix caching is off for scored prompts (every position must be computed).
+batching). Each asks only for the rows it scores (`prompt_logits_from=start`): the engine
+computes no logits before them, and the full KV blocks of the unscored prefix may come from
+the engine's prefix cache. Requests sharing a context (multiple-choice items) are submitted
+leader first, the others once the leader's prefill is done, so the context is computed once.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import count
 from pathlib import Path
@@ -24,6 +28,7 @@ from trustmoe.eval.loglik import Request, Scored, check_requests, scored_slice, 
 from trustmoe.io import TrustmoeError
 
 if TYPE_CHECKING:
+    from trustmoe.config import ModelConfig
     from trustmoe.data.tokenizer import TextCodec
     from trustmoe.engine import Engine
     from trustmoe.eval.moe_diag import RoutingCollector
@@ -56,9 +61,7 @@ class EngineLM(LM):
         if batch_size < 1:
             raise TrustmoeError(f"batch size must be >= 1, got {batch_size}")
         cfg = load_config(model_dir)
-        opts: dict[str, Any] = {"quantize": quantize, "max_num_seqs": batch_size,
-                                # one prefill chunk per window: a scored prompt is never cut
-                                "prefill_chunk": max(256, cfg.max_position_embeddings)}
+        opts: dict[str, Any] = {"quantize": quantize, **cls.engine_options(cfg, batch_size)}
         if device not in (None, "auto"):
             opts["device"] = device
         try:
@@ -70,6 +73,12 @@ class EngineLM(LM):
         if tok_dir is not None:
             codec = TextCodec.from_dir(tok_dir, bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_id)
         return cls(engine, codec=codec, model_dir=model_dir)
+
+    @staticmethod
+    def engine_options(cfg: ModelConfig, batch_size: int) -> dict[str, Any]:
+        """The `EngineConfig` overrides of a scoring engine: `batch_size` sequences at once, and
+        one prefill chunk per window, so a scored prompt is never cut."""
+        return {"max_num_seqs": batch_size, "prefill_chunk": max(256, cfg.max_position_embeddings)}
 
     @property
     def quantize(self) -> str | None:
@@ -83,28 +92,36 @@ class EngineLM(LM):
 
         check_requests(requests, self.max_length)
         eng = self.engine
-        params = SamplingParams(max_tokens=0, prompt_logprobs=0, prompt_logits=True)
         base = f"eval-{next(_ids)}-"
-        todo = list(range(len(requests)))[::-1]
+        todo, followers = schedule_order(requests, eng.block_size)
         pending: dict[str, int] = {}
         results: list[Scored | None] = [None] * len(requests)
         while todo or pending:
             while todo:
-                i = todo[-1]
+                i = todo[0]
+                # only the scored rows: the engine skips the others' logits, and the context's
+                # full KV blocks may come from the prefix cache (filled by an earlier request)
+                params = SamplingParams(max_tokens=0, prompt_logprobs=0, prompt_logits=True,
+                                        prompt_logits_from=requests[i].start)
                 try:
                     pending[eng.add_request(requests[i].ids, params, f"{base}{i}")] = i
                 except QueueFullError:
                     break
-                todo.pop()
+                todo.popleft()
             for o in eng.step():
                 if not o.finished or o.request_id not in pending:
                     continue
                 i = pending.pop(o.request_id)
+                # the context's blocks are cached now: the requests sharing them go next
+                todo.extendleft(reversed(followers.pop(i, [])))
                 if o.prompt_logits is None:
                     raise TrustmoeError(f"the engine returned no prompt logits for request {i}")
                 r = requests[i]
-                z = o.prompt_logits[r.start - 1:]  # (n, V): rows predicting ids[start:]
+                z = o.prompt_logits  # (n, V): rows predicting ids[start:]
                 tgt = torch.tensor(r.ids[r.start:], dtype=torch.long, device=z.device)
+                if z.shape[0] != tgt.shape[0]:
+                    raise TrustmoeError(f"the engine returned {z.shape[0]} logit rows for "
+                                        f"request {i}, which scores {tgt.shape[0]} tokens")
                 results[i] = scored_slice(to_host(stats(z, tgt)), tgt.cpu().numpy(), slice(None),
                                           logits=z.float().cpu() if logits else None)
                 if on_batch is not None:
@@ -117,3 +134,26 @@ class EngineLM(LM):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "dir": str(self.model_dir) if self.model_dir else None,
                 "quantize": self.quantize, "device": str(self.engine.device)}
+
+
+def schedule_order(requests: Sequence[Request], block_size: int
+                   ) -> tuple[deque[int], dict[int, list[int]]]:
+    """Submission order: requests whose unscored prefix shares full KV blocks (multiple-choice
+    items: one context, several continuations) form a group; the first (its leader) is
+    submitted at once, the others only after it finished, so they find the context's blocks in
+    the prefix cache instead of computing them again. Returns (leaders and lone requests in
+    request order, leader -> its followers)."""
+    lead: dict[tuple[int, ...], int] = {}
+    first: deque[int] = deque()
+    followers: dict[int, list[int]] = {}
+    for i, r in enumerate(requests):
+        n = (r.start - 1) // block_size * block_size  # tokens in reusable full blocks
+        if n == 0:
+            first.append(i)
+            continue
+        j = lead.setdefault(tuple(r.ids[:n]), i)
+        if j == i:
+            first.append(i)
+        else:
+            followers.setdefault(j, []).append(i)
+    return first, followers
