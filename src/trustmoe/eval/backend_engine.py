@@ -76,9 +76,12 @@ class EngineLM(LM):
 
     @staticmethod
     def engine_options(cfg: ModelConfig, batch_size: int) -> dict[str, Any]:
-        """The `EngineConfig` overrides of a scoring engine: `batch_size` sequences at once, and
-        one prefill chunk per window, so a scored prompt is never cut."""
-        return {"max_num_seqs": batch_size, "prefill_chunk": max(256, cfg.max_position_embeddings)}
+        """The `EngineConfig` overrides of a scoring engine: `batch_size` sequences at once, a
+        prefill chunk longer than any window (a scored prompt is never cut), and a step budget
+        of several windows (`prefill_chunk` is also the prompt tokens run per step), so a step
+        prefills many short requests together."""
+        return {"max_num_seqs": batch_size,
+                "prefill_chunk": max(2048, 4 * cfg.max_position_embeddings)}
 
     @property
     def quantize(self) -> str | None:
