@@ -260,6 +260,9 @@ def main() -> None:
     ap.add_argument("--monitor", action="store_true",
                     help="tokens/s with vs without --monitor (live monitoring), same run")
     ap.add_argument("--repeats", type=int, default=2, help="with --monitor: off/on pairs per client count")
+    ap.add_argument("--server-args", default="",
+                    help="extra `trustmoe serve` options, e.g. --server-args=--no-guard (the guard "
+                         "is on by default; off, the engine and HTTP path are measured alone)")
     args = ap.parse_args()
     max_tokens = args.max_tokens or (32 if args.quick else 64)
     per_client = args.requests_per_client or (1 if args.quick else 2)
@@ -284,7 +287,7 @@ def main() -> None:
                     for _ in range(n)]
 
         port = free_port()
-        proc = start_server(model_dir, port, args.max_num_seqs)
+        proc = start_server(model_dir, port, args.max_num_seqs, args.server_args.split())
         url = f"http://127.0.0.1:{port}"
         asyncio.run(load_run(url, prompts(4), 4, 4))  # warm-up, both sides
         peer_run(hf, prompts(1), 4)
@@ -302,6 +305,7 @@ def main() -> None:
         result["peer_tokens_per_s"] = round(peer_tps, 1)
         for c in clients:
             result[f"ratio_{c}"] = round(result["runs"][str(c)]["tokens_per_s"] / peer_tps, 2)
+        result["server_args"] = args.server_args.split()
         print(json.dumps(result, indent=2))
     finally:
         stop(proc)

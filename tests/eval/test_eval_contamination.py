@@ -73,3 +73,20 @@ def test_extraction_separates_memorised_documents(lm, enc, corpus_docs) -> None:
     real = split_extraction(lm, train, 16, 8)
     assert real["n"] == 6 and 0.0 <= real["matched_fraction"] < 1.0
     assert split_extraction(lm, [[5, 6]], 16, 8)["n"] == 0  # too short to ask
+
+
+def test_builtin_items_found_in_training_are_dropped_not_scored() -> None:
+    from trustmoe.eval.runner import _drop_contaminated
+    from trustmoe.eval.tasks import Instance, Task
+
+    def inst(k: int) -> Instance:
+        return Instance(context=f"c{k}", choices=["a", "b"], gold=0, delimiter=" ")
+
+    builtin = [Task("next-line", [inst(i) for i in range(4)]), Task("next-words", [inst(9), inst(8)])]
+    report = {"hits": 4, "hits_by_task": {"next-line": 2, "next-words": 1, "mine": 1},
+              "hit_items": [["next-line", 1], ["next-line", 3], ["next-words", 2], ["mine", 1]]}
+    kept = _drop_contaminated(builtin, report)
+    assert [t.name for t in kept] == ["next-line"]  # next-words keeps 1 item: too few, dropped
+    assert [i.context for i in kept[0].instances] == ["c1", "c3"]  # items 1 and 3 (1-based) gone
+    assert report["builtin_items_dropped"] == 3 and report["hits"] == 1  # the user task's stays
+    assert report["hits_by_task"] == {"next-line": 0, "next-words": 0, "mine": 1}

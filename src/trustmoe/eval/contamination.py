@@ -71,6 +71,7 @@ def task_contamination(tasks: Sequence[Task], data_dir: Path, *, ngram: int = 13
         "ngram": ngram, "items": len(items), "items_indexed": len(index.items),
         "items_too_short": len(index.skipped), "train_documents_scanned": n_docs,
         "hits": len(hit), "hits_by_task": by_task,
+        "hit_items": [[index.items[i].eval_set, index.items[i].item] for i in sorted(hit)],
         "examples": [{"task": index.items[i].eval_set, "item": index.items[i].item,
                       "preview": index.items[i].text[:80], "train_document": d}
                      for i, d in sorted(hit.items())[:10]],

@@ -20,7 +20,8 @@ eval.json's `summary` block is flat and stable (the registry's promotion gates r
 - `ood_auroc`, `ood_auroc_ci95_low/high`: the worst OOD set's best-score AUROC.
 - `membership_auroc`: the strongest membership signal (training vs held-out documents).
 - `attack_success_rate`: token-substitution attack (gradient or black-box).
-- `contamination_hits`: evaluated task items found in the training split (13-grams);
+- `contamination_hits`: evaluated task items found in the training split (13-grams; built-in
+  items found there are dropped before scoring and counted in `contamination.builtin_items_dropped`);
   `dataset_contamination_hits`: eval-set items the dataset's own audit found.
 - `extraction_exact_train`, `extraction_exact_heldout`: greedy verbatim extraction rates.
 - `fp32_perplexity`, `quantized_perplexity_delta`: with int8/int4 weights, the float engine's
@@ -44,7 +45,7 @@ from trustmoe.eval.lm import LM, open_lm
 from trustmoe.eval.moe_diag import compare_routing, summarize_routing
 from trustmoe.eval.profile import write_eval_profile
 from trustmoe.eval.stages import Sizes
-from trustmoe.eval.tasks import builtin_tasks, load_task_file, perplexity, score_task
+from trustmoe.eval.tasks import Task, builtin_tasks, load_task_file, perplexity, score_task
 from trustmoe.io import TrustmoeError, atomic_dir, json_safe, read_json, sha256_file
 from trustmoe.security.integrity import write_manifest
 
@@ -83,8 +84,9 @@ class _Stages:
             self._p.stop()
 
 
-STAGES = ["load data", "held-out pass", "training pass", "quantization", "calibration", "tasks",
-          "robustness", "attack", "ood", "membership", "contamination", "report", "profile"]
+STAGES = ["load data", "held-out pass", "training pass", "quantization", "calibration",
+          "contamination", "tasks",
+          "robustness", "attack", "ood", "membership", "report", "profile"]
 
 
 def run_eval(
@@ -166,9 +168,14 @@ def _evaluate(lm: LM, model_dir: Path | None, data_dir: Path, out_dir: Path, tas
             lm, model_dir, corpus, res["perplexity"], batch_size, device))
         res["calibration"] = stages.run("calibration", lambda: st.calibration(
             lm, corpus, val, sz, seed))
-        tasks = builtin_tasks(corpus, sz.n_task, seed) + tasks_in
+        builtin = builtin_tasks(corpus, sz.n_task, seed)
+        res["contamination"] = stages.run("contamination", lambda: _contamination(
+            builtin + tasks_in, data_dir))
+        builtin = _drop_contaminated(builtin, res["contamination"])
+        tasks = builtin + tasks_in
         if not tasks:
-            raise TrustmoeError("no multiple-choice tasks: held-out documents are too short")
+            raise TrustmoeError("no multiple-choice tasks: held-out documents are too short (or "
+                                "every built-in item also occurs in the training split)")
         scored_tasks = stages.run("tasks", lambda: {t.name: score_task(lm, t, seed=seed)
                                                     for t in tasks})
         res["tasks"] = {k: v.metrics for k, v in scored_tasks.items()}
@@ -181,8 +188,6 @@ def _evaluate(lm: LM, model_dir: Path | None, data_dir: Path, out_dir: Path, tas
             lm, corpus, val, train, ood_in, sz, seed))
         res["membership"] = stages.run("membership", lambda: _membership(
             lm, corpus, val, train, sz, seed))
-        res["contamination"] = stages.run("contamination", lambda: _contamination(
-            tasks, data_dir))
         res["moe"] = _moe(lm, rc_id, routing_ood)
         res["model"] = _model_info(lm, model_dir)
         manifest = data_dir / "manifest.json"
@@ -219,6 +224,24 @@ def _contamination(tasks: list[Any], data_dir: Path) -> dict[str, Any]:
     from trustmoe.eval.contamination import task_contamination
 
     return task_contamination(tasks, data_dir)
+
+
+def _drop_contaminated(builtin: list[Task], report: dict[str, Any]) -> list[Task]:
+    """Built-in items whose text also occurs in the training split (a held-out document that
+    near-duplicates a training one: shared boilerplate, generated tables) are not evaluated:
+    they would measure memory, not skill. They are counted in the report
+    (`builtin_items_dropped`); hits in the user's own task files stay, as `hits`."""
+    names = {t.name for t in builtin}
+    hit = {(name, no) for name, no in report.get("hit_items", []) if name in names}
+    out = []
+    for t in builtin:
+        keep = [inst for i, inst in enumerate(t.instances) if (t.name, i + 1) not in hit]
+        if len(keep) >= 2:
+            out.append(Task(t.name, keep))
+    report["builtin_items_dropped"] = len(hit)
+    report["hits"] -= len(hit)  # what remains evaluated
+    report["hits_by_task"] = {k: (0 if k in names else v) for k, v in report["hits_by_task"].items()}
+    return out
 
 
 def _quantization(lm: LM, model_dir: Path | None, corpus: Corpus, ppl: dict[str, Any],
