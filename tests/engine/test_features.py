@@ -9,6 +9,7 @@ import torch
 
 from trustmoe.config import get_preset
 from trustmoe.engine.features import (
+    MAX_SCORED,
     FeatureAccumulator,
     features_from_model,
     features_to_arrays,
@@ -38,7 +39,7 @@ def _prompts(n: int, seed: int, lo: int = 1, hi: int = 40) -> list[list[int]]:
 
 
 def test_matches_eval_scorer_and_routing_collector(tiny_model: Transformer) -> None:
-    prompts = _prompts(6, 0, lo=2, hi=17)  # <= 16 scored positions: every position is scored
+    prompts = _prompts(6, 0, lo=2, hi=MAX_SCORED + 1)  # every position is scored
     feats = features_from_model(tiny_model, prompts, batch_size=4)
     for ids, f in zip(prompts, feats, strict=True):
         [s] = score_requests(tiny_model, [Request(ids, 1)], return_hidden=True)
@@ -80,7 +81,7 @@ def test_batching_and_chunking_change_nothing(tiny_model: Transformer) -> None:
     whole = features_from_model(tiny_model, [ids])[0]
     chunked = acc.finish()
     assert chunked.mean_nll == pytest.approx(whole.mean_nll, rel=1e-6)
-    assert chunked.n_scored == whole.n_scored == min(16, len(ids) - 1)
+    assert chunked.n_scored == whole.n_scored == min(MAX_SCORED, len(ids) - 1)
     np.testing.assert_allclose(chunked.hidden, whole.hidden, rtol=1e-5, atol=1e-6)
 
 

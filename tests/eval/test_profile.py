@@ -12,7 +12,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from trustmoe.data.tokenizer import TextCodec
-from trustmoe.engine.features import features_from_model
+from trustmoe.engine.features import MAX_SCORED, features_from_model
 from trustmoe.eval.corpus import load_corpus
 from trustmoe.eval.profile import build_profile, load_profile, save_profile, write_eval_profile
 from trustmoe.eval.runner import Sizes, run_eval
@@ -43,12 +43,12 @@ def test_eval_profile_holds_the_held_out_prompts_and_their_features(
     for i, f in enumerate(want):
         got = p.request(i)
         assert got.token_ids.tolist() == docs[i]
-        assert got.mean_nll == pytest.approx(f.mean_nll) and got.n_scored == f.n_scored == 16
+        assert got.mean_nll == pytest.approx(f.mean_nll) and got.n_scored == f.n_scored == MAX_SCORED
         np.testing.assert_allclose(got.hidden, f.hidden, rtol=1e-6)
         np.testing.assert_array_equal(got.routing, f.routing)  # type: ignore[arg-type]
     src = p.meta["source"]
     assert src["kind"] == "eval" and src["model_sha256"] == sha256_file(model_dir / "model.safetensors")
-    assert p.meta["routing_shape"] == [2, 4] and p.meta["max_scored"] == 16
+    assert p.meta["routing_shape"] == [2, 4] and p.meta["max_scored"] == MAX_SCORED
     assert set(p.meta["summary"]) >= {"prompt_tokens", "mean_nll", "routing_load", "top_tokens"}
     assert p.ref.endswith(sha256_file(prof_dir / "profile.safetensors"))
 

@@ -17,7 +17,7 @@ Wiring into the server (not done here):
 - engine: per request, `FeatureAccumulator(prompt_ids, d, moe_layers, experts)` at admission;
   for each prefill chunk covering prompt positions [s, e): `add_hidden(final-norm rows (T, d))`,
   `add_routing(layer, experts (T, k))` per MoE layer, `add_logits(acc.scored_in(s, e), LM-head
-  rows)` (at most 16 rows per request); `finish()` when prefill ends. Positions served from the
+  rows)` (at most MAX_SCORED = 4 rows per request); `finish()` when prefill ends. Positions served from the
   prefix cache are not recomputed, so their hidden/routing are missing from the means.
 - server: one `RequestRecord` per finished request onto a queue; a worker calls `observe`.
 - versions: `add_version(VersionInfo(...), load_profile(eval_dir))` for each served version

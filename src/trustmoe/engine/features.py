@@ -7,7 +7,7 @@ reference and a live stream therefore measure exactly the same quantities:
 
 - `token_ids`: the prompt as the engine ran it (no BOS added; `Engine.encode` adds none).
 - `mean_nll`, `mean_entropy`, `mean_top1`: at the *scored positions* of the prompt
-  (`scored_positions`): position t predicts `token_ids[t + 1]`; at most `max_scored` (16)
+  (`scored_positions`): position t predicts `token_ids[t + 1]`; at most `max_scored` (4)
   evenly spaced positions, so the LM head runs on a bounded number of prompt rows. NaN when
   the prompt has a single token.
 - `hidden`: the final-norm hidden state averaged over every prompt position, (d,).
@@ -29,7 +29,8 @@ from torch import Tensor
 if TYPE_CHECKING:
     from trustmoe.model.transformer import Transformer
 
-MAX_SCORED = 16  # scored prompt positions per request (the LM-head rows features cost)
+MAX_SCORED = 4  # scored prompt positions per request: LM-head rows the features cost (16 cost
+# 11.8% of serving tokens/s at 16 clients on bench-small; 4 cost <= 5%, benchmarks/serve_load.py --monitor)
 
 
 @dataclass

@@ -194,7 +194,7 @@ class ModelRunner:
             acc.add_hidden(hn)
             for layer, ids in enumerate(routes):
                 acc.add_routing(layer, ids[rows])
-            pos = acc.scored_in(c.start, c.start + T)  # (m,) at most 16 per request
+            pos = acc.scored_in(c.start, c.start + T)  # (m,) at most MAX_SCORED per request
             if len(pos):
                 h = hn[torch.as_tensor(pos - c.start, device=hn.device)]  # (m, d)
                 acc.add_logits(pos, self.w.lm_head.mm(h).float())  # (m, V)
