@@ -76,9 +76,12 @@ def build_model(work: Path, steps: int) -> tuple[Path, Path]:
 
 def held_out_files(data: Path) -> list[list[int]]:
     from trustmoe.data.shards import open_tokens
+    from trustmoe.data.tokenizer import eos_id, load_tokenizer
     from trustmoe.eval.corpus import split_documents
 
-    return [d.astype(np.int64).tolist() for d in split_documents(open_tokens(data, "val")) if len(d) >= 64]
+    eos = eos_id(load_tokenizer(data))
+    return [d.astype(np.int64).tolist() for d in split_documents(open_tokens(data, "val"), eos)
+            if len(d) >= 64]
 
 
 def code_prompts(files: list[list[int]], n: int, lo: int, hi: int, rng: random.Random) -> list[list[int]]:
