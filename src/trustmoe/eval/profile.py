@@ -19,7 +19,6 @@ profile.json: schema, shapes, `max_scored`, where the prompts came from, the mod
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +28,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from trustmoe.engine.features import MAX_SCORED, RequestFeatures, features_to_arrays
-from trustmoe.io import TrustmoeError, atomic_write_bytes, atomic_write_json, read_json, sha256_bytes, sha256_file
+from trustmoe.io import (
+    TrustmoeError,
+    atomic_write_bytes,
+    atomic_write_json,
+    json_safe,
+    read_json,
+    sha256_bytes,
+    sha256_file,
+)
 
 if TYPE_CHECKING:
     from trustmoe.model.transformer import Transformer
@@ -142,17 +149,9 @@ def save_profile(p: Profile, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     atomic_write_bytes(out_dir / PROFILE_FILE, blob)
     meta = {**p.meta, "safetensors_sha256": sha256_bytes(blob)}
-    atomic_write_json(out_dir / PROFILE_JSON, _finite(meta))
+    atomic_write_json(out_dir / PROFILE_JSON, json_safe(meta))
     p.meta, p.ref = meta, f"{out_dir}#sha256:{meta['safetensors_sha256']}"
     return out_dir / PROFILE_JSON
-
-
-def _finite(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 _SPECS: dict[str, tuple[str, int]] = {  # name -> (dtype kind, ndim)
