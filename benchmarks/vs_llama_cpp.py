@@ -55,14 +55,9 @@ import torch
 SHAPES = Path(__file__).resolve().parents[1] / ".." / "shared" / "bench-shapes.json"
 CONCURRENT = 16
 AGREE_TOKENS = 16
-GGML_TYPE_F32 = 0
-
-
-def import_llama_cpp() -> Any:
-    """The `llama_cpp` package (llama-cpp-python); ImportError where it is not installed."""
-    import llama_cpp
-
-    return llama_cpp
+CONTEXTS = (32, 512, 2048)  # decode-at-context scaling
+SCALING_TOKENS = 16
+PARTS = ("batch1", "concurrent", "prefill", "scaling")
 
 
 def load_shapes(path: Path) -> dict[str, dict[str, Any]]:
@@ -91,114 +86,6 @@ def export(model_dir: Path, out: Path, quant: str) -> dict[str, Any]:
         raise RuntimeError(f"export failed ({r.returncode}): {r.stderr[-2000:]}")
     info: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
     return info
-
-
-class LlamaCpp:
-    """One GGUF file in llama.cpp; greedy decode through `llama_decode` on raw contexts."""
-
-    def __init__(self, path: Path, threads: int, ctx_per_seq: int, max_batch: int) -> None:
-        llama_cpp = import_llama_cpp()
-        self.lc = llama_cpp
-        # Llama() loads the model quietly; its own context stays unused (kept tiny)
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=64, n_ubatch=64,
-                                   n_threads=threads, n_threads_batch=threads, verbose=False)
-        self.model = self.llm._model.model
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
-        self.threads, self.ctx_per_seq, self.max_batch = threads, ctx_per_seq, max_batch
-        self._ctxs: dict[tuple[int, bool], Any] = {}
-        self.params: dict[str, Any] = {}
-        self.batch = llama_cpp.llama_batch_init(max_batch, 0, 1)
-
-    def ctx(self, n_seq: int, f32_kv: bool = False) -> Any:
-        key = (n_seq, f32_kv)
-        if key not in self._ctxs:
-            p = self.lc.llama_context_default_params()
-            p.n_ctx = n_seq * self.ctx_per_seq
-            p.n_batch = max(int(p.n_batch), self.max_batch)  # the 16 prompts go in one llama_decode
-            p.n_seq_max = n_seq
-            p.n_threads = p.n_threads_batch = self.threads
-            if f32_kv:
-                p.type_k = p.type_v = GGML_TYPE_F32
-                p.flash_attn_type = self.lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
-            c = self.lc.llama_init_from_model(self.model, p)
-            if not c:
-                raise RuntimeError(f"llama.cpp could not make a context for {n_seq} sequences")
-            self._ctxs[key] = c
-            if not f32_kv:
-                self.params = {"flash_attn_type": int(p.flash_attn_type), "type_k": int(p.type_k),
-                               "type_v": int(p.type_v), "kv_unified": bool(p.kv_unified),
-                               "n_batch": int(p.n_batch), "n_ubatch": int(p.n_ubatch),
-                               "n_ctx_per_seq": self.ctx_per_seq}
-        return self._ctxs[key]
-
-    def _decode(self, ctx: Any, items: list[tuple[int, int, int, bool]]) -> list[int]:
-        """items: (token, pos, seq, want logits) -> argmax token of each row that wants logits."""
-        b = self.batch
-        b.n_tokens = len(items)
-        for i, (t, p, s, out) in enumerate(items):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, p, 1, int(out)
-            b.seq_id[i][0] = s
-        rc = self.lc.llama_decode(ctx, b)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc}")
-        return [int(np.ctypeslib.as_array(self.lc.llama_get_logits_ith(ctx, i), shape=(self.n_vocab,)).argmax())
-                for i, it in enumerate(items) if it[3]]
-
-    def _clear(self, ctx: Any) -> None:
-        self.lc.llama_memory_clear(self.lc.llama_get_memory(ctx), True)
-
-    def greedy(self, prompt: list[int], n: int, f32_kv: bool = False) -> tuple[list[int], float]:
-        """(n greedy tokens, decode tok/s excluding prefill and the first token)."""
-        ctx = self.ctx(1, f32_kv)
-        self._clear(ctx)
-        P = len(prompt)
-        out = self._decode(ctx, [(t, i, 0, i == P - 1) for i, t in enumerate(prompt)])
-        t0 = time.perf_counter()
-        for k in range(n - 1):
-            out += self._decode(ctx, [(out[-1], P + k, 0, True)])
-        dt = time.perf_counter() - t0
-        return out, (n - 1) / max(dt, 1e-9)
-
-    def prompt_logits(self, prompt: list[int]) -> np.ndarray:
-        """Logits after the prompt, f32 KV cache, no flash attention."""
-        ctx = self.ctx(1, True)
-        self._clear(ctx)
-        self._decode(ctx, [(t, i, 0, i == len(prompt) - 1) for i, t in enumerate(prompt)])
-        ptr = self.lc.llama_get_logits_ith(ctx, len(prompt) - 1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
-
-    def batched(self, prompts: list[list[int]], n: int) -> tuple[list[list[int]], float]:
-        """All prompts decoded together (one llama_batch, a seq_id each): (tokens, total tok/s)."""
-        ctx = self.ctx(len(prompts))
-        self._clear(ctx)
-        t0 = time.perf_counter()
-        items = [(t, i, s, i == len(p) - 1) for s, p in enumerate(prompts) for i, t in enumerate(p)]
-        outs = [[t] for t in self._decode(ctx, items)]
-        for k in range(n - 1):
-            nxt = self._decode(ctx, [(o[-1], len(p) + k, s, True)
-                                     for s, (p, o) in enumerate(zip(prompts, outs, strict=True))])
-            for o, t in zip(outs, nxt, strict=True):
-                o.append(t)
-        dt = time.perf_counter() - t0
-        return outs, len(prompts) * n / dt
-
-    def sequential(self, prompts: list[list[int]], n: int) -> float:
-        """The requests one after another on one sequence: total tok/s (prefill included)."""
-        ctx = self.ctx(1)
-        t0 = time.perf_counter()
-        for p in prompts:
-            self._clear(ctx)
-            out = self._decode(ctx, [(t, i, 0, i == len(p) - 1) for i, t in enumerate(p)])
-            for k in range(n - 1):
-                out += self._decode(ctx, [(out[-1], len(p) + k, 0, True)])
-        return len(prompts) * n / (time.perf_counter() - t0)
-
-    def close(self) -> None:
-        for c in self._ctxs.values():
-            self.lc.llama_free(c)
-        self._ctxs.clear()
-        self.lc.llama_batch_free(self.batch)
-        self.llm.close()
 
 
 def ours_greedy(eng: Any, prompt: list[int], n: int) -> tuple[list[int], float]:
@@ -234,7 +121,45 @@ def agreement(a: list[int], b: list[int], k: int = AGREE_TOKENS) -> dict[str, An
             "agree_fraction": round(sum(x == y for x, y in zip(a, b, strict=False)) / max(len(a), 1), 3)}
 
 
+def ours_prefill(eng: Any, prompt: list[int]) -> float:
+    """Prompt tokens/s: the request's prefill and its first token (prefix caching is off)."""
+    from trustmoe.engine import SamplingParams
+
+    t0 = time.perf_counter()
+    eng.add_request(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+    while eng.has_unfinished():
+        eng.step()
+    return len(prompt) / (time.perf_counter() - t0)
+
+
+def contexts_for(cfg: Any) -> list[int]:
+    return [c for c in CONTEXTS if c <= cfg.max_position_embeddings]
+
+
+def rounds(args: argparse.Namespace, jobs: dict[str, Callable[[], tuple[Any, float]]],
+           ) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Every job once per round, in order, round after round: (tok/s per round, last outputs)."""
+    rates: dict[str, list[float]] = {k: [] for k in jobs}
+    last: dict[str, Any] = {}
+    for _ in range(args.rounds):
+        for k, job in jobs.items():
+            last[k], r = job()
+            rates[k].append(r)
+    return rates, last
+
+
 def bench_shape(name: str, shape: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    from _llama_cpp import LlamaCpp
+    from _roofline import (
+        active_weight_bytes,
+        flops_per_token,
+        gemm_peak,
+        kv_bytes,
+        read_bandwidth,
+        step_weight_bytes,
+        utilisation,
+    )
+
     from trustmoe.engine import Engine
     from trustmoe.model import load
 
@@ -242,14 +167,21 @@ def bench_shape(name: str, shape: dict[str, Any], args: argparse.Namespace) -> d
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp) / "model"
         cfg = build_model_dir(d, shape)
-        prompts = [torch.randint(3, cfg.vocab_size, (args.prompt,), generator=gen).tolist()
-                   for _ in range(CONCURRENT)]
-        prompt = prompts[0]
+
+        def rand_prompt(n: int) -> list[int]:
+            return torch.randint(3, cfg.vocab_size, (n,), generator=gen).tolist()
+
+        prompts = [rand_prompt(args.prompt) for _ in range(CONCURRENT)]
+        prompt, long_prompt = prompts[0], rand_prompt(args.prefill)
+        ctx_prompts = {c: rand_prompt(max(1, c - SCALING_TOKENS)) for c in contexts_for(cfg)}
         files = {q: export(d, Path(tmp) / f"{name}-{q}.gguf", q) for q in ("f32", "q8_0")}
         kw: dict[str, Any] = {"kv_cache_mb": 256, "max_num_seqs": 32, "enable_prefix_caching": False}
         ours = {"fp32": Engine(d, **kw), "int8": Engine(d, quantize="int8", **kw)}
+        free = {"fp32": Engine(d, batch_invariant=False, **kw),
+                "int8": Engine(d, quantize="int8", batch_invariant=False, **kw)}
         ctx_per_seq = -(-(args.prompt + args.tokens) // 256) * 256
-        peers = {q: LlamaCpp(Path(f["path"]), args.threads, ctx_per_seq, CONCURRENT * args.prompt)
+        peers = {q: LlamaCpp(Path(f["path"]), args.threads, ctx_per_seq,
+                             max(CONCURRENT * args.prompt, args.prefill, max(CONTEXTS)))
                  for q, f in files.items()}
         pairs = {"fp32_vs_f32": ("fp32", "f32"), "int8_vs_q8_0": ("int8", "q8_0")}
         with torch.no_grad():
@@ -257,73 +189,124 @@ def bench_shape(name: str, shape: dict[str, Any], args: argparse.Namespace) -> d
         ref_max_abs = float(np.abs(ref).max())
         logit_diff = float(np.abs(peers["f32"].prompt_logits(prompt) - ref).max())
         f32kv_toks, _ = peers["f32"].greedy(prompt, AGREE_TOKENS, f32_kv=True)
+        bw, peak = read_bandwidth(args.bw_mb), gemm_peak()
 
-        for eng in ours.values():  # warm-up: first-call allocations, kernel selection
+        for eng in [*ours.values(), *free.values()]:  # warm-up: first-call allocations
             ours_greedy(eng, prompt, 4)
             ours_concurrent(eng, prompts, 2)
+            ours_prefill(eng, long_prompt)
         for p in peers.values():
             p.greedy(prompt, 4)
             p.batched(prompts, 2)
+            p.prefill(long_prompt)
 
-        b1: dict[str, list[float]] = {k: [] for k in [*ours, *peers]}
-        cc: dict[str, list[float]] = {k: [] for k in [*ours, *peers]}
-        seq: dict[str, list[float]] = {k: [] for k in peers}
-        toks: dict[str, list[int]] = {}
-        btoks: dict[str, list[list[int]]] = {}
-        order: list[tuple[str, Callable[[], tuple[Any, float]], Callable[[], tuple[Any, float]]]] = []
+        one: dict[str, Callable[[], tuple[Any, float]]] = {}
+        many: dict[str, Callable[[], tuple[Any, float]]] = {}
+        pre: dict[str, Callable[[], tuple[Any, float]]] = {}
+        scale: dict[str, Callable[[], tuple[Any, float]]] = {}
         for ok, pk in pairs.values():  # ours then llama.cpp, per precision
-            order.append((ok, partial(ours_greedy, ours[ok], prompt, args.tokens),
-                          partial(ours_concurrent, ours[ok], prompts, args.tokens)))
-            order.append((pk, partial(peers[pk].greedy, prompt, args.tokens),
-                          partial(peers[pk].batched, prompts, args.tokens)))
-        for _ in range(args.rounds):
-            for k, one, _many in order:
-                toks[k], r = one()
-                b1[k].append(r)
-            for k, _one, many in order:
-                btoks[k], r = many()
-                cc[k].append(r)
-            if not args.no_sequential:
+            one[ok] = partial(ours_greedy, ours[ok], prompt, args.tokens)
+            one[pk] = partial(peers[pk].greedy, prompt, args.tokens)
+            many[ok] = partial(ours_concurrent, ours[ok], prompts, args.tokens)
+            many[pk] = partial(peers[pk].batched, prompts, args.tokens)
+            pre[ok] = partial(lambda e: (None, ours_prefill(e, long_prompt)), ours[ok])
+            pre[ok + "_not_invariant"] = partial(lambda e: (None, ours_prefill(e, long_prompt)), free[ok])
+            pre[pk] = partial(lambda pp: (None, pp.prefill(long_prompt)), peers[pk])
+            for c, cp in ctx_prompts.items():
+                scale[f"{ok}@{c}"] = partial(ours_greedy, ours[ok], cp, SCALING_TOKENS)
+                scale[f"{pk}@{c}"] = partial(peers[pk].greedy, cp, SCALING_TOKENS, False,
+                                             min(-(-(c + 1) // 256) * 256, cfg.max_position_embeddings))
+        parts = set(args.parts)
+        b1, toks = rounds(args, one if "batch1" in parts else {})
+        cc, btoks = rounds(args, many if "concurrent" in parts else {})
+        pf, _ = rounds(args, pre if "prefill" in parts else {})
+        sc, _ = rounds(args, scale if "scaling" in parts else {})
+        seq: dict[str, list[float]] = {k: [] for k in peers}
+        if not args.no_sequential and "concurrent" in parts:
+            for _ in range(args.rounds):
                 for k, p in peers.items():
                     seq[k].append(p.sequential(prompts, args.tokens))
+        bw, peak = max(bw, read_bandwidth(args.bw_mb)), max(peak.values())
         info_ctx = peers["f32"].params
         for p in peers.values():
             p.close()
 
-    med1 = {k: statistics.median(v) for k, v in b1.items()}
-    medc = {k: statistics.median(v) for k, v in cc.items()}
-    meds = {k: statistics.median(v) for k, v in seq.items() if v}
+    def med(d: dict[str, list[float]]) -> dict[str, float]:
+        return {k: statistics.median(v) for k, v in d.items() if v}
+
+    med1, medc, medp, meds, medsc = med(b1), med(cc), med(pf), med(seq), med(sc)
+    bpp = {"fp32": 4.0, "f32": 4.0, "int8": 1.0, "q8_0": 34 / 32}  # weight bytes per parameter
+    kvb = {"fp32": 4.0, "int8": 4.0, "f32": 2.0, "q8_0": 2.0}  # KV bytes per value (llama: f16)
+    ctx1 = args.prompt + args.tokens / 2
+
+    def util(k: str, tok_s: float, context: float, rows: int = 1, lm_head: bool = True) -> dict[str, float]:
+        wb = step_weight_bytes(cfg, rows, bpp[k]) / rows + kv_bytes(cfg, context, kvb[k])
+        return utilisation(tok_s, wb, flops_per_token(cfg, context, lm_head), bw, peak)
+
+    def ratios(m: dict[str, float], suffix: str = "") -> dict[str, float]:
+        return {n + suffix: round(m[o + suffix] / m[p], 3) for n, (o, p) in pairs.items()}
+
+    def rounded(m: dict[str, float] | dict[str, list[float]]) -> dict[str, Any]:
+        return {k: round(v, 1) if isinstance(v, float) else [round(x, 1) for x in v]
+                for k, v in m.items()}
+
     out: dict[str, Any] = {
         "shape": name, "tokens": args.tokens, "prompt": args.prompt, "rounds": args.rounds,
         "threads": args.threads, "torch_threads": torch.get_num_threads(),
         "gguf_bytes": {q: f["bytes"] for q, f in files.items()},
-        "batch1_tok_s": {k: round(v, 1) for k, v in med1.items()},
-        "batch1_tok_s_all_rounds": {k: [round(x, 1) for x in v] for k, v in b1.items()},
-        "batch1_ratio_ours_over_llama_cpp": {n: round(med1[o] / med1[p], 3) for n, (o, p) in pairs.items()},
-        "concurrent16_total_tok_s": {k: round(v, 1) for k, v in medc.items()},
-        "concurrent16_total_tok_s_all_rounds": {k: [round(x, 1) for x in v] for k, v in cc.items()},
-        "concurrent16_ratio_ours_over_llama_cpp_batched": {
-            n: round(medc[o] / medc[p], 3) for n, (o, p) in pairs.items()},
+        "machine": {"read_bandwidth_GBps": round(bw / 1e9, 2), "gemm_peak_GFLOPs": peak,
+                    "active_weight_MB_fp32": round(active_weight_bytes(cfg) / 1e6, 1)},
     }
+    if med1:
+        out.update({
+            "batch1_tok_s": rounded(med1), "batch1_tok_s_all_rounds": rounded(b1),
+            "batch1_ratio_ours_over_llama_cpp": ratios(med1),
+            "batch1_roofline": {k: util(k, v, ctx1) for k, v in med1.items()}})
+    if medc:
+        out.update({
+            "concurrent16_total_tok_s": rounded(medc), "concurrent16_total_tok_s_all_rounds": rounded(cc),
+            "concurrent16_ratio_ours_over_llama_cpp_batched": ratios(medc),
+            "concurrent16_roofline": {k: util(k, v, ctx1, CONCURRENT) for k, v in medc.items()}})
     if meds:
-        out["concurrent16_llama_cpp_sequential_tok_s"] = {k: round(v, 1) for k, v in meds.items()}
+        out["concurrent16_llama_cpp_sequential_tok_s"] = rounded(meds)
         out["concurrent16_ratio_ours_over_llama_cpp_sequential"] = {
             n: round(medc[o] / meds[p], 3) for n, (o, p) in pairs.items()}
-    out["agreement"] = {
-        "llama_cpp_f32_f16kv_vs_ours_fp32": agreement(toks["f32"], toks["fp32"]),
-        "llama_cpp_f32_f32kv_vs_ours_fp32": agreement(f32kv_toks, toks["fp32"][:AGREE_TOKENS]),
-        "llama_cpp_q8_0_vs_ours_int8": agreement(toks["q8_0"], toks["int8"]),
-        "llama_cpp_batched_vs_single_f32": agreement(btoks["f32"][0], toks["f32"]),
-        "ours_batched_vs_single_fp32": agreement(btoks["fp32"][0], toks["fp32"]),
-        "concurrent16_sequences_first_16_match_f32_vs_fp32": sum(
-            a[:AGREE_TOKENS] == b[:AGREE_TOKENS] for a, b in zip(btoks["f32"], btoks["fp32"], strict=True)),
-        "concurrent16_sequences_first_16_match_q8_0_vs_int8": sum(
-            a[:AGREE_TOKENS] == b[:AGREE_TOKENS] for a, b in zip(btoks["q8_0"], btoks["int8"], strict=True)),
-        "prompt_logits_max_abs_diff_llama_cpp_f32kv_vs_our_model": round(logit_diff, 6),
-        "prompt_logits_max_abs": round(ref_max_abs, 3),
-        "ours_fp32_first_tokens": toks["fp32"][:AGREE_TOKENS],
-        "llama_cpp_f32_first_tokens": toks["f32"][:AGREE_TOKENS],
-    }
+    if medp:
+        P = args.prefill
+        out.update({
+            f"prefill{P}_tok_s": rounded(medp), f"prefill{P}_tok_s_all_rounds": rounded(pf),
+            f"prefill{P}_ratio_ours_over_llama_cpp": {**ratios(medp), **ratios(medp, "_not_invariant")},
+            f"prefill{P}_roofline": {k: util(k.split("_not")[0], v, P / 2, P, lm_head=False)
+                                     for k, v in medp.items()}})
+    if medsc:
+        ctxs = list(ctx_prompts)
+        kept = {k: round(medsc[f"{k}@{ctxs[-1]}"] / medsc[f"{k}@{ctxs[0]}"], 3) for k in [*ours, *peers]}
+        out.update({
+            "context_scaling_decode_tok_s": rounded(medsc),
+            "context_scaling_roofline": {k: util(k.split("@")[0], v, int(k.split("@")[1]))
+                                         for k, v in medsc.items()},
+            f"context_scaling_kept_{ctxs[-1]}_over_{ctxs[0]}": kept,
+            "context_scaling_ours_kept_over_llama_cpp_kept": {
+                n: round(kept[o] / kept[p], 3) for n, (o, p) in pairs.items()}})
+    agree: dict[str, Any] = {
+        "llama_cpp_f32_f32kv_vs_ours_model_prompt_logits_max_abs_diff": round(logit_diff, 6),
+        "prompt_logits_max_abs": round(ref_max_abs, 3)}
+    if toks:
+        agree.update({
+            "llama_cpp_f32_f16kv_vs_ours_fp32": agreement(toks["f32"], toks["fp32"]),
+            "llama_cpp_f32_f32kv_vs_ours_fp32": agreement(f32kv_toks, toks["fp32"][:AGREE_TOKENS]),
+            "llama_cpp_q8_0_vs_ours_int8": agreement(toks["q8_0"], toks["int8"]),
+            "ours_fp32_first_tokens": toks["fp32"][:AGREE_TOKENS],
+            "llama_cpp_f32_first_tokens": toks["f32"][:AGREE_TOKENS]})
+    if toks and btoks:
+        agree.update({
+            "llama_cpp_batched_vs_single_f32": agreement(btoks["f32"][0], toks["f32"]),
+            "ours_batched_vs_single_fp32": agreement(btoks["fp32"][0], toks["fp32"]),
+            "concurrent16_sequences_first_16_match_f32_vs_fp32": sum(
+                a[:AGREE_TOKENS] == b[:AGREE_TOKENS] for a, b in zip(btoks["f32"], btoks["fp32"], strict=True)),
+            "concurrent16_sequences_first_16_match_q8_0_vs_int8": sum(
+                a[:AGREE_TOKENS] == b[:AGREE_TOKENS] for a, b in zip(btoks["q8_0"], btoks["int8"], strict=True))})
+    out["agreement"] = agree
     out["llama_cpp_context"] = info_ctx
     return out
 
@@ -353,14 +336,21 @@ def main() -> None:
     ap.add_argument("--shapes-file", type=Path, default=SHAPES)
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per request")
     ap.add_argument("--prompt", type=int, default=32, help="prompt length")
+    ap.add_argument("--prefill", type=int, default=512, help="prompt length of the prefill figure")
+    ap.add_argument("--bw-mb", type=int, default=512, help="buffer size of the bandwidth probe")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median taken)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="threads for both (torch intra-op and llama.cpp n_threads)")
+    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+                    help="figures to measure (all by default)")
     ap.add_argument("--no-sequential", action="store_true",
                     help="skip llama.cpp running the 16 requests one after another")
     args = ap.parse_args()
-    if args.tokens < 2 or args.prompt < 1 or args.rounds < 1 or args.threads < 1:
-        ap.error("--tokens must be >= 2 and --prompt, --rounds, --threads >= 1")
+    if args.tokens < 2 or min(args.prompt, args.prefill, args.rounds, args.threads) < 1:
+        ap.error("--tokens must be >= 2 and --prompt, --prefill, --rounds, --threads >= 1")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _llama_cpp import import_llama_cpp
+
     try:
         llama_cpp = import_llama_cpp()
     except ImportError:

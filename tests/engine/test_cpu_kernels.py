@@ -100,3 +100,36 @@ def test_switch_off_and_failed_build_fall_back_to_torch(tmp_path: object) -> Non
     assert broken.returncode == 0, broken.stderr
     assert "available False" in broken.stdout
     assert "CPU kernels unavailable" in broken.stderr  # one warning says why
+
+
+@pytest.mark.parametrize("M, N, K", [(1, 1, 8), (7, 33, 40), (17, 100, 600), (200, 70, 257)])
+def test_gemm_matches_torch_at_any_shape(M: int, N: int, K: int) -> None:
+    # K = 600 spans three K blocks, M = 200 three row blocks, N = 33 / 70 partial panels
+    w = torch.randn(N, K, generator=_g(14))
+    x = torch.randn(M, K, generator=_g(15))
+    desc = make_weight(w, None).c_desc()
+    assert desc is not None
+    ref = (x.double() @ w.double().t()).float()
+    torch.testing.assert_close(ck.gemm(x, desc), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+def test_gemm_rows_have_the_same_bits_alone_in_any_batch_or_order(mode: str | None) -> None:
+    w = make_weight(torch.randn(130, 576, generator=_g(16)), mode, group_size=64)
+    x = torch.randn(40, 576, generator=_g(17))
+    full = w.gemm(x)
+    assert full is not None
+    torch.testing.assert_close(full, x @ w.dequantize().t(), atol=2e-4, rtol=2e-4)
+    alone = torch.cat([w.gemm(x[i: i + 1]) for i in range(40)])  # type: ignore[misc]
+    assert torch.equal(full, alone)
+    perm = torch.randperm(40, generator=_g(18))
+    assert torch.equal(w.gemm(x[perm]), full[perm])
+    assert torch.equal(w.gemm(x[5:29]), full[5:29])
+
+
+def test_prompt_sized_inputs_go_through_the_gemm() -> None:
+    w = make_weight(torch.randn(64, 128, generator=_g(19)), "int8")
+    x = torch.randn(ck.MAX_ROWS + 9, 128, generator=_g(20))
+    assert torch.equal(w.mm(x), w.gemm(x))  # type: ignore[arg-type]
+    mr, nr, vw = ck.gemm_tile()
+    assert mr >= 1 and nr % vw == 0 and vw in (8, 16)

@@ -115,14 +115,17 @@ def test_weights_are_packed_in_read_order_without_changing_them(mode: str | None
 
 
 def test_prefill_moe_in_fixed_blocks_is_row_independent() -> None:
-    """Batch-invariant prefill runs every expert GEMM in zero-padded blocks of a probed fixed
-    size, so a row's result does not depend on which prompts share the step."""
+    """Batch-invariant prefill runs every expert through the compiled GEMM (invariant at any
+    row count); without it, in zero-padded blocks of a probed fixed size, so a row's result
+    does not depend on which prompts share the step."""
     from trustmoe.engine.invariance import blocked_mm, probe_block_rows
     from trustmoe.engine.quantize import FloatWeight
 
     m = _model()
     eng = Engine(m, kv_cache_mb=4)
-    B = eng.runner.moe_block_rows
+    assert eng.runner.gemm_rows and eng.runner.moe_block_rows is None
+    B = probe_block_rows([w for lw in eng.weights.layers for w in lw.w13 + lw.w2], torch.float32,
+                         torch.device("cpu"))
     assert B is not None and B > cpu_kernels.MAX_ROWS
     w = FloatWeight(torch.randn(96, 64, generator=torch.Generator().manual_seed(5)))
     assert probe_block_rows([w], torch.float32, torch.device("cpu")) == B

@@ -37,7 +37,7 @@ from torch import Tensor
 
 MAX_ROWS = 16  # beyond this many rows MKL's blocked GEMM is faster
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "matvec.c", CSRC / "decode.c"]
+SOURCES = [CSRC / "matvec.c", CSRC / "decode.c", CSRC / "gemm.c"]
 HEADERS = [CSRC / "kernels.h"]
 _c_int, _ptr = ctypes.c_int, ctypes.c_void_p
 
@@ -111,6 +111,11 @@ def _build() -> ctypes.CDLL:
                                  _ptr, _ptr, _c_int, _ptr, _ptr, _ptr, _c_int, _ptr]
     # x, M, d, ln, eps, head, scratch, logits
     lib.tm_final.argtypes = [_ptr, _c_int, _c_int, _ptr, f32, _ptr, _ptr, _ptr]
+    # w, x, ldx, M, y, ldy
+    lib.tm_gemm.argtypes = [_ptr, _ptr, _c_int, _c_int, _ptr, _c_int]
+    lib.tm_gemm.restype = _c_int
+    lib.tm_gemm_tile.argtypes = [_ptr, _ptr]
+    lib.tm_gemm_tile.restype = _c_int
     for f in (lib.tm_mm_f32, lib.tm_mm_i8, lib.tm_mm_i4, lib.tm_attn_block, lib.tm_moe_block,
               lib.tm_final):
         f.restype = None
@@ -210,11 +215,32 @@ def mm_int4(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: 
     return y
 
 
+def gemm(x: Tensor, w: TmWeight) -> Tensor:
+    """x (M, K) fp32 with unit column stride, any M >= 1; w: a weight's C descriptor (N, K)
+    -> (M, N) = x @ W.T through gemm.c's blocked GEMM, whose every output is one FMA chain
+    over k in order (batch-invariant at any M). MemoryError when packing buffers fail."""
+    lib = _get()
+    assert lib is not None
+    M, K = x.shape
+    assert K == w.K and M >= 1 and x.stride(1) == 1
+    y = torch.empty(M, w.N)
+    if lib.tm_gemm(ctypes.byref(w), x.data_ptr(), x.stride(0), M, y.data_ptr(), w.N) != 0:
+        raise MemoryError("trustmoe GEMM: no memory for its packing buffers")
+    return y
+
+
+def gemm_tile() -> tuple[int, int, int]:
+    """(MR, NR, vector width) of the loaded GEMM micro-kernel (16-wide: AVX-512)."""
+    mr, nr = ctypes.c_int(), ctypes.c_int()
+    vw = int(lib().tm_gemm_tile(ctypes.byref(mr), ctypes.byref(nr)))
+    return mr.value, nr.value, vw
+
+
 def num_threads() -> int:
     """Threads the kernels run on (torch's OpenMP team), or 0 when they are unavailable."""
     lib = _get()
     return 0 if lib is None else int(lib.tm_num_threads())
 
 
-__all__ = ["F32", "INT4", "INT8", "MAX_ROWS", "TmWeight", "available", "lib", "mm_f32", "mm_int4",
-           "mm_int8", "num_threads", "usable"]
+__all__ = ["F32", "INT4", "INT8", "MAX_ROWS", "TmWeight", "available", "gemm", "gemm_tile", "lib",
+           "mm_f32", "mm_int4", "mm_int8", "num_threads", "usable"]

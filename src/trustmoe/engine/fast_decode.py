@@ -32,6 +32,7 @@ from trustmoe.engine.weights import RunnerWeights
 
 MAX_EXPERTS = 256  # routing scratch in decode.c
 MAX_HEAD_DIM = 512
+MAX_GROUP = 64  # query heads per KV head (decode.c attention scratch)
 
 
 @dataclass
@@ -86,6 +87,8 @@ class FastDecoder:
             return "too many experts or too wide heads"
         if cfg.num_attention_heads % cfg.num_key_value_heads:
             return "query heads not a multiple of KV heads"
+        if cfg.num_attention_heads // cfg.num_key_value_heads > MAX_GROUP:
+            return f"more than {MAX_GROUP} query heads per KV head"
         for lw in weights.layers:
             for w in [lw.wqkv, lw.wo, lw.router, *lw.w13, *lw.w2, lw.shared13, lw.shared2,
                       lw.shared_gate]:

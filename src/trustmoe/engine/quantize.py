@@ -5,7 +5,9 @@ Every weight is an object with `mm(x)` = `x @ W.T` (x: (M, K) -> (M, N)) and `nb
 On CPU, inputs of up to `cpu_kernels.MAX_ROWS` rows (decoding) go through the compiled
 few-row kernels of `trustmoe.engine.cpu_kernels`: they read W once with both threads, and sum
 each output in the same order for any row count, so results are batch-invariant. Larger
-inputs (prefill) use torch's GEMM. Where the kernels cannot be built, torch is used throughout.
+inputs (prefill) go through the compiled blocked GEMM (`Weight.gemm`, csrc/gemm.c), whose
+every output is one FMA chain over k in order, the same bits at any row count. Where the
+kernels cannot be built, torch is used throughout.
 
 - `FloatWeight` keeps W as (N, K) contiguous.
 - `Int8Weight`: symmetric per-output-channel int8, scale = absmax / 127; weight-only
@@ -66,6 +68,21 @@ class Weight:
         """This weight as the C kernels' descriptor, or None where they cannot read it."""
         return None
 
+    def gemm(self, x: Tensor) -> Tensor | None:
+        """x (M, K) @ W.T through the compiled blocked GEMM (`cpu_kernels.gemm`), whose every
+        row is the same bits at any M; None where it cannot run (not CPU fp32, no kernels)."""
+        if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
+                and x.shape[0] > 0 and cpu_kernels.available()):
+            return None
+        key = tuple(t.data_ptr() for t in self.parts().values())  # the arena moves tensors
+        cached = self.__dict__.get("_gemm_desc")
+        if cached is None or cached[0] != key:
+            cached = (key, self.c_desc())
+            self.__dict__["_gemm_desc"] = cached
+        if cached[1] is None:
+            return None
+        return cpu_kernels.gemm(x if x.stride(1) == 1 else x.contiguous(), cached[1])
+
 
 class FloatWeight(Weight):
     def __init__(self, w: Tensor) -> None:
@@ -76,7 +93,8 @@ class FloatWeight(Weight):
     def mm(self, x: Tensor) -> Tensor:
         if self.w.dtype == torch.float32 and cpu_kernels.usable(x):
             return cpu_kernels.mm_f32(x, self.w)
-        return F.linear(x, self.w)  # (M, K) @ (K, N)
+        y = self.gemm(x)  # prompt-sized inputs
+        return F.linear(x, self.w) if y is None else y  # (M, K) @ (K, N)
 
     def dequantize(self) -> Tensor:
         return self.w.float()
@@ -122,6 +140,9 @@ class Int8Weight(Weight):
     def mm(self, x: Tensor) -> Tensor:
         if cpu_kernels.usable(x) and self.q.device.type == "cpu":
             return cpu_kernels.mm_int8(x, self.q, self.scale)
+        y = self.gemm(x)
+        if y is not None:
+            return y
         if self._packed is not None and x.dtype == torch.float32:
             return torch.ops.quantized.linear_dynamic(x, self._packed, True)
         w = self.q.to(x.dtype)  # (N, K)
@@ -194,6 +215,9 @@ class Int4Weight(Weight):
     def mm(self, x: Tensor) -> Tensor:
         if self.group_size % 16 == 0 and self.packed.device.type == "cpu" and cpu_kernels.usable(x):
             return cpu_kernels.mm_int4(x, self.packed, self.scale, self.zero, self.group_size)
+        y = self.gemm(x)
+        if y is not None:
+            return y
         return F.linear(x, self.dequantize().to(x.dtype))
 
     def dequantize(self) -> Tensor:

@@ -10,12 +10,16 @@ rows, attention per sequence over its own blocks, MoE per row group. Inference i
 there is no capacity factor here (it is a training-only option of the model).
 
 Batch invariance: GEMM libraries pick different code paths (and so round differently) for
-different row counts. With `batch_invariant=True` every matmul is run per *row group*: a
-prefill chunk is its own group (its shape does not depend on the other sequences), and decode
-rows are packed into groups of at most `G` rows, where `G` is probed at start-up as the
-largest row count whose results equal the one-row results bit for bit: 16 on CPU with the
-compiled few-row kernels (`trustmoe.engine.cpu_kernels`, invariant by construction), 3 with
-MKL alone on AVX2. So a request's logits are the same bits alone or in any batch.
+different row counts. With `batch_invariant=True` every matmul is run per *row group*. Decode
+rows are packed into groups of at most `G` rows, where `G` is probed at start-up as the largest
+row count whose results equal the one-row results bit for bit: 16 on CPU with the compiled
+few-row kernels (`trustmoe.engine.cpu_kernels`, invariant by construction), 3 with MKL alone on
+AVX2. Prefill rows go through the compiled blocked GEMM (`Weight.gemm`), whose every output is
+one FMA chain over k in order at any row count: all prefill chunks of a step form one group,
+and each expert takes all its rows of the step at once. Without the compiled kernels a prefill
+chunk is its own group (its shape does not depend on the other sequences) and experts run in
+zero-padded blocks of a probed fixed size. So a request's logits are the same bits alone or in
+any batch.
 
 MoE paths: `sorted` (prefill and CPU decode; tokens grouped by expert, experts read in place),
 `gather` (decode on CUDA: gather the selected experts' stacked weights, as gpt-fast does, so
@@ -40,6 +44,14 @@ from trustmoe.engine.weights import LayerWeights, RunnerWeights
 from trustmoe.model import functional as tf
 
 GATHER_MAX_ROWS = 8  # decode-sized row groups take the gather path when it is on
+
+
+@dataclass
+class Group:
+    """Rows that share one matmul; `gemm`: through `Weight.gemm` (invariant at any count)."""
+
+    rows: slice
+    gemm: bool = False
 
 
 @dataclass
@@ -75,11 +87,16 @@ class ModelRunner:
                 lw.w13_stack = torch.stack([w.dequantize() for w in lw.w13]).to(device, weights.dtype)
                 lw.w2_stack = torch.stack([w.dequantize() for w in lw.w2]).to(device, weights.dtype)
         self.moe_path = moe_path
+        # prefill rows through the compiled GEMM (invariant at any row count): every weight
+        # must have a C form; then one group for all prefill rows of a step
+        self.gemm_rows = device.type == "cpu" and cpu_kernels.available() and all(
+            w.c_desc() is not None for w in [*weights.all_weights(), weights.lm_head])
         # batch-invariant prefill with MoE over all rows of a step at once (one read of each
-        # expert per step instead of one per prompt): CPU float experts, fixed-shape GEMMs
+        # expert per step instead of one per prompt): through the GEMM, else (CPU float
+        # experts) fixed-shape blocked GEMMs
         self.moe_block_rows: int | None = None
         experts = [w for lw in weights.layers if lw.router is not None for w in lw.w13 + lw.w2]
-        if batch_invariant and device.type == "cpu" and experts \
+        if batch_invariant and not self.gemm_rows and device.type == "cpu" and experts \
                 and all(isinstance(w, FloatWeight) for w in experts):
             self.moe_block_rows = probe_block_rows(experts, weights.dtype, device)
         why = FastDecoder.unsupported(weights, kv, device) if fast_decode else "switched off"
@@ -91,34 +108,35 @@ class ModelRunner:
 
     # ------------------------------------------------------------ helpers
 
-    def _groups(self, chunks: list[Chunk]) -> list[slice]:
+    def _groups(self, chunks: list[Chunk]) -> list[Group]:
         n = sum(len(c.tokens) for c in chunks)
         if not self.batch_invariant:
-            return [slice(0, n)]
-        groups: list[slice] = []
-        run_start, run_len = -1, 0
+            return [Group(slice(0, n))]
+        groups: list[Group] = []
+        kind, start, size = "", 0, 0  # the open run: "rows" (decode) or "gemm" (prefill)
         for c in chunks:
-            if len(c.tokens) == 1:  # decode row: pack into groups of <= G rows
-                if run_len == 0:
-                    run_start = c.rows.start
-                run_len += 1
-                if run_len == self.group_rows:
-                    groups.append(slice(run_start, run_start + run_len))
-                    run_len = 0
-            else:
-                if run_len:  # a prefill chunk ends the current run of single rows
-                    groups.append(slice(run_start, run_start + run_len))
-                    run_len = 0
-                groups.append(c.rows)
-        if run_len:
-            groups.append(slice(run_start, run_start + run_len))
+            k = "rows" if len(c.tokens) == 1 else "gemm" if self.gemm_rows else "alone"
+            if size and (k != kind or (k == "rows" and size == self.group_rows)):
+                groups.append(Group(slice(start, start + size), kind == "gemm"))
+                size = 0
+            if k == "alone":  # a prefill chunk in its own group
+                groups.append(Group(c.rows))
+                continue
+            if size == 0:
+                kind, start = k, c.rows.start
+            size += len(c.tokens)
+        if size:
+            groups.append(Group(slice(start, start + size), kind == "gemm"))
         return groups
 
-    def _lin(self, x: Tensor, w: Weight, groups: list[slice]) -> Tensor:
+    def _lin(self, x: Tensor, w: Weight, groups: list[Group]) -> Tensor:
         # x: (N, K) -> (N, N_out)
-        if len(groups) == 1:
-            return w.mm(x)
-        return torch.cat([w.mm(x[g]) for g in groups])
+        outs = []
+        for g in groups:
+            xg = x if len(groups) == 1 else x[g.rows]
+            y = w.gemm(xg) if g.gemm else None
+            outs.append(w.mm(xg) if y is None else y)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     # ------------------------------------------------------------ forward
 
@@ -201,7 +219,7 @@ class ModelRunner:
 
     def _attention(self, layer: int, lw: LayerWeights, x: Tensor, cos: Tensor, sin: Tensor,
                    chunks: list[Chunk], new_slots: Tensor, masks: list[Tensor | None],
-                   groups: list[slice]) -> Tensor:
+                   groups: list[Group]) -> Tensor:
         N = x.shape[0]
         H, Hkv, hd = self.H, self.Hkv, self.hd
         h = tf.rms_norm(x, lw.ln1, self.cfg.rms_norm_eps)
@@ -226,7 +244,7 @@ class ModelRunner:
         att = outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, H*hd)
         return self._lin(att, lw.wo, groups)
 
-    def _mlp(self, lw: LayerWeights, h: Tensor, groups: list[slice]) -> Tensor:
+    def _mlp(self, lw: LayerWeights, h: Tensor, groups: list[Group]) -> Tensor:
         # h: (N, d) -> (N, d)
         if lw.router is None:
             return self._lin(tf.swiglu_packed(self._lin(h, lw.w13[0], groups)), lw.w2[0], groups)
@@ -236,12 +254,13 @@ class ModelRunner:
             self._routes.append(ids)  # (N, k), kept for monitoring features
         if wts.dtype != h.dtype:
             wts = wts.to(h.dtype)
-        if self.moe_block_rows:  # all rows at once: each expert's weights read once per step
-            y = self._moe_sorted(lw, h, wts, ids, self.moe_block_rows)
+        if self.batch_invariant and (self.gemm_rows or self.moe_block_rows):
+            # all rows at once: each expert's weights read once per step
+            y = self._moe_sorted(lw, h, wts, ids, self.moe_block_rows, gemm=self.gemm_rows)
         else:
-            parts = [self._moe_gather(lw, h[g], wts[g], ids[g])
-                     if self.moe_path == "gather" and g.stop - g.start <= GATHER_MAX_ROWS
-                     else self._moe_sorted(lw, h[g], wts[g], ids[g]) for g in groups]
+            parts = [self._moe_gather(lw, h[g.rows], wts[g.rows], ids[g.rows])
+                     if self.moe_path == "gather" and g.rows.stop - g.rows.start <= GATHER_MAX_ROWS
+                     else self._moe_sorted(lw, h[g.rows], wts[g.rows], ids[g.rows]) for g in groups]
             y = parts[0] if len(parts) == 1 else torch.cat(parts)
         if lw.shared13 is not None and lw.shared2 is not None and lw.shared_gate is not None:
             shared = self._lin(tf.swiglu_packed(self._lin(h, lw.shared13, groups)), lw.shared2, groups)
@@ -249,11 +268,12 @@ class ModelRunner:
         return y
 
     def _moe_sorted(self, lw: LayerWeights, x: Tensor, wts: Tensor, ids: Tensor,
-                    block: int | None = None) -> Tensor:
+                    block: int | None = None, gemm: bool = False) -> Tensor:
         # x: (n, d); wts, ids: (n, k) -> (n, d); experts read in place, one matmul per expert
-        # (block: every expert matmul in zero-padded blocks of exactly `block` rows)
+        # (gemm: through Weight.gemm, invariant at any row count; else block: in zero-padded
+        # blocks of exactly `block` rows)
         n, k = ids.shape
-        if n == 1 and block is None:  # one token: its k experts in slot order
+        if n == 1 and block is None and not gemm:  # one token: its k experts in slot order
             outs = [lw.w2[e].mm(tf.swiglu_packed(lw.w13[e].mm(x))) for e in ids.tolist()[0]]
             return tf.moe_combine(torch.stack(outs, dim=1), wts)  # (1, k, d) -> (1, d)
         flat = ids.flatten()  # (n*k,)
@@ -265,7 +285,10 @@ class ModelRunner:
         for e, cnt in enumerate(counts):
             if cnt:
                 seg = slice(start, start + cnt)
-                if block:
+                if gemm:
+                    act = tf.swiglu_packed(_gemm(lw.w13[e], xs[seg]))
+                    ys[seg] = _gemm(lw.w2[e], act)
+                elif block:
                     act = tf.swiglu_packed(blocked_mm(lw.w13[e], xs[seg], block))
                     ys[seg] = blocked_mm(lw.w2[e], act, block)
                 else:
@@ -311,9 +334,15 @@ class ModelRunner:
                 o += len(f.tokens)
             groups = self._groups(fake)
         else:
-            groups = [slice(0, n)]
+            groups = [Group(slice(0, n))]
         logits = self._lin(h, self.w.lm_head, groups).float()  # (n, V)
         return [None if s is None else logits[s[0]: s[1]] for s in spans]
 
 
-__all__ = ["Chunk", "ModelRunner"]
+def _gemm(w: Weight, x: Tensor) -> Tensor:
+    y = w.gemm(x)  # (n, N); the runner checked at start-up that every weight has a C form
+    assert y is not None
+    return y
+
+
+__all__ = ["Chunk", "Group", "ModelRunner"]

@@ -85,18 +85,20 @@ void tm_attn_block(float* x, int M, int d, const float* ln, float eps,
             }
         }
         BARRIER;
-        /* attention over each row's slots: split over (row, head) */
-        range(M * H, TID, NTH, &a, &b);
-        float* p = b > a ? (float*)malloc((size_t)max_slots * sizeof(float)) : NULL;
+        /* attention over each row's slots: split over (row, kv head), the query heads that
+           share a kv head together */
+        int rep = H / Hkv;
+        range(M * Hkv, TID, NTH, &a, &b);
+        float* p = b > a ? (float*)malloc((size_t)max_slots * rep * sizeof(float)) : NULL;
         for (int t = a; t < b; t++) {
-            int m = t / H, hh = t % H;
+            int m = t / Hkv, g = t % Hkv;
+            float* o = att + (int64_t)m * H * hd + (int64_t)g * rep * hd;
             if (p == NULL) {  /* out of memory: NaN rows, never a crash */
-                for (int i = 0; i < hd; i++) att[(int64_t)m * H * hd + (int64_t)hh * hd + i] = NAN;
+                for (int i = 0; i < rep * hd; i++) o[i] = NAN;
                 continue;
             }
-            tm_attend(qkv + (int64_t)m * nq + (int64_t)hh * hd, kc, vc, nslots, slots + offs[m],
-                      offs[m + 1] - offs[m], hh / (H / Hkv), hd, 1.0f / sqrtf((float)hd),
-                      att + (int64_t)m * H * hd + (int64_t)hh * hd, p);
+            tm_attend(qkv + (int64_t)m * nq + (int64_t)g * rep * hd, rep, kc, vc, nslots,
+                      slots + offs[m], offs[m + 1] - offs[m], g, hd, 1.0f / sqrtf((float)hd), o, p);
         }
         free(p);
         BARRIER;

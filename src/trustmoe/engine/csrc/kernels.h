@@ -211,34 +211,79 @@ static inline void tm_lin_rows(const tm_weight* w, int n0, int n1, const float* 
     }
 }
 
-/* One query head over S cached slots of kv head g: out (hd) = softmax(q.K * scale) V.
- * kc, vc: (Hkv, nslots, hd); p: S floats of scratch. */
-static inline void tm_attend(const float* q, const float* kc, const float* vc, int64_t nslots,
-                             const int64_t* slots, int64_t S, int g, int hd, float scale,
-                             float* out, float* p) {
+/* exp(x) for 8 floats at once (x <= 88; below -87.3 it gives 0): Cephes' expf, a degree-5
+ * polynomial on x - n ln2 times 2^n; within ~2 ulp of expf, and the same bits on every call. */
+typedef int32_t v8i __attribute__((vector_size(32)));
+static inline v8f tm_exp8(v8f x) {
+    const v8f lo = {-87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f};
+    v8i dead = x < lo;                               /* all-ones where exp underflows */
+    x = (v8f)((v8i)x & ~dead) + (v8f)((v8i)lo & dead);
+    v8f fx = x * 1.44269504088896341f + 0.5f;
+    v8f t = __builtin_convertvector(__builtin_convertvector(fx, v8i), v8f);
+    t = t - __builtin_convertvector((v8i)(t > fx) & 1, v8f);  /* floor */
+    v8f r = x - t * 0.693359375f;
+    r = r - t * -2.12194440e-4f;
+    v8f y = (v8f){0} + 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * (r * r) + r + 1.0f;
+    v8i e = (__builtin_convertvector(t, v8i) + 127) << 23;
+    return (v8f)((v8i)(y * (v8f)e) & ~dead);
+}
+
+/* The `rep` query heads q (rep, hd) that share kv head g, over S cached slots:
+ * out (rep, hd) = softmax(q.K * scale) V, reading each cached key and value once for all of
+ * them. kc, vc: (Hkv, nslots, hd); p: rep * S floats of scratch. Each head's result does not
+ * depend on the others (its own dot products, exponentials and sums in a fixed order). */
+static inline void tm_attend(const float* q, int rep, const float* kc, const float* vc,
+                             int64_t nslots, const int64_t* slots, int64_t S, int g, int hd,
+                             float scale, float* out, float* p) {
     const float* kg = kc + (int64_t)g * nslots * hd;
     const float* vg = vc + (int64_t)g * nslots * hd;
-    float mx = -INFINITY;
     for (int64_t s = 0; s < S; s++) {
-        p[s] = tm_dot_f32(q, kg + slots[s] * hd, hd) * scale;
-        if (p[s] > mx) mx = p[s];
+        const float* k = kg + slots[s] * hd;
+        for (int r = 0; r < rep; r++) p[r * S + s] = tm_dot_f32(q + (int64_t)r * hd, k, hd) * scale;
     }
-    float sum = 0.0f;
-    for (int64_t s = 0; s < S; s++) {
-        p[s] = expf(p[s] - mx);
-        sum += p[s];
+    float inv[64];
+    int64_t S8 = S & ~7;
+    for (int r = 0; r < rep; r++) {
+        float* pr = p + r * S;
+        float mx = -INFINITY;
+        for (int64_t s = 0; s < S; s++) mx = pr[s] > mx ? pr[s] : mx;
+        v8f m8 = (v8f){0} + mx, acc = {0};
+        int64_t s = 0;
+        for (; s < S8; s += 8) {
+            v8f e = tm_exp8(tm_ld(pr + s) - m8);
+            tm_st(pr + s, e);
+            acc += e;
+        }
+        float sum = tm_hsum(acc), tail[8] = {0};
+        for (int64_t i = s; i < S; i++) tail[i - s] = pr[i] - mx;
+        v8f et = tm_exp8(tm_ld(tail));
+        for (int64_t i = s; i < S; i++) {
+            pr[i] = et[i - s];
+            sum += pr[i];
+        }
+        inv[r] = 1.0f / sum;
     }
     int d8 = hd & ~7;
-    for (int d = 0; d < hd; d++) out[d] = 0.0f;
+    for (int i = 0; i < rep * hd; i++) out[i] = 0.0f;
     for (int64_t s = 0; s < S; s++) {
         const float* v = vg + slots[s] * hd;
-        v8f ps = {p[s], p[s], p[s], p[s], p[s], p[s], p[s], p[s]};
-        int d = 0;
-        for (; d < d8; d += 8) tm_st(out + d, tm_ld(out + d) + ps * tm_ld(v + d));
-        for (; d < hd; d++) out[d] += p[s] * v[d];
+        for (int r = 0; r < rep; r++) {
+            float* o = out + (int64_t)r * hd;
+            float pv = p[r * S + s];
+            v8f ps = (v8f){0} + pv;
+            int d = 0;
+            for (; d < d8; d += 8) tm_st(o + d, tm_ld(o + d) + ps * tm_ld(v + d));
+            for (; d < hd; d++) o[d] += pv * v[d];
+        }
     }
-    float inv = 1.0f / sum;
-    for (int d = 0; d < hd; d++) out[d] *= inv;
+    for (int r = 0; r < rep; r++)
+        for (int d = 0; d < hd; d++) out[(int64_t)r * hd + d] *= inv[r];
 }
 
 /* Threads of the enclosing OpenMP region (torch's pool), and this thread's share of a range. */
