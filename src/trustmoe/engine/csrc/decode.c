@@ -220,15 +220,19 @@ void tm_moe_block(float* x, int M, int d, const float* ln, float eps,
             range(hd_, TID, NTH, &u0, &u1);
             for (int pass = 0; pass < 2; pass++)  /* gate rows, then up rows: one stream each */
                 for (int u = u0; u < u1; u++)
-                    for (int i = g0; i < g1; i += 2) {
-                        int ma = ord[i], mb = i + 1 < g1 ? ord[i + 1] : -1, mb_ = mb < 0 ? ma : mb;
-                        float o[2];
-                        tm_row_pair(wg, pass ? hd_ + u : u, h + (int64_t)(ma / S) * d,
-                                    mb >= 0 ? h + (int64_t)(mb / S) * d : 0, x4 + (int64_t)ma * wid,
-                                    x4 + (int64_t)mb_ * wid, xs + (int64_t)ma * wid,
-                                    xs + (int64_t)mb_ * wid, o);
-                        for (int j = 0; j < (mb >= 0 ? 2 : 1); j++) {
-                            float* a = act + (int64_t)(j ? mb : ma) * hmax + u;
+                    for (int i = g0; i < g1; i += TM_ROWS) {
+                        int R = g1 - i < TM_ROWS ? g1 - i : TM_ROWS;
+                        const float *xr[TM_ROWS], *x4r[TM_ROWS], *xsr[TM_ROWS];
+                        float o[TM_ROWS];
+                        for (int j = 0; j < R; j++) {
+                            int ms = ord[i + j];
+                            xr[j] = h + (int64_t)(ms / S) * d;
+                            x4r[j] = x4 + (int64_t)ms * wid;
+                            xsr[j] = xs + (int64_t)ms * wid;
+                        }
+                        tm_row_multi(wg, pass ? hd_ + u : u, R, xr, x4r, xsr, o);
+                        for (int j = 0; j < R; j++) {
+                            float* a = act + (int64_t)ord[i + j] * hmax + u;
                             float v = o[j];
                             *a = pass ? *a / (1.0f + expf(-*a)) * v : v;  /* silu(gate) * up */
                         }
@@ -252,14 +256,18 @@ void tm_moe_block(float* x, int M, int d, const float* ln, float eps,
             const tm_weight* wd = e < 0 ? sh2 : &w2[e];
             range(d, TID, NTH, &n0, &n1);
             for (int n = n0; n < n1; n++)
-                for (int i = g0; i < g1; i += 2) {
-                    int ma = ord[i], mb = i + 1 < g1 ? ord[i + 1] : -1, mb_ = mb < 0 ? ma : mb;
-                    float o[2];
-                    tm_row_pair(wd, n, act + (int64_t)ma * hmax, mb >= 0 ? act + (int64_t)mb * hmax : 0,
-                                x4 + (int64_t)ma * wid, x4 + (int64_t)mb_ * wid, xs + (int64_t)ma * wid,
-                                xs + (int64_t)mb_ * wid, o);
-                    outs[(int64_t)ma * d + n] = o[0];
-                    if (mb >= 0) outs[(int64_t)mb * d + n] = o[1];
+                for (int i = g0; i < g1; i += TM_ROWS) {
+                    int R = g1 - i < TM_ROWS ? g1 - i : TM_ROWS;
+                    const float *xr[TM_ROWS], *x4r[TM_ROWS], *xsr[TM_ROWS];
+                    float o[TM_ROWS];
+                    for (int j = 0; j < R; j++) {
+                        int ms = ord[i + j];
+                        xr[j] = act + (int64_t)ms * hmax;
+                        x4r[j] = x4 + (int64_t)ms * wid;
+                        xsr[j] = xs + (int64_t)ms * wid;
+                    }
+                    tm_row_multi(wd, n, R, xr, x4r, xsr, o);
+                    for (int j = 0; j < R; j++) outs[(int64_t)ord[i + j] * d + n] = o[j];
                 }
             g0 = g1;
         }

@@ -66,55 +66,114 @@ static inline v8f tm_fma(v8f a, v8f b, v8f c) {
 static inline v8f tm_fma(v8f a, v8f b, v8f c) { return a * b + c; }
 #endif
 
-/* One weight row w against one or two input rows (xb == NULL: one): o[i] = dot(x_i, w).
- * Each dot product keeps its own four accumulators (k = 0, 8, 16, 24 mod 32), so its arithmetic is
- * the same alone or paired; pairing only shares the weight loads.
- * WT: 0 = float weights, 1 = int8 weights (scaled by the caller). */
+/* One weight row w against R (1..TM_ROWS) input rows x[0..R-1]: o[i] = dot(x[i], w).
+ * Each dot product keeps its own accumulators, so its arithmetic is the same alone or grouped;
+ * grouping only shares the weight loads (and, for int8, their conversion to float).
+ *   AVX-512: two 16-wide accumulators (k = 0 and 16 mod 32), up to 8 rows at once;
+ *   otherwise: four 8-wide accumulators (k = 0, 8, 16, 24 mod 32), up to 4 rows at once;
+ * then a fixed reduction tree and the scalar tail in k order.
+ * WT: 0 = float weights, 1 = int8 weights (scaled by the caller).
+ * Call with constant WT and R (tm_tile_r) so each combination compiles to its own tile. */
 #define TM_LDW(WT, p, k) ((WT) ? tm_ldi8((const int8_t*)(p) + (k)) : tm_ld((const float*)(p) + (k)))
 #define TM_SCALAR_W(WT, p, k) ((WT) ? (float)((const int8_t*)(p))[k] : ((const float*)(p))[k])
+#if defined(__AVX512F__)
+#define TM_ROWS 8
+typedef float v16f __attribute__((vector_size(64)));
+static inline v16f tm_ld16(const float* p) { v16f v; memcpy(&v, p, 64); return v; }
+static inline v16f tm_ldi8_16(const int8_t* p) {
+    return (v16f)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+static inline v16f tm_fma16(v16f a, v16f b, v16f c) {
+    return (v16f)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+}
+#define TM_LDW16(WT, p, k) ((WT) ? tm_ldi8_16((const int8_t*)(p) + (k)) : tm_ld16((const float*)(p) + (k)))
 
-__attribute__((always_inline)) static inline void tm_tile(int WT, const float* xa, const float* xb,
-                                                          const void* w, int K, float o[2]) {
+__attribute__((always_inline)) static inline void tm_tile(int WT, int R, const float* const* x,
+                                                          const void* w, int K, float* o) {
+    int K32 = K & ~31, k = 0;
+    v16f acc[TM_ROWS][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = (v16f){0};
+    for (; k < K32; k += 32) {
+        v16f w0 = TM_LDW16(WT, w, k), w1 = TM_LDW16(WT, w, k + 16);
+        for (int r = 0; r < R; r++) {
+            acc[r][0] = tm_fma16(tm_ld16(x[r] + k), w0, acc[r][0]);
+            acc[r][1] = tm_fma16(tm_ld16(x[r] + k + 16), w1, acc[r][1]);
+        }
+    }
+    float s[TM_ROWS];
+    for (int r = 0; r < R; r++) {
+        v16f t = acc[r][0] + acc[r][1];
+        v8f lo, hi;
+        memcpy(&lo, &t, 32);
+        memcpy(&hi, (const char*)&t + 32, 32);
+        s[r] = tm_hsum(lo + hi);
+    }
+    for (; k < K; k++) {
+        float wk = TM_SCALAR_W(WT, w, k);
+        for (int r = 0; r < R; r++) s[r] += x[r][k] * wk;
+    }
+    for (int r = 0; r < R; r++) o[r] = s[r];
+}
+#else
+#define TM_ROWS 4
+__attribute__((always_inline)) static inline void tm_tile(int WT, int R, const float* const* x,
+                                                          const void* w, int K, float* o) {
     int K32 = K & ~31, K8 = K & ~7, k = 0;
-    v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+    v8f acc[TM_ROWS][4];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = (v8f){0};
     for (; k < K32; k += 32) {
         v8f w0 = TM_LDW(WT, w, k), w1 = TM_LDW(WT, w, k + 8);
         v8f w2 = TM_LDW(WT, w, k + 16), w3 = TM_LDW(WT, w, k + 24);
-        a0 = tm_fma(tm_ld(xa + k), w0, a0);
-        a1 = tm_fma(tm_ld(xa + k + 8), w1, a1);
-        a2 = tm_fma(tm_ld(xa + k + 16), w2, a2);
-        a3 = tm_fma(tm_ld(xa + k + 24), w3, a3);
-        if (xb) {
-            b0 = tm_fma(tm_ld(xb + k), w0, b0);
-            b1 = tm_fma(tm_ld(xb + k + 8), w1, b1);
-            b2 = tm_fma(tm_ld(xb + k + 16), w2, b2);
-            b3 = tm_fma(tm_ld(xb + k + 24), w3, b3);
+        for (int r = 0; r < R; r++) {
+            acc[r][0] = tm_fma(tm_ld(x[r] + k), w0, acc[r][0]);
+            acc[r][1] = tm_fma(tm_ld(x[r] + k + 8), w1, acc[r][1]);
+            acc[r][2] = tm_fma(tm_ld(x[r] + k + 16), w2, acc[r][2]);
+            acc[r][3] = tm_fma(tm_ld(x[r] + k + 24), w3, acc[r][3]);
         }
     }
     for (; k < K8; k += 8) {
         v8f w0 = TM_LDW(WT, w, k);
-        a0 = tm_fma(tm_ld(xa + k), w0, a0);
-        if (xb) b0 = tm_fma(tm_ld(xb + k), w0, b0);
+        for (int r = 0; r < R; r++) acc[r][0] = tm_fma(tm_ld(x[r] + k), w0, acc[r][0]);
     }
-    float sa = tm_hsum((a0 + a1) + (a2 + a3)), sb = tm_hsum((b0 + b1) + (b2 + b3));
+    float s[TM_ROWS];
+    for (int r = 0; r < R; r++) s[r] = tm_hsum((acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3]));
     for (; k < K; k++) {
         float wk = TM_SCALAR_W(WT, w, k);
-        sa += xa[k] * wk;
-        if (xb) sb += xb[k] * wk;
+        for (int r = 0; r < R; r++) s[r] += x[r][k] * wk;
     }
-    o[0] = sa;
-    o[1] = sb;
+    for (int r = 0; r < R; r++) o[r] = s[r];
+}
+#endif
+
+/* tm_tile with R known at compile time in each branch */
+#define TM_TILE_CASE(WT, n) case n: tm_tile(WT, n, x, w, K, o); break;
+static inline void tm_tile_r(int WT, int R, const float* const* x, const void* w, int K, float* o) {
+    if (WT) {
+        switch (R) {
+            TM_TILE_CASE(1, 1) TM_TILE_CASE(1, 2) TM_TILE_CASE(1, 3) TM_TILE_CASE(1, 4)
+#if TM_ROWS > 4
+            TM_TILE_CASE(1, 5) TM_TILE_CASE(1, 6) TM_TILE_CASE(1, 7) TM_TILE_CASE(1, 8)
+#endif
+        }
+    } else {
+        switch (R) {
+            TM_TILE_CASE(0, 1) TM_TILE_CASE(0, 2) TM_TILE_CASE(0, 3) TM_TILE_CASE(0, 4)
+#if TM_ROWS > 4
+            TM_TILE_CASE(0, 5) TM_TILE_CASE(0, 6) TM_TILE_CASE(0, 7) TM_TILE_CASE(0, 8)
+#endif
+        }
+    }
 }
 
 static inline float tm_dot_f32(const float* x, const float* w, int K) {
-    float o[2];
-    tm_tile(0, x, 0, w, K, o);
+    float o[1];
+    tm_tile(0, 1, &x, w, K, o);
     return o[0];
 }
 
 static inline float tm_dot_i8(const float* x, const int8_t* q, int K) {
-    float o[2];
-    tm_tile(1, x, 0, q, K, o);
+    float o[1];
+    tm_tile(1, 1, &x, q, K, o);
     return o[0];
 }
 
@@ -165,31 +224,24 @@ static inline float tm_row_dot(const tm_weight* w, int n, const float* x, const 
                      w->scale + (int64_t)n * G, w->zero + (int64_t)n * G, w->K, w->gs);
 }
 
-/* Row n of W against input rows a and b (xb == NULL: none): o[i] = dot(x_i, W[n]), the
- * same bits as tm_row_dot gives for each. */
-static inline void tm_row_pair(const tm_weight* w, int n, const float* xa, const float* xb,
-                               const float* x4a, const float* x4b, const float* xsa, const float* xsb,
-                               float o[2]) {
+/* Row n of W against R input rows (x for f32/int8; x4, xs for int4): o[i] = dot(x_i, W[n]),
+ * the same bits as tm_row_dot gives for each. */
+static inline void tm_row_multi(const tm_weight* w, int n, int R, const float* const* x,
+                                const float* const* x4, const float* const* xs, float* o) {
     if (w->kind == TM_INT4) {
-        o[0] = tm_row_dot(w, n, xa, x4a, xsa);
-        o[1] = xb ? tm_row_dot(w, n, xb, x4b, xsb) : 0.0f;
+        for (int r = 0; r < R; r++) o[r] = tm_row_dot(w, n, x[r], x4[r], xs[r]);
         return;
     }
     int K = w->K;
     if (w->kind == TM_INT8) {
-        const int8_t* q = (const int8_t*)w->w + (int64_t)n * K;
-        if (xb) tm_tile(1, xa, xb, q, K, o);
-        else tm_tile(1, xa, 0, q, K, o);
-        o[0] *= w->scale[n];
-        o[1] *= w->scale[n];
+        tm_tile_r(1, R, x, (const int8_t*)w->w + (int64_t)n * K, K, o);
+        for (int r = 0; r < R; r++) o[r] *= w->scale[n];
     } else {
-        const float* wr = (const float*)w->w + (int64_t)n * K;
-        if (xb) tm_tile(0, xa, xb, wr, K, o);
-        else tm_tile(0, xa, 0, wr, K, o);
+        tm_tile_r(0, R, x, (const float*)w->w + (int64_t)n * K, K, o);
     }
 }
 
-/* y[m, n] (+)= dot(x[m], W[n]) for n in [n0, n1) and all M rows, two input rows at a time.
+/* y[m, n] (+)= dot(x[m], W[n]) for n in [n0, n1) and all M rows, TM_ROWS input rows at a time.
  * (Pairs of weight rows would share input loads too, but two weight streams per thread read
  * memory ~35% slower than one: the weights are what decode waits for.)
  * x4 / xs (rows ld4 / lds apart): the int4 inputs of each row, else unused. */
@@ -197,13 +249,17 @@ static inline void tm_lin_rows(const tm_weight* w, int n0, int n1, const float* 
                                const float* x4, int ld4, const float* xs, int lds, int M,
                                float* y, int ldy, int accumulate) {
     for (int n = n0; n < n1; n++) {
-        for (int m = 0; m < M; m += 2) {
-            int two = m + 1 < M;
-            float o[2];
-            tm_row_pair(w, n, x + (int64_t)m * ldx, two ? x + (int64_t)(m + 1) * ldx : 0,
-                        x4 + (int64_t)m * ld4, x4 + (int64_t)(m + 1) * ld4, xs + (int64_t)m * lds,
-                        xs + (int64_t)(m + 1) * lds, o);
-            for (int i = 0; i <= two; i++) {
+        for (int m = 0; m < M; m += TM_ROWS) {
+            int R = M - m < TM_ROWS ? M - m : TM_ROWS;
+            const float *xr[TM_ROWS], *x4r[TM_ROWS], *xsr[TM_ROWS];
+            float o[TM_ROWS];
+            for (int i = 0; i < R; i++) {
+                xr[i] = x + (int64_t)(m + i) * ldx;
+                x4r[i] = x4 + (int64_t)(m + i) * ld4;
+                xsr[i] = xs + (int64_t)(m + i) * lds;
+            }
+            tm_row_multi(w, n, R, xr, x4r, xsr, o);
+            for (int i = 0; i < R; i++) {
                 float* dst = y + (int64_t)(m + i) * ldy + n;
                 *dst = accumulate ? *dst + o[i] : o[i];
             }
