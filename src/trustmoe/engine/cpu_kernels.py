@@ -3,9 +3,11 @@
 - `mm_f32`, `mm_int8`, `mm_int4` (matvec.c): `x @ W.T` for x of 1..`MAX_ROWS` rows, reading W
   once with both of torch's OpenMP threads, each output summed in the same order whatever the
   row count (so results are batch-invariant by construction).
-- `tm_attn_block`, `tm_moe_block`, `tm_final` (decode.c): a whole attention or MoE/MLP
-  block, or the final norm + LM head, for up to `MAX_ROWS` decode rows in one call (used by
-  `trustmoe.engine.fast_decode` through `lib()` and `TmWeight` descriptors).
+- `tm_decode_step`, `tm_final` (decode.c): every layer's attention and MoE/MLP block (and
+  optionally the final norm + LM head) for up to `MAX_ROWS` decode rows in one call, or the
+  final norm + LM head alone (used by `trustmoe.engine.fast_decode` through `lib()` and the
+  `TmWeight` / `TmLayer` descriptors).
+- `gemm` (gemm.c): x @ W.T for any row count, each output one FMA chain over k in order.
 
 See the C files for why.
 
@@ -101,14 +103,11 @@ def _build() -> ctypes.CDLL:
     lib.tm_mm_i4.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _c_int, _c_int, _c_int, _ptr, _c_int,
                              _c_int]
     i64, f32 = ctypes.c_int64, ctypes.c_float
-    # x, M, d, ln, eps, wqkv, wo, cos, sin, kc, vc, nslots, new_slot, slots, offs, H, Hkv, hd,
-    # scratch, max_slots
-    lib.tm_attn_block.argtypes = [_ptr, _c_int, _c_int, _ptr, f32, _ptr, _ptr, _ptr, _ptr, _ptr,
-                                  _ptr, i64, _ptr, _ptr, _ptr, _c_int, _c_int, _c_int, _ptr, i64]
-    # x, M, d, ln, eps, router, E, topk, norm_topk, w13, w2, hdim, sh13, sh2, sh_gate, sh_hdim,
-    # scratch
-    lib.tm_moe_block.argtypes = [_ptr, _c_int, _c_int, _ptr, f32, _ptr, _c_int, _c_int, _c_int,
-                                 _ptr, _ptr, _c_int, _ptr, _ptr, _ptr, _c_int, _ptr]
+    # x, M, d, eps, layers, L, cos, sin, nslots, new_slot, slots, offs, H, Hkv, hd, E, topk,
+    # norm_topk, scratch, max_slots, routes, norm, head, logits
+    lib.tm_decode_step.argtypes = [_ptr, _c_int, _c_int, f32, _ptr, _c_int, _ptr, _ptr, i64, _ptr,
+                                   _ptr, _ptr, _c_int, _c_int, _c_int, _c_int, _c_int, _c_int, _ptr,
+                                   i64, _ptr, _ptr, _ptr, _ptr]
     # x, M, d, ln, eps, head, scratch, logits
     lib.tm_final.argtypes = [_ptr, _c_int, _c_int, _ptr, f32, _ptr, _ptr, _ptr]
     # w, x, ldx, M, y, ldy
@@ -116,8 +115,7 @@ def _build() -> ctypes.CDLL:
     lib.tm_gemm.restype = _c_int
     lib.tm_gemm_tile.argtypes = [_ptr, _ptr]
     lib.tm_gemm_tile.restype = _c_int
-    for f in (lib.tm_mm_f32, lib.tm_mm_i8, lib.tm_mm_i4, lib.tm_attn_block, lib.tm_moe_block,
-              lib.tm_final):
+    for f in (lib.tm_mm_f32, lib.tm_mm_i8, lib.tm_mm_i4, lib.tm_decode_step, lib.tm_final):
         f.restype = None
     lib.tm_num_threads.restype = _c_int
     lib.tm_vector_path.restype = _c_int
@@ -145,6 +143,14 @@ class TmWeight(ctypes.Structure):
 
     _fields_ = [("kind", _c_int), ("N", _c_int), ("K", _c_int), ("gs", _c_int), ("w", _ptr),
                 ("scale", _ptr), ("zero", _ptr)]
+
+
+class TmLayer(ctypes.Structure):
+    """C `tm_layer` (csrc/decode.c): one layer's norms, weights and KV cache for a decode step."""
+
+    _fields_ = [("ln1", _ptr), ("ln2", _ptr), ("wqkv", _ptr), ("wo", _ptr), ("router", _ptr),
+                ("w13", _ptr), ("w2", _ptr), ("hdim", _c_int), ("sh13", _ptr), ("sh2", _ptr),
+                ("sh_gate", _ptr), ("sh_hdim", _c_int), ("kc", _ptr), ("vc", _ptr)]
 
 
 F32, INT8, INT4 = 0, 1, 2
@@ -242,5 +248,5 @@ def num_threads() -> int:
     return 0 if lib is None else int(lib.tm_num_threads())
 
 
-__all__ = ["F32", "INT4", "INT8", "MAX_ROWS", "TmWeight", "available", "gemm", "gemm_tile", "lib",
+__all__ = ["F32", "INT4", "INT8", "MAX_ROWS", "TmLayer", "TmWeight", "available", "gemm", "gemm_tile", "lib",
            "mm_f32", "mm_int4", "mm_int8", "num_threads", "usable"]

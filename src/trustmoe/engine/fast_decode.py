@@ -1,11 +1,11 @@
-"""Decode rows on the CPU through whole-block C kernels: two calls per layer, no torch ops.
+"""Decode rows on the CPU through whole-step C kernels: one call per step, no torch ops.
 
 At batch 1 a layer is ~50 small torch ops whose dispatch costs about as much as reading the
 weights. `FastDecoder.hidden` runs the one-token chunks of a step (up to
-`cpu_kernels.MAX_ROWS` per call) through `tm_attn_block` and `tm_moe_block` of
-`trustmoe/engine/csrc/decode.c`: RMSNorm, fused QKV, RoPE, the paged-KV write and attention
-read in place through each sequence's slots, the output projection, routing, the selected
-experts and the shared expert, each block in one OpenMP region. Weights stay where the runner
+`cpu_kernels.MAX_ROWS` per call) through `tm_decode_step` of `trustmoe/engine/csrc/decode.c`:
+for every layer RMSNorm, fused QKV, RoPE, the paged-KV write and attention read in place
+through each sequence's slots, the output projection, routing, the selected experts and the
+shared expert, then the final norm and LM head, all in one OpenMP region. Weights stay where the runner
 keeps them (fp32, int8 or int4), described to C once at start-up. Every output element is
 computed the same way whatever rows share the call, so results are batch-invariant.
 
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from trustmoe.engine import cpu_kernels
-from trustmoe.engine.cpu_kernels import TmWeight
+from trustmoe.engine.cpu_kernels import TmLayer, TmWeight
 from trustmoe.engine.kv_cache import PagedKVCache
 from trustmoe.engine.quantize import Weight
 from trustmoe.engine.weights import RunnerWeights
@@ -50,11 +50,12 @@ class _Layer:
     sh_gate: TmWeight | None
     sh_hdim: int
 
-    def __post_init__(self) -> None:  # pointers made once, passed on every call
-        self.wqkv_p, self.wo_p = ctypes.pointer(self.wqkv), ctypes.pointer(self.wo)
-        self.router_p, self.sh13_p = _ref(self.router), _ref(self.sh13)
-        self.sh2_p, self.sh_gate_p = _ref(self.sh2), _ref(self.sh_gate)
-        self.ln1_p, self.ln2_p = self.ln1.data_ptr(), self.ln2.data_ptr()
+    def c_layer(self, kc: int, vc: int) -> TmLayer:
+        """This layer as decode.c's `tm_layer` (it points into this object: keep it alive)."""
+        return TmLayer(self.ln1.data_ptr(), self.ln2.data_ptr(), _addr(self.wqkv), _addr(self.wo),
+                       _addr(self.router), ctypes.addressof(self.w13), ctypes.addressof(self.w2),
+                       self.hdim, _addr(self.sh13), _addr(self.sh2), _addr(self.sh_gate),
+                       self.sh_hdim, kc, vc)
 
 
 def _must(w: Weight) -> TmWeight:
@@ -68,8 +69,8 @@ def _desc(w: Weight | None) -> TmWeight | None:
     return None if w is None else _must(w)
 
 
-def _ref(d: TmWeight | None) -> ctypes._Pointer[TmWeight] | None:
-    return None if d is None else ctypes.pointer(d)
+def _addr(d: TmWeight | None) -> int | None:
+    return None if d is None else ctypes.addressof(d)
 
 
 class FastDecoder:
@@ -115,8 +116,10 @@ class FastDecoder:
                      cfg.head_size, cfg.num_experts_per_tok)
         self.eps, self.norm_topk = float(cfg.rms_norm_eps), int(cfg.norm_topk_prob)
         self.nslots = kv.k.shape[2]
-        self.k_ptrs = [t.data_ptr() for t in kv.k_layers]
-        self.v_ptrs = [t.data_ptr() for t in kv.v_layers]
+        self.c_layers = (TmLayer * len(self.layers))(*[
+            ly.c_layer(k.data_ptr(), v.data_ptr())
+            for ly, k, v in zip(self.layers, kv.k_layers, kv.v_layers, strict=True)])
+        self.n_moe = sum(ly.router is not None for ly in self.layers)
         # RoPE: the C code computes x * cos + roll(x, hd/2) * sin_signed, which equals
         # functional.apply_rope (x * cos + rotate_half(x) * sin) with sin's first half negated
         half = cfg.head_size // 2
@@ -124,6 +127,7 @@ class FastDecoder:
         self.sin_signed = torch.cat([-weights.sin[:, :half], weights.sin[:, half:]], 1).contiguous()
         self.head = _must(weights.lm_head)
         self.head_p = ctypes.pointer(self.head)
+        self.norm = weights.norm.contiguous()
         self.vocab = weights.lm_head.out_features
         self.scratch = torch.empty(self._scratch_floats(cpu_kernels.MAX_ROWS))  # reused by every call
 
@@ -141,15 +145,18 @@ class FastDecoder:
                       + 2 * M * S * wid + M * S)
         return max(attn, moe, 3 * M * d) + 64
 
-    @torch.inference_mode()
     def hidden(self, tokens: list[int], positions: list[int], slot_lists: list[Tensor],
-               routes: list[Tensor] | None = None) -> Tensor:
-        """Final hidden states (M, d), before the last norm, of M one-token chunks.
+               routes: list[Tensor] | None = None, logits: bool = False,
+               ) -> tuple[Tensor, Tensor | None]:
+        """Final hidden states (M, d), before the last norm, of M one-token chunks, and with
+        `logits` their (M, V) fp32 logits from the same call (else None). No autograd is
+        involved (the runner calls it under inference mode; entering it here again costs ~5%
+        of a small model's token).
 
         tokens[m] sits at positions[m]; slot_lists[m] (positions[m] + 1,) int64 holds the KV
         slots of that sequence's positions 0..positions[m] (the last is the new token's).
         `routes`, when given, receives per MoE layer the (M, k) expert ids the kernel chose
-        (read from its scratch, for monitoring features).
+        (for monitoring features).
         """
         M = len(tokens)
         assert 0 < M <= cpu_kernels.MAX_ROWS
@@ -172,37 +179,24 @@ class FastDecoder:
             new_slot = slots[torch.tensor(ends) - 1]  # (M,)
             max_len = max(lens)
         assert slots.dtype == torch.long and slots.is_contiguous()
-        lib, sp, eps = self.lib, self.scratch.data_ptr(), self.eps
-        xp, cp, snp = x.data_ptr(), cos.data_ptr(), sin.data_ptr()
-        nsp, slp, ofp = new_slot.data_ptr(), slots.data_ptr(), offs.data_ptr()
         d, H, Hkv, hd, k = self.dims
-        for ly, kp, vp in zip(self.layers, self.k_ptrs, self.v_ptrs, strict=True):
-            lib.tm_attn_block(xp, M, d, ly.ln1_p, eps, ly.wqkv_p, ly.wo_p, cp, snp, kp, vp,
-                              self.nslots, nsp, slp, ofp, H, Hkv, hd, sp, max_len)
-            lib.tm_moe_block(xp, M, d, ly.ln2_p, eps, ly.router_p, len(ly.w13), k,
-                             self.norm_topk, ly.w13, ly.w2, ly.hdim, ly.sh13_p, ly.sh2_p,
-                             ly.sh_gate_p, ly.sh_hdim, sp)
-            if routes is not None and ly.router is not None:
-                routes.append(self._routed_ids(ly, M))
-        return x
+        ids = torch.empty(self.n_moe, M, k, dtype=torch.int32) if routes is not None else None
+        out = torch.empty(M, self.vocab) if logits else None
+        self.lib.tm_decode_step(
+            x.data_ptr(), M, d, self.eps, self.c_layers, len(self.layers), cos.data_ptr(),
+            sin.data_ptr(), self.nslots, new_slot.data_ptr(), slots.data_ptr(), offs.data_ptr(),
+            H, Hkv, hd, self.cfg.num_local_experts, k, self.norm_topk, self.scratch.data_ptr(),
+            max_len, None if ids is None else ids.data_ptr(), self.norm.data_ptr(), self.head_p,
+            None if out is None else out.data_ptr())
+        if routes is not None and ids is not None:
+            routes.extend(t.long() for t in ids)  # per MoE layer (M, k)
+        return x, out
 
-    def _routed_ids(self, ly: _Layer, M: int) -> Tensor:
-        """(M, k) int64 expert ids tm_moe_block left in its scratch (layout as in decode.c)."""
-        d, k = self.dims[0], self.dims[4]
-        E = len(ly.w13)
-        S = k + (ly.sh13 is not None)
-        hmax = max(ly.hdim, ly.sh_hdim)
-        wid = max(d, hmax)
-        off = M * d + M * (E + 1) + M * S + M * S * hmax + M * S * d + 2 * M * S * wid
-        ids = self.scratch[off: off + M * S].view(torch.int32).view(M, S)  # bits of C ints
-        return ids[:, :k].long()
-
-    @torch.inference_mode()
     def logits(self, x: Tensor) -> Tensor:
         """(M, V) fp32 logits of hidden states x (M, d): final RMSNorm, then the LM head."""
         M = x.shape[0]
         out = torch.empty(M, self.vocab)
-        self.lib.tm_final(x.data_ptr(), M, self.dims[0], self.w.norm.data_ptr(), self.eps,
+        self.lib.tm_final(x.data_ptr(), M, self.dims[0], self.norm.data_ptr(), self.eps,
                           self.head_p, self.scratch.data_ptr(), out.data_ptr())
         return out
 

@@ -155,13 +155,15 @@ class ModelRunner:
         for a in range(0, len(dec), step):  # decode rows in groups the kernels take at once
             part = [chunks[i] for i in dec[a: a + step]]
             routes: list[Tensor] | None = [] if any(c.features for c in part) else None
-            x = self.fast.hidden([c.tokens[0] for c in part], [c.start for c in part],
-                                 [c.slots for c in part], routes)  # (B, d)
+            want = [j for j, c in enumerate(part) if c.logits != "none"]  # one row each
+            every = len(want) == len(part)  # the usual case: logits from the same call
+            x, lg = self.fast.hidden([c.tokens[0] for c in part], [c.start for c in part],
+                                     [c.slots for c in part], routes, logits=every)  # (B, d)
             if routes is not None:  # one-token prefill chunks of monitored requests
                 self._feed(part, x, routes)
-            want = [j for j, c in enumerate(part) if c.logits != "none"]  # one row each
-            if want:
-                lg = self.fast.logits(x if len(want) == len(part) else x[want])  # (len(want), V)
+            if want and lg is None:
+                lg = self.fast.logits(x[want])  # (len(want), V)
+            if lg is not None:
                 for r, j in enumerate(want):
                     out[dec[a + j]] = lg[r: r + 1]
         return out

@@ -1,9 +1,11 @@
-/* Whole transformer sub-blocks for CPU decode rows: one call per block and layer.
+/* Whole decode steps for CPU decode rows: every layer in one call (tm_decode_step).
  *
  * Why: at decode time a layer is ~50 small torch ops whose dispatch costs about as much as
- * reading the weights. These functions run a block (attention or MoE/MLP) for M decode rows
- * (M <= 16 rows, one token of one sequence each) in a single OpenMP parallel region, splitting
- * each matrix product over output rows and synchronising with barriers between phases.
+ * reading the weights, and even one foreign call and one OpenMP fork/join per block cost ~10%
+ * of a small model's token. tm_decode_step runs every layer's attention and MoE/MLP block for
+ * M decode rows (M <= 16 rows, one token of one sequence each) in a single OpenMP parallel
+ * region, splitting each matrix product over output rows and synchronising with barriers
+ * between phases (each block is an SPMD body: every thread runs it on its share).
  *
  * Every output element is computed by the same code in the same order whatever M is and
  * whichever rows share the call, so results are batch-invariant. Numerics follow Hugging Face
@@ -44,7 +46,7 @@ static void rms_rows(const float* x, int M, int d, const float* g, float eps, fl
  * kc, vc: (Hkv, nslots, hd) this layer's cache; row m's new K/V go to slot new_slot[m], and it
  * attends to slots[offs[m] .. offs[m+1]) (which include new_slot[m]).
  * scratch: at least M * (d + (H + 2 Hkv) hd + H hd) + 2 M max(d, H hd) floats. */
-void tm_attn_block(float* x, int M, int d, const float* ln, float eps,
+static void attn_body(float* x, int M, int d, const float* ln, float eps,
                    const tm_weight* wqkv, const tm_weight* wo, const float* cos, const float* sin,
                    float* kc, float* vc, int64_t nslots, const int64_t* new_slot,
                    const int64_t* slots, const int64_t* offs, int H, int Hkv, int hd,
@@ -55,71 +57,69 @@ void tm_attn_block(float* x, int M, int d, const float* ln, float eps,
     float* att = qkv + (int64_t)M * nq;      /* (M, H hd) */
     float* x4 = att + (int64_t)M * H * hd;   /* (M, wid) int4 helpers */
     float* xs = x4 + (int64_t)M * wid;       /* (M, wid) */
-    #pragma omp parallel if (M * (int64_t)d * nq > 32768)
-    {
-        rms_rows(x, M, d, ln, eps, h);
+    rms_rows(x, M, d, ln, eps, h);
+    BARRIER;
+    if (wqkv->kind == TM_INT4) {
+        prep_int4(wqkv, h, d, M, x4, xs);
         BARRIER;
-        if (wqkv->kind == TM_INT4) {
-            prep_int4(wqkv, h, d, M, x4, xs);
-            BARRIER;
-        }
-        tm_lin_part(wqkv, h, d, x4, xs, M, qkv, nq, 0);
-        BARRIER;
-        /* RoPE on q and k heads, then K/V into the cache: split over (row, head) */
-        int nh = H + Hkv, a, b;
-        range(M * (nh + Hkv), TID, NTH, &a, &b);
-        for (int t = a; t < b; t++) {
-            int m = t / (nh + Hkv), j = t % (nh + Hkv);
-            float* v = qkv + (int64_t)m * nq + (int64_t)j * hd;
-            if (j < nh) {
-                const float *c = cos + (int64_t)m * hd, *s = sin + (int64_t)m * hd;
-                float tmp[512];
-                int half = hd / 2;
-                for (int i = 0; i < hd; i++) tmp[i] = v[i] * c[i] + v[(i + half) % hd] * s[i];
-                memcpy(v, tmp, (size_t)hd * sizeof(float));
-            }
-            if (j >= H) {  /* a K head (after RoPE) or a V head: write it to the cache */
-                int g = j < nh ? j - H : j - nh;
-                float* dst = (j < nh ? kc : vc) + ((int64_t)g * nslots + new_slot[m]) * hd;
-                memcpy(dst, v, (size_t)hd * sizeof(float));
-            }
-        }
-        BARRIER;
-        /* attention over each row's slots: split over (row, kv head), the query heads that
-           share a kv head together */
-        int rep = H / Hkv;
-        range(M * Hkv, TID, NTH, &a, &b);
-        float* p = b > a ? (float*)malloc((size_t)max_slots * rep * sizeof(float)) : NULL;
-        for (int t = a; t < b; t++) {
-            int m = t / Hkv, g = t % Hkv;
-            float* o = att + (int64_t)m * H * hd + (int64_t)g * rep * hd;
-            if (p == NULL) {  /* out of memory: NaN rows, never a crash */
-                for (int i = 0; i < rep * hd; i++) o[i] = NAN;
-                continue;
-            }
-            tm_attend(qkv + (int64_t)m * nq + (int64_t)g * rep * hd, rep, kc, vc, nslots,
-                      slots + offs[m], offs[m + 1] - offs[m], g, hd, 1.0f / sqrtf((float)hd), o, p);
-        }
-        free(p);
-        BARRIER;
-        if (wo->kind == TM_INT4) {
-            prep_int4(wo, att, H * hd, M, x4, xs);
-            BARRIER;
-        }
-        tm_lin_part(wo, att, H * hd, x4, xs, M, x, d, 1);
     }
+    tm_lin_part(wqkv, h, d, x4, xs, M, qkv, nq, 0);
+    BARRIER;
+    /* RoPE on q and k heads, then K/V into the cache: split over (row, head) */
+    int nh = H + Hkv, a, b;
+    range(M * (nh + Hkv), TID, NTH, &a, &b);
+    for (int t = a; t < b; t++) {
+        int m = t / (nh + Hkv), j = t % (nh + Hkv);
+        float* v = qkv + (int64_t)m * nq + (int64_t)j * hd;
+        if (j < nh) {
+            const float *c = cos + (int64_t)m * hd, *s = sin + (int64_t)m * hd;
+            float tmp[512];
+            int half = hd / 2;
+            for (int i = 0; i < hd; i++) tmp[i] = v[i] * c[i] + v[(i + half) % hd] * s[i];
+            memcpy(v, tmp, (size_t)hd * sizeof(float));
+        }
+        if (j >= H) {  /* a K head (after RoPE) or a V head: write it to the cache */
+            int g = j < nh ? j - H : j - nh;
+            float* dst = (j < nh ? kc : vc) + ((int64_t)g * nslots + new_slot[m]) * hd;
+            memcpy(dst, v, (size_t)hd * sizeof(float));
+        }
+    }
+    BARRIER;
+    /* attention over each row's slots: split over (row, kv head), the query heads that
+       share a kv head together */
+    int rep = H / Hkv;
+    range(M * Hkv, TID, NTH, &a, &b);
+    float* p = b > a ? (float*)malloc((size_t)max_slots * rep * sizeof(float)) : NULL;
+    for (int t = a; t < b; t++) {
+        int m = t / Hkv, g = t % Hkv;
+        float* o = att + (int64_t)m * H * hd + (int64_t)g * rep * hd;
+        if (p == NULL) {  /* out of memory: NaN rows, never a crash */
+            for (int i = 0; i < rep * hd; i++) o[i] = NAN;
+            continue;
+        }
+        tm_attend(qkv + (int64_t)m * nq + (int64_t)g * rep * hd, rep, kc, vc, nslots,
+                  slots + offs[m], offs[m + 1] - offs[m], g, hd, 1.0f / sqrtf((float)hd), o, p);
+    }
+    free(p);
+    BARRIER;
+    if (wo->kind == TM_INT4) {
+        prep_int4(wo, att, H * hd, M, x4, xs);
+        BARRIER;
+    }
+    tm_lin_part(wo, att, H * hd, x4, xs, M, x, d, 1);
 }
+
 
 /* x (M, d) += MoE(rms(x)) (or the dense MLP when router is NULL) for M decode rows.
  * w13[e]: (2 hdim, d) gate rows then up rows; w2[e]: (d, hdim). Expert E (index E) is the
  * shared expert when sh13 is given, gated by sigmoid(h . sh_gate).
  * scratch: at least M*d + M*E + 2*M*k + M*(k+1)*(2*hmax + d) + 2*M*max(d, hmax) floats
  * plus M*(k+1) ints (ids). */
-void tm_moe_block(float* x, int M, int d, const float* ln, float eps,
+static void moe_body(float* x, int M, int d, const float* ln, float eps,
                   const tm_weight* router, int E, int topk, int norm_topk,
                   const tm_weight* w13, const tm_weight* w2, int hdim,
                   const tm_weight* sh13, const tm_weight* sh2, const tm_weight* sh_gate, int sh_hdim,
-                  float* scratch) {
+                  float* scratch, int* route_out) {
     int k = router ? topk : 1;
     int S = k + (sh13 ? 1 : 0);   /* slots per row */
     int hmax = hdim > sh_hdim ? hdim : sh_hdim, wid = d > hmax ? d : hmax;
@@ -136,166 +136,216 @@ void tm_moe_block(float* x, int M, int d, const float* ln, float eps,
         int4_up |= w13[e].kind == TM_INT4;
         int4_down |= w2[e].kind == TM_INT4;
     }
-    #pragma omp parallel if (M * (int64_t)d * hdim > 16384)
-    {
-        rms_rows(x, M, d, ln, eps, h);
+    rms_rows(x, M, d, ln, eps, h);
+    BARRIER;
+    if (router) {
+        const tm_weight* wr[2] = {router, sh_gate};
+        for (int r = 0; r < (sh_gate ? 2 : 1); r++) {
+            if (wr[r]->kind == TM_INT4) {
+                prep_int4(wr[r], h, d, M, x4, xs);
+                BARRIER;
+            }
+            tm_lin_part(wr[r], h, d, x4, xs, M, logits + r * E, E + 1, 0);
+            BARRIER;
+        }
+    } else if (sh_gate) {
+        if (sh_gate->kind == TM_INT4) {
+            prep_int4(sh_gate, h, d, M, x4, xs);
+            BARRIER;
+        }
+        tm_lin_part(sh_gate, h, d, x4, xs, M, logits, E + 1, 0);
         BARRIER;
+    }
+    int a, b;
+    range(M, TID, NTH, &a, &b);
+    for (int m = a; m < b; m++) {  /* routing: fp32 softmax, top-k (descending) */
+        float* lg = logits + (int64_t)m * (E + 1);
+        int* id = ids + (int64_t)m * S;
+        float* wt = wts + (int64_t)m * S;
         if (router) {
-            const tm_weight* wr[2] = {router, sh_gate};
-            for (int r = 0; r < (sh_gate ? 2 : 1); r++) {
-                if (wr[r]->kind == TM_INT4) {
-                    prep_int4(wr[r], h, d, M, x4, xs);
-                    BARRIER;
-                }
-                tm_lin_part(wr[r], h, d, x4, xs, M, logits + r * E, E + 1, 0);
-                BARRIER;
+            float mx = lg[0];
+            for (int e = 1; e < E; e++) mx = lg[e] > mx ? lg[e] : mx;
+            float pr[256], sum = 0.0f;
+            for (int e = 0; e < E; e++) { pr[e] = expf(lg[e] - mx); sum += pr[e]; }
+            int used[256] = {0};
+            float tsum = 0.0f;
+            for (int j = 0; j < k; j++) {
+                int best = -1;
+                for (int e = 0; e < E; e++)
+                    if (!used[e] && (best < 0 || lg[e] > lg[best])) best = e;
+                used[best] = 1;
+                id[j] = best;
+                wt[j] = pr[best] / sum;
+                tsum += wt[j];
             }
-        } else if (sh_gate) {
-            if (sh_gate->kind == TM_INT4) {
-                prep_int4(sh_gate, h, d, M, x4, xs);
-                BARRIER;
-            }
-            tm_lin_part(sh_gate, h, d, x4, xs, M, logits, E + 1, 0);
-            BARRIER;
+            if (norm_topk)
+                for (int j = 0; j < k; j++) wt[j] /= tsum;
+            if (route_out)
+                for (int j = 0; j < k; j++) route_out[(int64_t)m * k + j] = id[j];
+        } else {
+            id[0] = 0;
+            wt[0] = 1.0f;
         }
-        int a, b;
-        range(M, TID, NTH, &a, &b);
-        for (int m = a; m < b; m++) {  /* routing: fp32 softmax, top-k (descending) */
-            float* lg = logits + (int64_t)m * (E + 1);
-            int* id = ids + (int64_t)m * S;
-            float* wt = wts + (int64_t)m * S;
-            if (router) {
-                float mx = lg[0];
-                for (int e = 1; e < E; e++) mx = lg[e] > mx ? lg[e] : mx;
-                float pr[256], sum = 0.0f;
-                for (int e = 0; e < E; e++) { pr[e] = expf(lg[e] - mx); sum += pr[e]; }
-                int used[256] = {0};
-                float tsum = 0.0f;
-                for (int j = 0; j < k; j++) {
-                    int best = -1;
-                    for (int e = 0; e < E; e++)
-                        if (!used[e] && (best < 0 || lg[e] > lg[best])) best = e;
-                    used[best] = 1;
-                    id[j] = best;
-                    wt[j] = pr[best] / sum;
-                    tsum += wt[j];
-                }
-                if (norm_topk)
-                    for (int j = 0; j < k; j++) wt[j] /= tsum;
-            } else {
-                id[0] = 0;
-                wt[0] = 1.0f;
-            }
-            if (sh13) {
-                float gl = router ? lg[E] : lg[0];
-                id[k] = -1;
-                wt[k] = 1.0f / (1.0f + expf(-gl));
-            }
+        if (sh13) {
+            float gl = router ? lg[E] : lg[0];
+            id[k] = -1;
+            wt[k] = 1.0f / (1.0f + expf(-gl));
         }
+    }
+    BARRIER;
+    /* gate/up rows with SwiGLU: one task per (row, slot); its hidden units split */
+    if (int4_up) {
+        if (TID == 0)
+            for (int ms = 0; ms < M * S; ms++) {
+                const tm_weight* wg = ids[ms] < 0 ? sh13 : &w13[ids[ms]];
+                if (wg->kind == TM_INT4)
+                    tm_int4_prepare(h + (int64_t)(ms / S) * d, d, wg->gs, x4 + (int64_t)ms * wid,
+                                    xs + (int64_t)ms * wid);
+            }
         BARRIER;
-        /* gate/up rows with SwiGLU: one task per (row, slot); its hidden units split */
-        if (int4_up) {
-            if (TID == 0)
-                for (int ms = 0; ms < M * S; ms++) {
-                    const tm_weight* wg = ids[ms] < 0 ? sh13 : &w13[ids[ms]];
-                    if (wg->kind == TM_INT4)
-                        tm_int4_prepare(h + (int64_t)(ms / S) * d, d, wg->gs, x4 + (int64_t)ms * wid,
-                                        xs + (int64_t)ms * wid);
-                }
-            BARRIER;
-        }
-        /* tasks (row, slot) grouped by expert, so each weight row is read once for all the
-           rows routed to it (the shared expert, key -1, first); every thread builds the same
-           order locally */
-        int nt = M * S, ord[nt], cnt[E + 2];
-        memset(cnt, 0, sizeof(cnt));
-        for (int ms = 0; ms < nt; ms++) cnt[ids[ms] + 2]++;
-        for (int e = 1; e < E + 2; e++) cnt[e] += cnt[e - 1];
-        for (int ms = 0; ms < nt; ms++) ord[cnt[ids[ms] + 1]++] = ms;
-        for (int g0 = 0; g0 < nt;) {
-            int e = ids[ord[g0]], g1 = g0;
-            while (g1 < nt && ids[ord[g1]] == e) g1++;
-            const tm_weight* wg = e < 0 ? sh13 : &w13[e];
-            int hd_ = e < 0 ? sh_hdim : hdim, u0, u1;
-            range(hd_, TID, NTH, &u0, &u1);
-            for (int pass = 0; pass < 2; pass++)  /* gate rows, then up rows: one stream each */
-                for (int u = u0; u < u1; u++)
-                    for (int i = g0; i < g1; i += TM_ROWS) {
-                        int R = g1 - i < TM_ROWS ? g1 - i : TM_ROWS;
-                        const float *xr[TM_ROWS], *x4r[TM_ROWS], *xsr[TM_ROWS];
-                        float o[TM_ROWS];
-                        for (int j = 0; j < R; j++) {
-                            int ms = ord[i + j];
-                            xr[j] = h + (int64_t)(ms / S) * d;
-                            x4r[j] = x4 + (int64_t)ms * wid;
-                            xsr[j] = xs + (int64_t)ms * wid;
-                        }
-                        tm_row_multi(wg, pass ? hd_ + u : u, R, xr, x4r, xsr, o);
-                        for (int j = 0; j < R; j++) {
-                            float* a = act + (int64_t)ord[i + j] * hmax + u;
-                            float v = o[j];
-                            *a = pass ? *a / (1.0f + expf(-*a)) * v : v;  /* silu(gate) * up */
-                        }
-                    }
-            g0 = g1;
-        }
-        BARRIER;
-        if (int4_down) {
-            if (TID == 0)
-                for (int ms = 0; ms < M * S; ms++) {
-                    const tm_weight* wd = ids[ms] < 0 ? sh2 : &w2[ids[ms]];
-                    if (wd->kind == TM_INT4)
-                        tm_int4_prepare(act + (int64_t)ms * hmax, wd->K, wd->gs, x4 + (int64_t)ms * wid,
-                                        xs + (int64_t)ms * wid);
-                }
-            BARRIER;
-        }
-        for (int g0 = 0; g0 < nt;) {
-            int e = ids[ord[g0]], g1 = g0, n0, n1;
-            while (g1 < nt && ids[ord[g1]] == e) g1++;
-            const tm_weight* wd = e < 0 ? sh2 : &w2[e];
-            range(d, TID, NTH, &n0, &n1);
-            for (int n = n0; n < n1; n++)
+    }
+    /* tasks (row, slot) grouped by expert, so each weight row is read once for all the
+       rows routed to it (the shared expert, key -1, first); every thread builds the same
+       order locally */
+    int nt = M * S, ord[nt], cnt[E + 2];
+    memset(cnt, 0, sizeof(cnt));
+    for (int ms = 0; ms < nt; ms++) cnt[ids[ms] + 2]++;
+    for (int e = 1; e < E + 2; e++) cnt[e] += cnt[e - 1];
+    for (int ms = 0; ms < nt; ms++) ord[cnt[ids[ms] + 1]++] = ms;
+    for (int g0 = 0; g0 < nt;) {
+        int e = ids[ord[g0]], g1 = g0;
+        while (g1 < nt && ids[ord[g1]] == e) g1++;
+        const tm_weight* wg = e < 0 ? sh13 : &w13[e];
+        int hd_ = e < 0 ? sh_hdim : hdim, u0, u1;
+        range(hd_, TID, NTH, &u0, &u1);
+        for (int pass = 0; pass < 2; pass++)  /* gate rows, then up rows: one stream each */
+            for (int u = u0; u < u1; u++)
                 for (int i = g0; i < g1; i += TM_ROWS) {
                     int R = g1 - i < TM_ROWS ? g1 - i : TM_ROWS;
                     const float *xr[TM_ROWS], *x4r[TM_ROWS], *xsr[TM_ROWS];
                     float o[TM_ROWS];
                     for (int j = 0; j < R; j++) {
                         int ms = ord[i + j];
-                        xr[j] = act + (int64_t)ms * hmax;
+                        xr[j] = h + (int64_t)(ms / S) * d;
                         x4r[j] = x4 + (int64_t)ms * wid;
                         xsr[j] = xs + (int64_t)ms * wid;
                     }
-                    tm_row_multi(wd, n, R, xr, x4r, xsr, o);
-                    for (int j = 0; j < R; j++) outs[(int64_t)ord[i + j] * d + n] = o[j];
+                    tm_row_multi(wg, pass ? hd_ + u : u, R, xr, x4r, xsr, o);
+                    for (int j = 0; j < R; j++) {
+                        float* a = act + (int64_t)ord[i + j] * hmax + u;
+                        float v = o[j];
+                        *a = pass ? *a / (1.0f + expf(-*a)) * v : v;  /* silu(gate) * up */
+                    }
                 }
-            g0 = g1;
-        }
+        g0 = g1;
+    }
+    BARRIER;
+    if (int4_down) {
+        if (TID == 0)
+            for (int ms = 0; ms < M * S; ms++) {
+                const tm_weight* wd = ids[ms] < 0 ? sh2 : &w2[ids[ms]];
+                if (wd->kind == TM_INT4)
+                    tm_int4_prepare(act + (int64_t)ms * hmax, wd->K, wd->gs, x4 + (int64_t)ms * wid,
+                                    xs + (int64_t)ms * wid);
+            }
         BARRIER;
-        range(M * d, TID, NTH, &a, &b);
-        for (int t = a; t < b; t++) {  /* x += sum_j wts_j * out_j, routed slots then shared */
-            int m = t / d, n = t % d;
-            float y = 0.0f;
-            for (int j = 0; j < S; j++) y += outs[((int64_t)m * S + j) * d + n] * wts[(int64_t)m * S + j];
-            x[t] += y;
-        }
+    }
+    for (int g0 = 0; g0 < nt;) {
+        int e = ids[ord[g0]], g1 = g0, n0, n1;
+        while (g1 < nt && ids[ord[g1]] == e) g1++;
+        const tm_weight* wd = e < 0 ? sh2 : &w2[e];
+        range(d, TID, NTH, &n0, &n1);
+        for (int n = n0; n < n1; n++)
+            for (int i = g0; i < g1; i += TM_ROWS) {
+                int R = g1 - i < TM_ROWS ? g1 - i : TM_ROWS;
+                const float *xr[TM_ROWS], *x4r[TM_ROWS], *xsr[TM_ROWS];
+                float o[TM_ROWS];
+                for (int j = 0; j < R; j++) {
+                    int ms = ord[i + j];
+                    xr[j] = act + (int64_t)ms * hmax;
+                    x4r[j] = x4 + (int64_t)ms * wid;
+                    xsr[j] = xs + (int64_t)ms * wid;
+                }
+                tm_row_multi(wd, n, R, xr, x4r, xsr, o);
+                for (int j = 0; j < R; j++) outs[(int64_t)ord[i + j] * d + n] = o[j];
+            }
+        g0 = g1;
+    }
+    BARRIER;
+    range(M * d, TID, NTH, &a, &b);
+    for (int t = a; t < b; t++) {  /* x += sum_j wts_j * out_j, routed slots then shared */
+        int m = t / d, n = t % d;
+        float y = 0.0f;
+        for (int j = 0; j < S; j++) y += outs[((int64_t)m * S + j) * d + n] * wts[(int64_t)m * S + j];
+        x[t] += y;
     }
 }
 
+
 /* logits (M, V) = head(rms(x)) for M decode rows; scratch: 3 * M * d floats. */
-void tm_final(const float* x, int M, int d, const float* ln, float eps, const tm_weight* head,
+static void final_body(const float* x, int M, int d, const float* ln, float eps, const tm_weight* head,
               float* scratch, float* logits) {
     float* h = scratch;
     float* x4 = h + (int64_t)M * d;
     float* xs = x4 + (int64_t)M * d;
-    #pragma omp parallel if (M * (int64_t)d * head->N > 32768)
-    {
-        rms_rows(x, M, d, ln, eps, h);
+    rms_rows(x, M, d, ln, eps, h);
+    BARRIER;
+    if (head->kind == TM_INT4) {
+        prep_int4(head, h, d, M, x4, xs);
         BARRIER;
-        if (head->kind == TM_INT4) {
-            prep_int4(head, h, d, M, x4, xs);
+    }
+    tm_lin_part(head, h, d, x4, xs, M, logits, head->N, 0);
+}
+
+void tm_final(const float* x, int M, int d, const float* ln, float eps, const tm_weight* head,
+              float* scratch, float* logits) {
+    #pragma omp parallel if (M * (int64_t)d * head->N > 32768)
+    final_body(x, M, d, ln, eps, head, scratch, logits);
+}
+
+/* One decode step of M rows through every layer, and optionally the LM head, in ONE parallel
+ * region: per layer the attention block, then the MoE/MLP block, barriers between; the same
+ * arithmetic as calling tm_attn_block, tm_moe_block and tm_final one by one, without a
+ * fork/join and a foreign call for each (at batch 1 on small models those cost ~10% of a token).
+ * routes (L, M, topk) or NULL: the expert ids each MoE layer chose; logits (M, V) or NULL. */
+typedef struct {
+    const float* ln1;
+    const float* ln2;
+    const tm_weight* wqkv;
+    const tm_weight* wo;
+    const tm_weight* router;
+    const tm_weight* w13;
+    const tm_weight* w2;
+    int hdim;
+    const tm_weight* sh13;
+    const tm_weight* sh2;
+    const tm_weight* sh_gate;
+    int sh_hdim;
+    float* kc;
+    float* vc;
+} tm_layer;
+
+void tm_decode_step(float* x, int M, int d, float eps, const tm_layer* layers, int L,
+                    const float* cos, const float* sin, int64_t nslots, const int64_t* new_slot,
+                    const int64_t* slots, const int64_t* offs, int H, int Hkv, int hd, int E,
+                    int topk, int norm_topk, float* scratch, int64_t max_slots, int* routes,
+                    const float* norm, const tm_weight* head, float* logits) {
+    int hmax = 0;
+    for (int l = 0; l < L; l++) hmax = layers[l].hdim > hmax ? layers[l].hdim : hmax;
+    #pragma omp parallel if (M * (int64_t)d * hmax > 16384)
+    {
+        int moe_layer = 0;
+        for (int l = 0; l < L; l++) {
+            const tm_layer* ly = &layers[l];
+            attn_body(x, M, d, ly->ln1, eps, ly->wqkv, ly->wo, cos, sin, ly->kc, ly->vc, nslots,
+                      new_slot, slots, offs, H, Hkv, hd, scratch, max_slots);
+            BARRIER;
+            int* ro = routes && ly->router ? routes + (int64_t)moe_layer * M * topk : NULL;
+            moe_body(x, M, d, ly->ln2, eps, ly->router, E, topk, norm_topk, ly->w13, ly->w2,
+                     ly->hdim, ly->sh13, ly->sh2, ly->sh_gate, ly->sh_hdim, scratch, ro);
+            moe_layer += ly->router != NULL;
             BARRIER;
         }
-        tm_lin_part(head, h, d, x4, xs, M, logits, head->N, 0);
+        if (logits) final_body(x, M, d, norm, eps, head, scratch, logits);
     }
 }
