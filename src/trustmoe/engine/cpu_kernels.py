@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-MAX_ROWS = 16  # beyond this many rows MKL's blocked GEMM is faster
+MAX_ROWS = 16  # decode rows per kernel call; more rows (prefill) go through gemm.c
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / "matvec.c", CSRC / "decode.c", CSRC / "gemm.c"]
 HEADERS = [CSRC / "kernels.h"]

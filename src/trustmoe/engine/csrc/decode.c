@@ -218,21 +218,21 @@ static void moe_body(float* x, int M, int d, const float* ln, float eps,
         const tm_weight* wg = e < 0 ? sh13 : &w13[e];
         int hd_ = e < 0 ? sh_hdim : hdim, u0, u1;
         range(hd_, TID, NTH, &u0, &u1);
+        const float *xr[64], *x4r[64], *xsr[64];  /* this expert's rows: at most M <= 16 */
+        for (int j = 0; j < g1 - g0; j++) {
+            int ms = ord[g0 + j];
+            xr[j] = h + (int64_t)(ms / S) * d;
+            x4r[j] = x4 + (int64_t)ms * wid;
+            xsr[j] = xs + (int64_t)ms * wid;
+        }
         for (int pass = 0; pass < 2; pass++)  /* gate rows, then up rows: one stream each */
             for (int u = u0; u < u1; u++)
-                for (int i = g0; i < g1; i += TM_ROWS) {
-                    int R = g1 - i < TM_ROWS ? g1 - i : TM_ROWS;
-                    const float *xr[TM_ROWS], *x4r[TM_ROWS], *xsr[TM_ROWS];
+                for (int i = 0; i < g1 - g0; i += TM_ROWS) {
+                    int R = g1 - g0 - i < TM_ROWS ? g1 - g0 - i : TM_ROWS;
                     float o[TM_ROWS];
+                    tm_row_multi(wg, pass ? hd_ + u : u, R, xr + i, x4r + i, xsr + i, o);
                     for (int j = 0; j < R; j++) {
-                        int ms = ord[i + j];
-                        xr[j] = h + (int64_t)(ms / S) * d;
-                        x4r[j] = x4 + (int64_t)ms * wid;
-                        xsr[j] = xs + (int64_t)ms * wid;
-                    }
-                    tm_row_multi(wg, pass ? hd_ + u : u, R, xr, x4r, xsr, o);
-                    for (int j = 0; j < R; j++) {
-                        float* a = act + (int64_t)ord[i + j] * hmax + u;
+                        float* a = act + (int64_t)ord[g0 + i + j] * hmax + u;
                         float v = o[j];
                         *a = pass ? *a / (1.0f + expf(-*a)) * v : v;  /* silu(gate) * up */
                     }
@@ -255,19 +255,19 @@ static void moe_body(float* x, int M, int d, const float* ln, float eps,
         while (g1 < nt && ids[ord[g1]] == e) g1++;
         const tm_weight* wd = e < 0 ? sh2 : &w2[e];
         range(d, TID, NTH, &n0, &n1);
+        const float *xr[64], *x4r[64], *xsr[64];
+        for (int j = 0; j < g1 - g0; j++) {
+            int ms = ord[g0 + j];
+            xr[j] = act + (int64_t)ms * hmax;
+            x4r[j] = x4 + (int64_t)ms * wid;
+            xsr[j] = xs + (int64_t)ms * wid;
+        }
         for (int n = n0; n < n1; n++)
-            for (int i = g0; i < g1; i += TM_ROWS) {
-                int R = g1 - i < TM_ROWS ? g1 - i : TM_ROWS;
-                const float *xr[TM_ROWS], *x4r[TM_ROWS], *xsr[TM_ROWS];
+            for (int i = 0; i < g1 - g0; i += TM_ROWS) {
+                int R = g1 - g0 - i < TM_ROWS ? g1 - g0 - i : TM_ROWS;
                 float o[TM_ROWS];
-                for (int j = 0; j < R; j++) {
-                    int ms = ord[i + j];
-                    xr[j] = act + (int64_t)ms * hmax;
-                    x4r[j] = x4 + (int64_t)ms * wid;
-                    xsr[j] = xs + (int64_t)ms * wid;
-                }
-                tm_row_multi(wd, n, R, xr, x4r, xsr, o);
-                for (int j = 0; j < R; j++) outs[(int64_t)ord[i + j] * d + n] = o[j];
+                tm_row_multi(wd, n, R, xr + i, x4r + i, xsr + i, o);
+                for (int j = 0; j < R; j++) outs[(int64_t)ord[g0 + i + j] * d + n] = o[j];
             }
         g0 = g1;
     }

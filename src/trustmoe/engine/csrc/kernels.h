@@ -248,17 +248,17 @@ static inline void tm_row_multi(const tm_weight* w, int n, int R, const float* c
 static inline void tm_lin_rows(const tm_weight* w, int n0, int n1, const float* x, int ldx,
                                const float* x4, int ld4, const float* xs, int lds, int M,
                                float* y, int ldy, int accumulate) {
+    const float *xr[64], *x4r[64], *xsr[64];  /* row pointers, set once (M <= 64) */
+    for (int m = 0; m < M; m++) {
+        xr[m] = x + (int64_t)m * ldx;
+        x4r[m] = x4 + (int64_t)m * ld4;
+        xsr[m] = xs + (int64_t)m * lds;
+    }
     for (int n = n0; n < n1; n++) {
         for (int m = 0; m < M; m += TM_ROWS) {
             int R = M - m < TM_ROWS ? M - m : TM_ROWS;
-            const float *xr[TM_ROWS], *x4r[TM_ROWS], *xsr[TM_ROWS];
             float o[TM_ROWS];
-            for (int i = 0; i < R; i++) {
-                xr[i] = x + (int64_t)(m + i) * ldx;
-                x4r[i] = x4 + (int64_t)(m + i) * ld4;
-                xsr[i] = xs + (int64_t)(m + i) * lds;
-            }
-            tm_row_multi(w, n, R, xr, x4r, xsr, o);
+            tm_row_multi(w, n, R, xr + m, x4r + m, xsr + m, o);
             for (int i = 0; i < R; i++) {
                 float* dst = y + (int64_t)(m + i) * ldy + n;
                 *dst = accumulate ? *dst + o[i] : o[i];
