@@ -297,7 +297,7 @@ class Engine:
 
     def _sample_and_update(self, rows: list[tuple[Sequence, torch.Tensor]]) -> list[RequestOutput]:
         seqs = [s for s, _ in rows]
-        logits = torch.stack([lg for _, lg in rows])  # (B, V) fp32
+        logits = rows[0][1][None] if len(rows) == 1 else torch.stack([lg for _, lg in rows])  # (B, V)
         ids = sample_rows(logits, [s.sample for s in seqs], [s.output_ids for s in seqs], None)
         want = [s.params.logprobs is not None for s in seqs]
         lps: list[TokenLogprob | None] = [None] * len(seqs)

@@ -175,8 +175,10 @@ def sample_rows(
     default_gen: torch.Generator | None,
 ) -> list[int]:
     """logits: (B, V) fp32 raw model logits -> one token id per row."""
-    out: list[int] = [0] * len(states)
     greedy_rows = [i for i, s in enumerate(states) if s.params.greedy]
+    if len(greedy_rows) == len(states):  # the common case: one argmax, no gathers
+        return logits.argmax(dim=-1).tolist()
+    out: list[int] = [0] * len(states)
     if greedy_rows:
         idx = torch.tensor(greedy_rows, device=logits.device)
         ids = logits.index_select(0, idx).argmax(dim=-1).tolist()
