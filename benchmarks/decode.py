@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _roofline import active_weight_bytes
 
 from trustmoe.config import ModelConfig
 from trustmoe.engine import Engine, SamplingParams
@@ -44,14 +45,6 @@ def load_shapes(path: Path) -> dict[str, dict[str, Any]]:
 
         return {n: get_preset(n).model.to_dict() for n in ("bench-small", "bench-medium")}
     return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
-
-
-def active_weight_bytes(cfg: ModelConfig, bytes_per_param: float = 4.0) -> float:
-    """Weights read per decoded token: everything active except the embedding table (1 row)."""
-    n = cfg.num_parameters(active=True) - cfg.vocab_size * cfg.hidden_size + cfg.hidden_size
-    if cfg.tie_word_embeddings:
-        n += cfg.vocab_size * cfg.hidden_size
-    return n * bytes_per_param
 
 
 def read_bandwidth(buf: torch.Tensor) -> float:
