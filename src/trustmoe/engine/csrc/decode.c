@@ -225,8 +225,18 @@ static void moe_body(float* x, int M, int d, const float* ln, float eps,
             x4r[j] = x4 + (int64_t)ms * wid;
             xsr[j] = xs + (int64_t)ms * wid;
         }
-        for (int pass = 0; pass < 2; pass++)  /* gate rows, then up rows: one stream each */
-            for (int u = u0; u < u1; u++)
+        int one = g1 - g0 == 1 && wg->kind != TM_INT4;  /* one row: two weight rows at once */
+        for (int pass = 0; pass < 2; pass++) {  /* gate rows, then up rows: one stream each */
+            int u = u0;
+            if (one)
+                for (; u + 1 < u1; u += 2) {
+                    float o[2];
+                    tm_rows2_one(wg, (pass ? hd_ : 0) + u, xr[0], o);
+                    float* a = act + (int64_t)ord[g0] * hmax + u;
+                    for (int j = 0; j < 2; j++)
+                        a[j] = pass ? a[j] / (1.0f + expf(-a[j])) * o[j] : o[j];
+                }
+            for (; u < u1; u++)
                 for (int i = 0; i < g1 - g0; i += TM_ROWS) {
                     int R = g1 - g0 - i < TM_ROWS ? g1 - g0 - i : TM_ROWS;
                     float o[TM_ROWS];
@@ -237,6 +247,7 @@ static void moe_body(float* x, int M, int d, const float* ln, float eps,
                         *a = pass ? *a / (1.0f + expf(-*a)) * v : v;  /* silu(gate) * up */
                     }
                 }
+        }
         g0 = g1;
     }
     BARRIER;
@@ -262,7 +273,15 @@ static void moe_body(float* x, int M, int d, const float* ln, float eps,
             x4r[j] = x4 + (int64_t)ms * wid;
             xsr[j] = xs + (int64_t)ms * wid;
         }
-        for (int n = n0; n < n1; n++)
+        int n = n0;
+        if (g1 - g0 == 1 && wd->kind != TM_INT4)  /* one row: two weight rows at once */
+            for (; n + 1 < n1; n += 2) {
+                float o[2];
+                tm_rows2_one(wd, n, xr[0], o);
+                outs[(int64_t)ord[g0] * d + n] = o[0];
+                outs[(int64_t)ord[g0] * d + n + 1] = o[1];
+            }
+        for (; n < n1; n++)
             for (int i = 0; i < g1 - g0; i += TM_ROWS) {
                 int R = g1 - g0 - i < TM_ROWS ? g1 - g0 - i : TM_ROWS;
                 float o[TM_ROWS];

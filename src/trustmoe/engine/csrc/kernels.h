@@ -165,6 +165,66 @@ static inline void tm_tile_r(int WT, int R, const float* const* x, const void* w
     }
 }
 
+/* One input row x against two weight rows wa, wb: o[j] = dot(x, w_j), each with exactly the
+ * arithmetic of tm_tile(WT, 1, ...) (the rows only share the loads of x and run side by side:
+ * at one input row the dot products are bound by instructions, not memory). */
+__attribute__((always_inline)) static inline void tm_tile_2w(int WT, const float* x, const void* wa,
+                                                             const void* wb, int K, float* o) {
+#if defined(__AVX512F__)
+    int K32 = K & ~31, k = 0;
+    v16f a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};
+    const char* ahead = (const char*)wb + (WT ? K : 4 * K);  /* the next pair of rows */
+    for (; k < K32; k += 32) {
+        if (WT) {
+            __builtin_prefetch(ahead + 2 * k);
+        } else {
+            __builtin_prefetch(ahead + 8 * k);
+            __builtin_prefetch(ahead + 8 * k + 64);
+            __builtin_prefetch(ahead + 8 * k + 128);
+            __builtin_prefetch(ahead + 8 * k + 192);
+        }
+        v16f x0 = tm_ld16(x + k), x1 = tm_ld16(x + k + 16);
+        a0 = tm_fma16(x0, TM_LDW16(WT, wa, k), a0);
+        a1 = tm_fma16(x1, TM_LDW16(WT, wa, k + 16), a1);
+        b0 = tm_fma16(x0, TM_LDW16(WT, wb, k), b0);
+        b1 = tm_fma16(x1, TM_LDW16(WT, wb, k + 16), b1);
+    }
+    v16f ta = a0 + a1, tb = b0 + b1;
+    v8f la, ha, lb, hb;
+    memcpy(&la, &ta, 32);
+    memcpy(&ha, (const char*)&ta + 32, 32);
+    memcpy(&lb, &tb, 32);
+    memcpy(&hb, (const char*)&tb + 32, 32);
+    float sa = tm_hsum(la + ha), sb = tm_hsum(lb + hb);
+#else
+    int K32 = K & ~31, K8 = K & ~7, k = 0;
+    v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+    for (; k < K32; k += 32) {
+        v8f x0 = tm_ld(x + k), x1 = tm_ld(x + k + 8), x2 = tm_ld(x + k + 16), x3 = tm_ld(x + k + 24);
+        a0 = tm_fma(x0, TM_LDW(WT, wa, k), a0);
+        a1 = tm_fma(x1, TM_LDW(WT, wa, k + 8), a1);
+        a2 = tm_fma(x2, TM_LDW(WT, wa, k + 16), a2);
+        a3 = tm_fma(x3, TM_LDW(WT, wa, k + 24), a3);
+        b0 = tm_fma(x0, TM_LDW(WT, wb, k), b0);
+        b1 = tm_fma(x1, TM_LDW(WT, wb, k + 8), b1);
+        b2 = tm_fma(x2, TM_LDW(WT, wb, k + 16), b2);
+        b3 = tm_fma(x3, TM_LDW(WT, wb, k + 24), b3);
+    }
+    for (; k < K8; k += 8) {
+        v8f x0 = tm_ld(x + k);
+        a0 = tm_fma(x0, TM_LDW(WT, wa, k), a0);
+        b0 = tm_fma(x0, TM_LDW(WT, wb, k), b0);
+    }
+    float sa = tm_hsum((a0 + a1) + (a2 + a3)), sb = tm_hsum((b0 + b1) + (b2 + b3));
+#endif
+    for (; k < K; k++) {
+        sa += x[k] * TM_SCALAR_W(WT, wa, k);
+        sb += x[k] * TM_SCALAR_W(WT, wb, k);
+    }
+    o[0] = sa;
+    o[1] = sb;
+}
+
 static inline float tm_dot_f32(const float* x, const float* w, int K) {
     float o[1];
     tm_tile(0, 1, &x, w, K, o);
@@ -241,6 +301,21 @@ static inline void tm_row_multi(const tm_weight* w, int n, int R, const float* c
     }
 }
 
+/* Rows n and n + 1 of W against one input row (f32/int8 only): the same bits as
+ * tm_row_multi gives for each. */
+static inline void tm_rows2_one(const tm_weight* w, int n, const float* x, float* o) {
+    int64_t K = w->K;
+    if (w->kind == TM_INT8) {
+        const int8_t* q = (const int8_t*)w->w + n * K;
+        tm_tile_2w(1, x, q, q + K, (int)K, o);
+        o[0] *= w->scale[n];
+        o[1] *= w->scale[n + 1];
+    } else {
+        const float* f = (const float*)w->w + n * K;
+        tm_tile_2w(0, x, f, f + K, (int)K, o);
+    }
+}
+
 /* y[m, n] (+)= dot(x[m], W[n]) for n in [n0, n1) and all M rows, TM_ROWS input rows at a time.
  * (Pairs of weight rows would share input loads too, but two weight streams per thread read
  * memory ~35% slower than one: the weights are what decode waits for.)
@@ -254,7 +329,15 @@ static inline void tm_lin_rows(const tm_weight* w, int n0, int n1, const float* 
         x4r[m] = x4 + (int64_t)m * ld4;
         xsr[m] = xs + (int64_t)m * lds;
     }
-    for (int n = n0; n < n1; n++) {
+    int n = n0;
+    if (M == 1 && w->kind != TM_INT4)  /* one input row: two weight rows side by side */
+        for (; n + 1 < n1; n += 2) {
+            float o[2];
+            tm_rows2_one(w, n, x, o);
+            y[n] = accumulate ? y[n] + o[0] : o[0];
+            y[n + 1] = accumulate ? y[n + 1] + o[1] : o[1];
+        }
+    for (; n < n1; n++) {
         for (int m = 0; m < M; m += TM_ROWS) {
             int R = M - m < TM_ROWS ? M - m : TM_ROWS;
             float o[TM_ROWS];
