@@ -65,33 +65,26 @@ static void attn_body(float* x, int M, int d, const float* ln, float eps,
     }
     tm_lin_part(wqkv, h, d, x4, xs, M, qkv, nq, 0);
     BARRIER;
-    /* RoPE on q and k heads, then K/V into the cache: split over (row, head) */
-    int nh = H + Hkv, a, b;
-    range(M * (nh + Hkv), TID, NTH, &a, &b);
-    for (int t = a; t < b; t++) {
-        int m = t / (nh + Hkv), j = t % (nh + Hkv);
-        float* v = qkv + (int64_t)m * nq + (int64_t)j * hd;
-        if (j < nh) {
-            const float *c = cos + (int64_t)m * hd, *s = sin + (int64_t)m * hd;
-            float tmp[512];
-            int half = hd / 2;
-            for (int i = 0; i < hd; i++) tmp[i] = v[i] * c[i] + v[(i + half) % hd] * s[i];
-            memcpy(v, tmp, (size_t)hd * sizeof(float));
-        }
-        if (j >= H) {  /* a K head (after RoPE) or a V head: write it to the cache */
-            int g = j < nh ? j - H : j - nh;
-            float* dst = (j < nh ? kc : vc) + ((int64_t)g * nslots + new_slot[m]) * hd;
-            memcpy(dst, v, (size_t)hd * sizeof(float));
-        }
-    }
-    BARRIER;
-    /* attention over each row's slots: split over (row, kv head), the query heads that
-       share a kv head together */
-    int rep = H / Hkv;
+    /* per (row, kv head): RoPE on its query heads and its key head, its key and value into the
+       cache, then attention over the row's slots (the query heads that share the kv head
+       together); no other task reads what a task writes, so no barrier between */
+    int nh = H + Hkv, rep = H / Hkv, a, b;
     range(M * Hkv, TID, NTH, &a, &b);
     float* p = b > a ? (float*)malloc((size_t)max_slots * rep * sizeof(float)) : NULL;
     for (int t = a; t < b; t++) {
-        int m = t / Hkv, g = t % Hkv;
+        int m = t / Hkv, g = t % Hkv, half = hd / 2;
+        const float *c = cos + (int64_t)m * hd, *sn = sin + (int64_t)m * hd;
+        float* row = qkv + (int64_t)m * nq;
+        for (int r = 0; r <= rep; r++) {  /* the group's query heads, then its key head */
+            float* v = row + (int64_t)(r < rep ? g * rep + r : H + g) * hd;
+            float tmp[512];
+            for (int i = 0; i < hd; i++) tmp[i] = v[i] * c[i] + v[(i + half) % hd] * sn[i];
+            memcpy(v, tmp, (size_t)hd * sizeof(float));
+        }
+        memcpy(kc + ((int64_t)g * nslots + new_slot[m]) * hd, row + (int64_t)(H + g) * hd,
+               (size_t)hd * sizeof(float));
+        memcpy(vc + ((int64_t)g * nslots + new_slot[m]) * hd, row + (int64_t)(nh + g) * hd,
+               (size_t)hd * sizeof(float));
         float* o = att + (int64_t)m * H * hd + (int64_t)g * rep * hd;
         if (p == NULL) {  /* out of memory: NaN rows, never a crash */
             for (int i = 0; i < rep * hd; i++) o[i] = NAN;
@@ -114,7 +107,7 @@ static void attn_body(float* x, int M, int d, const float* ln, float eps,
  * w13[e]: (2 hdim, d) gate rows then up rows; w2[e]: (d, hdim). Expert E (index E) is the
  * shared expert when sh13 is given, gated by sigmoid(h . sh_gate).
  * scratch: at least M*d + M*E + 2*M*k + M*(k+1)*(2*hmax + d) + 2*M*max(d, hmax) floats
- * plus M*(k+1) ints (ids). */
+ */
 static void moe_body(float* x, int M, int d, const float* ln, float eps,
                   const tm_weight* router, int E, int topk, int norm_topk,
                   const tm_weight* w13, const tm_weight* w2, int hdim,
@@ -125,12 +118,10 @@ static void moe_body(float* x, int M, int d, const float* ln, float eps,
     int hmax = hdim > sh_hdim ? hdim : sh_hdim, wid = d > hmax ? d : hmax;
     float* h = scratch;                            /* (M, d) */
     float* logits = h + (int64_t)M * d;            /* (M, E) */
-    float* wts = logits + (int64_t)M * (E + 1);    /* (M, S) */
-    float* act = wts + (int64_t)M * S;             /* (M, S, hmax) */
+    float* act = logits + (int64_t)M * (E + 1) + (int64_t)M * S;  /* (M, S, hmax) */
     float* outs = act + (int64_t)M * S * hmax;     /* (M, S, d) */
     float* x4 = outs + (int64_t)M * S * d;         /* (M*S, wid) */
     float* xs = x4 + (int64_t)M * S * wid;
-    int* ids = (int*)(xs + (int64_t)M * S * wid);  /* (M, S) */
     int int4_up = sh13 && sh13->kind == TM_INT4, int4_down = sh2 && sh2->kind == TM_INT4;
     for (int e = 0; e < (router ? E : 1); e++) {
         int4_up |= w13[e].kind == TM_INT4;
@@ -156,9 +147,11 @@ static void moe_body(float* x, int M, int d, const float* ln, float eps,
         tm_lin_part(sh_gate, h, d, x4, xs, M, logits, E + 1, 0);
         BARRIER;
     }
-    int a, b;
-    range(M, TID, NTH, &a, &b);
-    for (int m = a; m < b; m++) {  /* routing: fp32 softmax, top-k (descending) */
+    /* routing: fp32 softmax, top-k (descending); every thread routes every row into its own
+       arrays (a few floats a row), so no barrier is needed before the experts */
+    int ids[M * S];
+    float wts[M * S];
+    for (int m = 0; m < M; m++) {
         float* lg = logits + (int64_t)m * (E + 1);
         int* id = ids + (int64_t)m * S;
         float* wt = wts + (int64_t)m * S;
@@ -180,7 +173,7 @@ static void moe_body(float* x, int M, int d, const float* ln, float eps,
             }
             if (norm_topk)
                 for (int j = 0; j < k; j++) wt[j] /= tsum;
-            if (route_out)
+            if (route_out && TID == 0)
                 for (int j = 0; j < k; j++) route_out[(int64_t)m * k + j] = id[j];
         } else {
             id[0] = 0;
@@ -192,7 +185,6 @@ static void moe_body(float* x, int M, int d, const float* ln, float eps,
             wt[k] = 1.0f / (1.0f + expf(-gl));
         }
     }
-    BARRIER;
     /* gate/up rows with SwiGLU: one task per (row, slot); its hidden units split */
     if (int4_up) {
         if (TID == 0)
@@ -290,14 +282,16 @@ static void moe_body(float* x, int M, int d, const float* ln, float eps,
             }
         g0 = g1;
     }
-    BARRIER;
-    range(M * d, TID, NTH, &a, &b);
-    for (int t = a; t < b; t++) {  /* x += sum_j wts_j * out_j, routed slots then shared */
-        int m = t / d, n = t % d;
-        float y = 0.0f;
-        for (int j = 0; j < S; j++) y += outs[((int64_t)m * S + j) * d + n] * wts[(int64_t)m * S + j];
-        x[t] += y;
-    }
+    /* x += sum_j wts_j * out_j (routed slots, then shared) over this thread's columns, which
+       it computed for every row above: no barrier needed */
+    int n0, n1;
+    range(d, TID, NTH, &n0, &n1);
+    for (int m = 0; m < M; m++)
+        for (int n = n0; n < n1; n++) {
+            float y = 0.0f;
+            for (int j = 0; j < S; j++) y += outs[((int64_t)m * S + j) * d + n] * wts[(int64_t)m * S + j];
+            x[(int64_t)m * d + n] += y;
+        }
 }
 
 
