@@ -135,3 +135,19 @@ def test_prefill_moe_in_fixed_blocks_is_row_independent() -> None:
     for i in (0, B + 1, 3 * B + 4):  # each row alone gives the same bits
         assert torch.equal(blocked_mm(w, x[i: i + 1], B)[0], full[i])
     assert Engine(m, kv_cache_mb=4, batch_invariant=False).runner.moe_block_rows is None
+
+
+def test_long_context_attention_matches_torch_path() -> None:
+    """Hundreds of cached positions (the vectorised exp and softmax over many slots, slot
+    lists that span many KV blocks), several query heads per KV head, two threads."""
+    m = _model(num_key_value_heads=1)
+    torch.set_num_threads(2)  # the autouse fixture restores it
+    n = m.config.max_position_embeddings
+    prompts = random_prompts([n - 20, n // 2 + 3], m.config.vocab_size, seed=9)
+    sp = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=0)
+
+    def run(fast: bool) -> list[tuple[list[int], list[float]]]:
+        eng = Engine(m, kv_cache_mb=8, fast_decode=fast)
+        return [(r.token_ids, [lp.logprob for lp in r.logprobs]) for r in eng.generate(prompts, params=sp)]
+
+    _same(run(True), run(False))
