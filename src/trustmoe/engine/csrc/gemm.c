@@ -49,33 +49,63 @@ static inline vgf g_fma(vgf a, vgf b, vgf c) { return tm_fma(a, b, c); }
 static inline vgf g_ld(const float* p) { vgf v; memcpy(&v, p, sizeof v); return v; }
 static inline void g_st(float* p, vgf v) { memcpy(p, &v, sizeof v); }
 
+typedef int32_t v8i_t __attribute__((vector_size(32)));
+
+/* Transpose 8 vectors of 8 floats: out[i][j] = in[j][i]. */
+static inline void transpose8(v8f r[8]) {
+    const v8i_t lo1 = {0, 8, 1, 9, 4, 12, 5, 13}, hi1 = {2, 10, 3, 11, 6, 14, 7, 15};
+    const v8i_t lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+    const v8i_t lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
+    v8f t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = __builtin_shuffle(r[i], r[i + 1], lo1);
+        t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi1);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = __builtin_shuffle(t[i], t[i + 2], lo2);
+        u[i + 1] = __builtin_shuffle(t[i], t[i + 2], hi2);
+        u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], lo2);
+        u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], hi2);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = __builtin_shuffle(u[i], u[i + 4], lo4);
+        r[i + 4] = __builtin_shuffle(u[i], u[i + 4], hi4);
+    }
+}
+
+/* One weight value W[n][k] as float (int8: the code, unscaled; int4: dequantized). */
+static inline float w_at(const tm_weight* w, int n, int k) {
+    if (w->kind == TM_F32) return ((const float*)w->w)[(int64_t)n * w->K + k];
+    if (w->kind == TM_INT8) return (float)((const int8_t*)w->w)[(int64_t)n * w->K + k];
+    const uint8_t* src = (const uint8_t*)w->w + (int64_t)n * (w->K / 2);
+    int64_t g = (int64_t)n * (w->K / w->gs) + k / w->gs;
+    int code = k & 1 ? src[k >> 1] >> 4 : src[k >> 1] & 15;
+    return (float)(code - 8) * w->scale[g] + w->zero[g];
+}
+
 /* W rows n0..n0+nc-1, inputs k0..k0+kc-1 as floats, in NR-column panels: panel j holds
- * dst[j*kc*NR + k*NR + c] = W[n0 + j*NR + c][k0 + k] (0 past the last row). */
+ * dst[j*kc*NR + k*NR + c] = W[n0 + j*NR + c][k0 + k] (0 past the last row). Float and int8
+ * rows go 8 x 8 at a time through a register transpose; the rest one value at a time. */
 static void pack_w(const tm_weight* w, int n0, int nc, int k0, int kc, float* dst) {
+    int vec = w->kind != TM_INT4;
     for (int j = 0; j < nc; j += NR) {
         float* pj = dst + (int64_t)j / NR * kc * NR;
-        for (int c = 0; c < NR; c++) {
-            int n = n0 + j + c;
-            if (j + c >= nc) {
-                for (int k = 0; k < kc; k++) pj[k * NR + c] = 0.0f;
-                continue;
-            }
-            if (w->kind == TM_F32) {
-                const float* src = (const float*)w->w + (int64_t)n * w->K + k0;
-                for (int k = 0; k < kc; k++) pj[k * NR + c] = src[k];
-            } else if (w->kind == TM_INT8) {
-                const int8_t* src = (const int8_t*)w->w + (int64_t)n * w->K + k0;
-                for (int k = 0; k < kc; k++) pj[k * NR + c] = (float)src[k];
-            } else {  /* int4: (code - 8) * scale + zero per group of gs inputs */
-                const uint8_t* src = (const uint8_t*)w->w + (int64_t)n * (w->K / 2);
-                const float* sc = w->scale + (int64_t)n * (w->K / w->gs);
-                const float* zr = w->zero + (int64_t)n * (w->K / w->gs);
-                for (int k = 0; k < kc; k++) {
-                    int kk = k0 + k, g = kk / w->gs;
-                    int code = kk & 1 ? src[kk >> 1] >> 4 : src[kk >> 1] & 15;
-                    pj[k * NR + c] = (float)(code - 8) * sc[g] + zr[g];
+        for (int c = 0; c < NR; c += 8) {
+            int cols = nc - j - c < 8 ? (nc - j - c > 0 ? nc - j - c : 0) : 8, k = 0;
+            if (vec && cols == 8)
+                for (; k + 8 <= kc; k += 8) {
+                    v8f r[8];
+                    for (int i = 0; i < 8; i++) {
+                        int64_t off = (int64_t)(n0 + j + c + i) * w->K + k0 + k;
+                        r[i] = w->kind == TM_F32 ? tm_ld((const float*)w->w + off)
+                                                 : tm_ldi8((const int8_t*)w->w + off);
+                    }
+                    transpose8(r);
+                    for (int i = 0; i < 8; i++) tm_st(pj + (int64_t)(k + i) * NR + c, r[i]);
                 }
-            }
+            for (; k < kc; k++)
+                for (int i = 0; i < 8; i++)
+                    pj[(int64_t)k * NR + c + i] = i < cols ? w_at(w, n0 + j + c + i, k0 + k) : 0.0f;
         }
     }
 }
