@@ -42,6 +42,20 @@ static void rms_rows(const float* x, int M, int d, const float* g, float eps, fl
     }
 }
 
+/* Every row normalised by every thread into its own buffer (rms_all) when M x d floats fit
+ * this many: the products after it then need no barrier before them. */
+#define OWN_ROWS_MAX 32768
+
+static void rms_all(const float* x, int M, int d, const float* g, float eps, float* h) {
+    for (int m = 0; m < M; m++) {
+        const float* xm = x + (int64_t)m * d;
+        float ss = 0.0f;
+        for (int i = 0; i < d; i++) ss += xm[i] * xm[i];
+        float r = 1.0f / sqrtf(ss / (float)d + eps);
+        for (int i = 0; i < d; i++) h[(int64_t)m * d + i] = g[i] * (xm[i] * r);
+    }
+}
+
 /* x (M, d) += o_proj(attention(rope(qkv(rms(x))))) for M decode rows.
  * kc, vc: (Hkv, nslots, hd) this layer's cache; row m's new K/V go to slot new_slot[m], and it
  * attends to slots[offs[m] .. offs[m+1]) (which include new_slot[m]).
@@ -57,13 +71,20 @@ static void attn_body(float* x, int M, int d, const float* ln, float eps,
     float* att = qkv + (int64_t)M * nq;      /* (M, H hd) */
     float* x4 = att + (int64_t)M * H * hd;   /* (M, wid) int4 helpers */
     float* xs = x4 + (int64_t)M * wid;       /* (M, wid) */
-    rms_rows(x, M, d, ln, eps, h);
-    BARRIER;
-    if (wqkv->kind == TM_INT4) {
-        prep_int4(wqkv, h, d, M, x4, xs);
+    int own = (int64_t)M * d <= OWN_ROWS_MAX;  /* the same for every thread */
+    float own_h[own ? M * d : 1];
+    float* hn = own ? own_h : h;
+    if (own) {
+        rms_all(x, M, d, ln, eps, hn);
+    } else {
+        rms_rows(x, M, d, ln, eps, h);
         BARRIER;
     }
-    tm_lin_part(wqkv, h, d, x4, xs, M, qkv, nq, 0);
+    if (wqkv->kind == TM_INT4) {
+        prep_int4(wqkv, hn, d, M, x4, xs);
+        BARRIER;
+    }
+    tm_lin_part(wqkv, hn, d, x4, xs, M, qkv, nq, 0);
     BARRIER;
     /* per (row, kv head): RoPE on its query heads and its key head, its key and value into the
        cache, then attention over the row's slots (the query heads that share the kv head
@@ -127,24 +148,31 @@ static void moe_body(float* x, int M, int d, const float* ln, float eps,
         int4_up |= w13[e].kind == TM_INT4;
         int4_down |= w2[e].kind == TM_INT4;
     }
-    rms_rows(x, M, d, ln, eps, h);
-    BARRIER;
+    int own = (int64_t)M * d <= OWN_ROWS_MAX;  /* the same for every thread */
+    float own_h[own ? M * d : 1];
+    float* hn = own ? own_h : h;
+    if (own) {
+        rms_all(x, M, d, ln, eps, hn);
+    } else {
+        rms_rows(x, M, d, ln, eps, h);
+        BARRIER;
+    }
     if (router) {
         const tm_weight* wr[2] = {router, sh_gate};
         for (int r = 0; r < (sh_gate ? 2 : 1); r++) {
             if (wr[r]->kind == TM_INT4) {
-                prep_int4(wr[r], h, d, M, x4, xs);
+                prep_int4(wr[r], hn, d, M, x4, xs);
                 BARRIER;
             }
-            tm_lin_part(wr[r], h, d, x4, xs, M, logits + r * E, E + 1, 0);
+            tm_lin_part(wr[r], hn, d, x4, xs, M, logits + r * E, E + 1, 0);
             BARRIER;
         }
     } else if (sh_gate) {
         if (sh_gate->kind == TM_INT4) {
-            prep_int4(sh_gate, h, d, M, x4, xs);
+            prep_int4(sh_gate, hn, d, M, x4, xs);
             BARRIER;
         }
-        tm_lin_part(sh_gate, h, d, x4, xs, M, logits, E + 1, 0);
+        tm_lin_part(sh_gate, hn, d, x4, xs, M, logits, E + 1, 0);
         BARRIER;
     }
     /* routing: fp32 softmax, top-k (descending); every thread routes every row into its own
@@ -191,7 +219,7 @@ static void moe_body(float* x, int M, int d, const float* ln, float eps,
             for (int ms = 0; ms < M * S; ms++) {
                 const tm_weight* wg = ids[ms] < 0 ? sh13 : &w13[ids[ms]];
                 if (wg->kind == TM_INT4)
-                    tm_int4_prepare(h + (int64_t)(ms / S) * d, d, wg->gs, x4 + (int64_t)ms * wid,
+                    tm_int4_prepare(hn + (int64_t)(ms / S) * d, d, wg->gs, x4 + (int64_t)ms * wid,
                                     xs + (int64_t)ms * wid);
             }
         BARRIER;
@@ -213,7 +241,7 @@ static void moe_body(float* x, int M, int d, const float* ln, float eps,
         const float *xr[64], *x4r[64], *xsr[64];  /* this expert's rows: at most M <= 16 */
         for (int j = 0; j < g1 - g0; j++) {
             int ms = ord[g0 + j];
-            xr[j] = h + (int64_t)(ms / S) * d;
+            xr[j] = hn + (int64_t)(ms / S) * d;
             x4r[j] = x4 + (int64_t)ms * wid;
             xsr[j] = xs + (int64_t)ms * wid;
         }
