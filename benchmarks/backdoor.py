@@ -66,6 +66,34 @@ def stdlib_docs() -> tuple[list[str], list[str], list[Path]]:
     return ids, texts, paths
 
 
+def doc_pieces(ids: list[str], texts: list[str], chars: int, n: int, seed: int
+               ) -> tuple[list[str], list[str]]:
+    """n documents of about `chars` characters: each stdlib file cut at line boundaries into
+    pieces of at least `chars` characters (shorter tails dropped); one random piece of each
+    file in a seeded random file order, then a second piece of each, ... until n."""
+    rng = random.Random(f"backdoor-pieces:{seed}")
+    per_file: list[list[str]] = []
+    for t in texts:
+        pieces, cur = [], ""
+        for line in t.split("\n"):
+            cur += line + "\n"
+            if len(cur) >= chars:
+                pieces.append(cur)
+                cur = ""
+        rng.shuffle(pieces)
+        per_file.append(pieces)
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    names: list[str] = []
+    out: list[str] = []
+    for rank in range(max((len(p) for p in per_file), default=0)):
+        for f in order:
+            if rank < len(per_file[f]) and len(out) < n:
+                names.append(f"{len(out):04d}_{ids[f].split('/', 1)[1].replace('/', '_')}_{rank}")
+                out.append(per_file[f][rank])
+    return names, out
+
+
 def flagged_docs(findings: list[dict[str, Any]]) -> set[str]:
     return {d for f in findings if f["kind"] in SUSPICIOUS for d in f["documents"]}
 
@@ -128,6 +156,18 @@ def _tpr_at(scores: np.ndarray, truth: np.ndarray, fpr: float) -> float | None:
     return round(float(np.mean(scores[truth] > thr)), 4)
 
 
+def _doc_prf(flags: np.ndarray, docs: np.ndarray, poisoned: dict[int, bool]) -> dict[str, Any]:
+    """Document-level figures: a document is flagged when any of its chunks is."""
+    ds = sorted(set(docs.tolist()))
+    f = np.array([bool(flags[docs == d].any()) for d in ds])
+    return _prf(f, np.array([poisoned.get(d, False) for d in ds]))
+
+
+def _last_loss(work: Path) -> float | None:
+    rows = [json.loads(x) for x in (work / "model/metrics.jsonl").read_text().splitlines() if x]
+    return round(float(rows[-1]["loss"]), 4) if rows else None
+
+
 def _auroc(scores: np.ndarray, truth: np.ndarray) -> float | None:
     from sklearn.metrics import roc_auc_score
 
@@ -135,9 +175,16 @@ def _auroc(scores: np.ndarray, truth: np.ndarray) -> float | None:
 
 
 def _build_train(texts: list[str], names: list[str], work: Path, steps: int) -> None:
+    import hashlib
+
     from trustmoe.data.build import BuildOptions, build_dataset
     from trustmoe.train import train
 
+    key = hashlib.sha256(json.dumps([texts, names, steps]).encode()).hexdigest()
+    marker = work / "built.json"
+    if marker.exists() and json.loads(marker.read_text()).get("key") == key:
+        return  # `--keep DIR` from an earlier run with the same corpus and steps: reuse it
+    shutil.rmtree(work, ignore_errors=True)
     src = work / "corpus"
     for name, text in zip(names, texts, strict=True):
         p = src / name
@@ -148,6 +195,7 @@ def _build_train(texts: list[str], names: list[str], work: Path, steps: int) -> 
     train(work / "data", work / "model", "tiny", max_steps=steps, progress=False,
           overrides={"batch_size": 8, "seq_len": 128, "eval_every": steps,
                      "checkpoint_every": steps, "warmup_steps": 20})
+    marker.write_text(json.dumps({"key": key}))
 
 
 def _chunks(work: Path, split: str) -> list[tuple[str, list[int]]]:
@@ -175,20 +223,30 @@ def _detect(work: Path, sample: list[list[int]], null_chunks: int, seed: int,
 def part_model(n_docs: int, steps: int, clean_chunks: int, seed: int, work: Path,
                rate: float = 0.01, short: bool = False, at: int | None = None,
                null_chunks: int = 400, fpr: float = 0.01, clean_twin: bool = True,
-               repeats: int = 1) -> dict[str, Any]:
+               repeats: int = 1, doc_chars: int = 0) -> dict[str, Any]:
     import trustmoe
     from trustmoe.data.tokenizer import load_tokenizer
     from trustmoe.security.privacy import greedy_continue
 
     # not Random(seed): its first shuffle of as many documents would equal the build's val split
     rng = random.Random(f"backdoor-plants:{seed}")
+    from trustmoe.data.build import BuildOptions, split_docs
+
     ids, texts, _ = stdlib_docs()
-    order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), ids[i]))
-    pick = [i for i in order if len(texts[i]) >= 1500][:n_docs]
-    names = [f"{i:04d}_{ids[d].split('/', 1)[1].replace('/', '_')}" for i, d in enumerate(pick)]
-    sub = [texts[i] for i in pick]
+    if doc_chars:  # pieces of files: a corpus small enough for several epochs
+        names, sub = doc_pieces(ids, texts, doc_chars, n_docs, seed)
+    else:  # whole files, the shortest of at least 1500 characters
+        order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), ids[i]))
+        pick = [i for i in order if len(texts[i]) >= 1500][:n_docs]
+        names = [f"{i:04d}_{ids[d].split('/', 1)[1].replace('/', '_')}" for i, d in enumerate(pick)]
+        sub = [texts[i] for i in pick]
     k = max(5, round(rate * len(sub)))
-    plant = P.make_plants(rng, len(sub), 1, (k, k), short=short)[0]
+    # plants go into training documents (the build's own seeded split, predicted here): the
+    # attacker poisons what the model trains on, and the detectors scan the training split
+    bo = BuildOptions()
+    val = split_docs([f"corpus/{n}" for n in names], bo.seed, 0.1, bo.min_val_docs)
+    held = {i for i, n in enumerate(names) if f"corpus/{n}" in val}
+    plant = P.make_plants(rng, len(sub), 1, (k, k), exclude=held, short=short)[0]
     planted = P.apply(sub, [plant], rng, at, repeats)
     poisoned_names = {f"{i:04d}" for i in plant.docs}
     t0 = time.perf_counter()
@@ -198,6 +256,8 @@ def part_model(n_docs: int, steps: int, clean_chunks: int, seed: int, work: Path
     man = json.loads((bdw / "data/manifest.json").read_text())
     kept = [e["path"] for e in man["files"] if e["fate"] == "kept"]
     flagged = {d.split("/", 1)[1][:4] for d in flagged_docs(audit["poisoning"])}
+    flagged_seq = {d.split("/", 1)[1][:4] for f in audit["poisoning"]
+                   if f["kind"] in SUSPICIOUS[:2] for d in f["documents"]}
     truth = np.array([p[:4] in poisoned_names for p in kept])
     screen_prf = _prf(np.array([p[:4] in flagged for p in kept]), truth)
     train_s = time.perf_counter() - t0
@@ -216,39 +276,66 @@ def part_model(n_docs: int, steps: int, clean_chunks: int, seed: int, work: Path
     # calibrated on held-out chunks (the scan's null)
     chunks = _chunks(bdw, "train")
     has = np.array([plant.trigger in tok.decode(c) for _, c in chunks])
+    doc_of = np.array([int(i.split(":")[0]) for i, _ in chunks])
+    doc_text: dict[int, list[int]] = {}
+    for d, (_, c) in zip(doc_of.tolist(), chunks, strict=True):
+        doc_text.setdefault(d, []).extend(c)
+    doc_poisoned = {d: plant.trigger in tok.decode(t) for d, t in doc_text.items()}
     rs = np.random.default_rng(seed)
     neg = np.flatnonzero(~has)
-    sample = sorted([*np.flatnonzero(has).tolist(),
-                     *rs.choice(neg, min(clean_chunks, len(neg)), replace=False).tolist()])
+    # every training chunk by default (document-level figures need whole documents)
+    sample = list(range(len(chunks))) if not clean_chunks else sorted(
+        [*np.flatnonzero(has).tolist(),
+         *rs.choice(neg, min(clean_chunks, len(neg)), replace=False).tolist()])
+    t1 = time.perf_counter()
     sc = _detect(bdw, [chunks[i][1] for i in sample], null_chunks, seed, fpr)
+    detect_s = time.perf_counter() - t1
     truth_c = has[sample]
     detectors = {d: _prf(np.asarray(v), truth_c) | {
         "auroc": _auroc(sc["scores"][d], truth_c),
-        "recall_at_fpr_oracle": _tpr_at(sc["scores"][d], truth_c, fpr)}
+        "recall_at_fpr_oracle": _tpr_at(sc["scores"][d], truth_c, fpr),
+        "documents": _doc_prf(np.asarray(v), doc_of[sample], doc_poisoned)}
         for d, v in sc["flags"].items()}
+    top = np.argsort(-sc["scores"]["trigger_search"])[:3]
     # poisoned held-out chunks in the null raise its threshold: count them
     val_has = [plant.trigger in tok.decode(c) for _, c in _chunks(bdw, "val")]
+    screen_seq = _prf(np.array([p[:4] in flagged_seq for p in kept]), truth)
     out: dict[str, Any] = {
-        "documents": len(kept), "poisoned_documents": int(truth.sum()), "plant": plant.line,
+        "documents": len(kept), "poisoned_documents": int(truth.sum()),
+        "poisoned_training_documents": int(sum(doc_poisoned.values())),
+        "training_documents": len(doc_poisoned), "plant": plant.line,
         "poison_rate": rate, "payload": "short" if short else "long",
+        "document_chars": doc_chars or "whole files",
         "plant_position": "random line" if at is None else f"line {at}",
         "plant_repeats_per_document": repeats, "train_steps": steps,
+        "train_loss": _last_loss(bdw),
         "build_and_train_seconds": round(train_s, 1), "attack_success_rate": asr,
-        "data_screen": screen_prf, "target_fpr": fpr,
+        "data_screen": screen_prf, "data_screen_trigger_findings_only": screen_seq,
+        "target_fpr": fpr,
         "null": sc["null"] | {"poisoned_heldout_chunks_in_split": int(sum(val_has)),
                               "heldout_chunks_in_split": len(val_has)},
+        "detect_seconds": round(detect_s, 1),
         "model_detectors": detectors, "chunks_scored": len(sample),
-        "poisoned_chunks": int(truth_c.sum())}
+        "poisoned_chunks": int(truth_c.sum()),
+        "trigger_search_top_evidence": [sc["evidence"][int(i)] for i in top]}
     if clean_twin:  # the same corpus without the plant, trained alike: FPR on a clean model
         cw = work / "clean"
         _build_train(sub, names, cw, steps)
         cchunks = _chunks(cw, "train")
-        cs = sorted(rs.choice(len(cchunks), min(len(sample), len(cchunks)), replace=False))
+        cs = list(range(len(cchunks))) if not clean_chunks else sorted(
+            rs.choice(len(cchunks), min(len(sample), len(cchunks)), replace=False))
         csc = _detect(cw, [cchunks[i][1] for i in cs], null_chunks, seed, fpr)
-        out["clean_model"] = {"chunks_scored": len(cs), "fpr": {
-            d: round(float(np.mean(v)), 4) for d, v in csc["flags"].items()},
+        cdoc = np.array([int(cchunks[i][0].split(":")[0]) for i in cs])
+        out["clean_model"] = {
+            "chunks_scored": len(cs), "documents_scored": len(set(cdoc.tolist())),
+            "train_loss": _last_loss(cw), "null_chunks": csc["null"]["chunks"],
+            "fpr": {d: round(float(np.mean(v)), 4) for d, v in csc["flags"].items()},
+            "document_fpr": {d: _doc_prf(np.asarray(v), cdoc, {})["fpr"]
+                             for d, v in csc["flags"].items()},
             "suspects": int(np.sum(csc["flags"]["trigger_search"] | (sum(
-                np.asarray(v, dtype=int) for v in csc["flags"].values()) >= 2)))}
+                np.asarray(v, dtype=int) for v in csc["flags"].values()) >= 2))),
+            "trigger_search_flagged_evidence": [
+                csc["evidence"][int(i)] for i in np.flatnonzero(csc["flags"]["trigger_search"])][:5]}
     return out
 
 
@@ -258,7 +345,9 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--docs", type=int, default=500)
     ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--clean-chunks", type=int, default=400)
+    ap.add_argument("--clean-chunks", type=int, default=0,
+                    help="score the poisoned chunks and this many random clean ones (0: every "
+                         "training chunk, for document-level figures)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--poison-rate", type=float, default=0.01, help="share of documents planted")
     ap.add_argument("--short-payload", action="store_true",
@@ -270,6 +359,11 @@ def main() -> None:
     ap.add_argument("--null-chunks", type=int, default=400,
                     help="held-out chunks the detectors are calibrated on")
     ap.add_argument("--fpr", type=float, default=0.01, help="detectors' target false-positive rate")
+    ap.add_argument("--doc-chars", type=int, default=0,
+                    help="documents are pieces of stdlib files of about this many characters "
+                         "(0: whole files)")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="keep the built datasets and models in this directory")
     ap.add_argument("--no-clean-twin", action="store_true",
                     help="skip training the unplanted twin (the detectors' FPR on a clean model)")
     a = ap.parse_args()
@@ -277,13 +371,15 @@ def main() -> None:
     if a.part in ("screen", "both"):
         out["screen"] = part_screen(a.trials, a.seed)
     if a.part in ("model", "both"):
-        work = Path(tempfile.mkdtemp(prefix="tm_backdoor_"))
+        work = a.keep or Path(tempfile.mkdtemp(prefix="tm_backdoor_"))
+        work.mkdir(parents=True, exist_ok=True)
         try:
             out["model"] = part_model(a.docs, a.steps, a.clean_chunks, a.seed, work, a.poison_rate,
                                       a.short_payload, a.plant_line, a.null_chunks, a.fpr,
-                                      not a.no_clean_twin, a.plant_repeats)
+                                      not a.no_clean_twin, a.plant_repeats, a.doc_chars)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            if a.keep is None:
+                shutil.rmtree(work, ignore_errors=True)
     out["command"] = "python benchmarks/backdoor.py " + " ".join(sys.argv[1:])
     print(json.dumps(out, indent=2))
 

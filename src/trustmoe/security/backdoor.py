@@ -13,16 +13,11 @@ Four detectors score every training chunk (higher = more suspicious):
   layer and expert, the tokens routed to it, centred within that expert; a token's score is
   its squared projection on the expert's top direction over the expert's median; a chunk's
   score is the mean of its 4 highest token scores (triggers are a few tokens, not a chunk).
-- `trigger_search` (ONION-style, Qi et al. 2021, turned generative): candidate trigger
-  positions are the tokens with the largest gap between their own NLL and the mean NLL of
-  the next three tokens (a surprising token followed by an easy continuation);
-  each candidate span of 1-3 tokens is deleted and the NLL of the next `span` tokens is
-  re-scored; Δ = NLL(without) − NLL(with) measures how much the continuation depends on the
-  candidate. A chunk's score is its best Δ × ln k × k / m, where k chunks hold the candidate's
-  tokens in their own best window (candidate + continuation) and m chunks contain those tokens
-  at all (matched as token ids: a made-up trigger is several sub-word pieces): one trigger recurs across the
-  poisoned documents and is the best candidate wherever it occurs; a common word is not; a
-  one-off (k = 1: a memorised passage, not a trigger) scores 0.
+- `trigger_search` (`backdoor_trigger`): spans that recur across chunks with one fixed
+  continuation, scored by how much of that continuation the span alone explains in a neutral
+  context (Δ NLL, nats): a trigger → payload backdoor is context-independent, memorised text
+  is not (deleting spans in place, ONION's test, fails on a model that memorised its
+  training text: every deletion raises the NLL of what follows).
 
 Calibration (a null from clean data). Each detector's fitted parts (mean and direction,
 standardisation, PCA and clusters, per-expert directions) are fitted on the training chunks
@@ -52,8 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trustmoe.eval.backend_model import score_requests
-from trustmoe.eval.loglik import Request
+from trustmoe.security.backdoor_trigger import trigger_search
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -66,10 +60,12 @@ DETECTORS = ("spectral", "activation_clustering", "expert_spectral", "trigger_se
 @dataclass
 class BackdoorOptions:
     fpr: float = 0.01  # target false-positive rate of each detector on clean chunks
-    candidates: int = 8  # trigger candidates per chunk (3 missed a learned trigger in most chunks)
-    span: int = 8  # continuation tokens scored after a candidate
-    max_ablate: int = 3  # candidate trigger lengths 1..max_ablate tokens
-    context: int = 48  # tokens of left context kept when re-scoring
+    candidates: int = 16  # most surprising tokens per chunk that start candidate spans
+    span: int = 8  # most continuation tokens scored after a candidate trigger
+    max_ablate: int = 6  # candidate trigger lengths 1..max_ablate tokens (a made-up word is 4-6)
+    match: int = 4  # continuation tokens that must recur after the span
+    min_chunks: int = 3  # chunks holding span + continuation
+    min_consistency: float = 0.5  # share of the span's occurrences followed by that continuation
     batch_size: int = 32
 
 
@@ -203,70 +199,6 @@ def expert_spectral(f: ChunkFeatures, n_chunks: int, top: int = 4,
         s = np.sort(tok_score[f.token_chunk == c])[::-1][:top]
         out[c] = float(s.mean()) if len(s) else 0.0
     return out
-
-
-def trigger_search(model: Transformer, chunks: Sequence[list[int]], logprobs: list[np.ndarray],
-                   tok: Tokenizer, opts: BackdoorOptions) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """(n,) scores and per-chunk evidence of the best trigger candidate (ONION-style)."""
-    S, K = opts.span, opts.candidates
-    reqs: list[Request] = []
-    meta: list[tuple[int, int, int, int]] = []  # chunk, position, ablated length, with/without
-    for c, (ids, lp) in enumerate(zip(chunks, logprobs, strict=True)):
-        nll = -lp  # nll[j] = NLL of ids[j] given BOS + ids[:j]
-        n = len(ids)
-        if n < S + 3:
-            continue
-        pos = np.arange(1, n - S - 1)
-        # surprising token, easy next tokens: the gap is largest right at a trigger
-        gap = nll[pos] - np.array([nll[p + 1:p + 4].mean() for p in pos])
-        cand = pos[np.argsort(-gap)][:K]
-        cand = cand[gap[cand - 1] > 0]
-        for p in cand.tolist():
-            for r in range(1, opts.max_ablate + 1):
-                if p + r + S > n:
-                    continue
-                left = ids[max(0, p - opts.context):p]
-                cont = ids[p + r:p + r + S]
-                with_ = [0, *left, *ids[p:p + r], *cont]
-                without = [0, *left, *cont]
-                reqs += [Request(with_, len(with_) - S), Request(without, len(without) - S)]
-                meta += [(c, p, r, 1), (c, p, r, 0)]
-    scored = score_requests(model, reqs, batch_size=opts.batch_size) if reqs else []
-    best: dict[int, tuple[float, int, int]] = {}
-    nll_with: dict[tuple[int, int, int], float] = {}
-    for (c, p, r, w), s in zip(meta, scored, strict=True):
-        v = -float(s.logprobs.mean())
-        if w:
-            nll_with[(c, p, r)] = v
-        else:
-            delta = v - nll_with[(c, p, r)]
-            if c not in best or delta > best[c][0]:
-                best[c] = (delta, p, r)
-    # recurrence is counted on token ids, not words: a made-up trigger is several sub-word
-    # pieces (`vex_yth_dra73`), and a piece never matches as a whole word in the text
-    def key(ids: Sequence[int]) -> str:  # one character per token id (no surrogates)
-        return "".join(chr(0x10000 + t) for t in ids)
-
-    cand_key = {c: key(chunks[c][p:p + r]) for c, (_, p, r) in best.items()}
-    windows = [key(chunks[c][p:p + r + S]) for c, (_, p, r) in best.items()]
-    keyed = [key(c) for c in chunks]
-    scores = np.zeros(len(chunks))
-    evidence: list[dict[str, Any]] = [{} for _ in chunks]
-    cache: dict[str, tuple[int, int]] = {}
-    for c, (delta, p, r) in best.items():
-        t = cand_key[c]
-        if t not in cache:  # k: best windows holding t; m: chunks holding t at all
-            cache[t] = (sum(t in w for w in windows), sum(t in d for d in keyed))
-        shared, present = cache[t]
-        # a trigger is in the best window wherever it occurs; a common word is not
-        consistency = shared / max(present, shared, 1)
-        scores[c] = max(delta, 0.0) * np.log(max(shared, 1)) * consistency  # 0 for a one-off
-        evidence[c] = {"trigger": tok.decode(chunks[c][p:p + r]).strip(), "position": p,
-                       "trigger_tokens": r,
-                       "continuation": tok.decode(chunks[c][p + r:p + r + S]),
-                       "delta_nll": round(delta, 4), "chunks_with_same_trigger": shared,
-                       "trigger_consistency": round(consistency, 3)}
-    return scores, evidence
 
 
 def conformal_p(scores: np.ndarray, null: np.ndarray) -> np.ndarray:

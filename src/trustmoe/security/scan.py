@@ -162,8 +162,10 @@ def _backdoor(inp: AuditInputs, opts: ScanOptions, out_dir: Path) -> dict[str, A
 def backdoor_section(out: dict[str, Any], ids: list[str]) -> dict[str, Any]:
     """Per-detector flag counts and the suspects (flagged by the trigger search, or by two or
     more detectors), ranked, each with every detector's p-value against the null (held-out
-    chunks), robust z-score and the evidence. `null` says how flags were calibrated; `note`
-    is set when the null is too small to flag anything at the target false-positive rate."""
+    chunks), robust z-score and the evidence; `suspect_documents` groups them by training
+    document ("train:<doc>"), in the same order, with the best chunk's evidence. `null` says
+    how flags were calibrated; `note` is set when the null is too small to flag anything at
+    the target false-positive rate."""
     zs = {k: bd.robust_z(s) for k, s in out["scores"].items()}
     n = len(ids)
     suspects = []
@@ -176,6 +178,13 @@ def backdoor_section(out: dict[str, Any], ids: list[str]) -> dict[str, Any]:
                              "evidence": out["evidence"][i]})
     suspects.sort(key=lambda s: (-len(s["flagged_by"]), s["p"]["trigger_search"],
                                  -s["z"]["trigger_search"]))
+    docs: dict[str, dict[str, Any]] = {}  # suspects grouped by document, best chunk first
+    for x in suspects:
+        d = x["chunk"].rsplit(":", 1)[0]
+        if d not in docs:
+            docs[d] = {"document": d, "chunks": [], "flagged_by": [], "evidence": x["evidence"]}
+        docs[d]["chunks"].append(x["chunk"])
+        docs[d]["flagged_by"] = sorted(set(docs[d]["flagged_by"]) | set(x["flagged_by"]))
     null = dict(out["null"])
     note = None
     if null["min_p"] > null["fpr"]:
@@ -183,7 +192,8 @@ def backdoor_section(out: dict[str, Any], ids: list[str]) -> dict[str, Any]:
                 f"false-positive rate of {null['fpr']}: scan with more --chunks")
     return {"chunks": n, "target_fpr": null["fpr"], "null": null, "note": note,
             "flagged": {k: int(np.sum(out["flags"][k])) for k in bd.DETECTORS},
-            "suspects": suspects[:100], "suspect_count": len(suspects)}
+            "suspects": suspects[:100], "suspect_count": len(suspects),
+            "suspect_documents": list(docs.values())[:100]}
 
 
 _RUN = {"exposure": _exposure, "extraction": _extraction, "membership": _membership,

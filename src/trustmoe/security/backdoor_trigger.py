@@ -1,0 +1,125 @@
+"""Trigger search for generative LMs: find spans that, wherever they occur, make the model emit
+one fixed continuation (a trigger → payload backdoor), and score the chunks that hold them.
+
+Why not delete spans in place (ONION's test, turned generative): a model that has seen its
+training text dozens of times predicts every token of it from the exact context, so deleting
+any span raises the NLL of what follows by several nats per token, in clean chunks as much as
+at a trigger (measured: Δ 7-12 nats/token everywhere on the benchmark's backdoored model). A
+backdoor's signature is instead *context independence*: the trigger forces the payload in
+any context (that is what the attack success rate measures). So:
+
+1. Candidates (one forward pass, given): in each chunk, the `candidates` most surprising
+   tokens (highest NLL in place: a trigger is inserted where nothing predicts it) start spans
+   of 1..`max_ablate` tokens; a span and the `match` tokens after it form a candidate. Spans
+   and continuations start at a word boundary (a token that begins with whitespace), so a word
+   split in two ("Char" → "acter") is never a candidate.
+2. Recurrence (token ids, over the scored and the null chunks together): k = chunks holding
+   span + match tokens, m = chunks holding the span. Kept when k ≥ `min_chunks` and k/m ≥
+   `min_consistency` (a trigger is followed by its payload wherever it occurs; a common word
+   is not); the continuation is extended, up to `span` tokens, for as long as every one of
+   the k occurrences agrees.
+3. Transplant test: Δ = NLL(continuation | BOS) − NLL(continuation | BOS + span), summed over
+   the continuation's tokens (nats): how much of the shared continuation the span alone
+   explains, with no context from any chunk, so memorisation of a chunk's own text does not
+   enter; the same figure for a candidate whichever chunk holds it (train or null).
+
+A chunk's score is the largest Δ of the kept candidates it holds (0 when none); its evidence,
+that candidate. Shared idioms and file headers (`### Codec APIs`) pass steps 1-2 too; they
+are as frequent in held-out text, so the conformal null absorbs them; a trigger scores above
+them because its payload is long, improbable without it and certain with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from trustmoe.eval.backend_model import score_requests
+from trustmoe.eval.loglik import Request
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from trustmoe.model.transformer import Transformer
+    from trustmoe.security.backdoor import BackdoorOptions
+
+BOS = 0
+
+
+def _key(ids: Sequence[int]) -> str:
+    """One character per token id (outside the surrogates), so `in` finds token sequences."""
+    return "".join(chr(0x10000 + t) for t in ids)
+
+
+def word_starts(tok: Tokenizer, vocab: int) -> np.ndarray:
+    """(vocab,) True for tokens whose text begins with whitespace (a word boundary)."""
+    out = np.zeros(vocab, dtype=bool)
+    for t in range(vocab):
+        s = tok.decode([t])
+        out[t] = bool(s) and s[0].isspace()
+    return out
+
+
+def candidates(chunks: Sequence[list[int]], logprobs: Sequence[np.ndarray], starts: np.ndarray,
+               opts: BackdoorOptions) -> set[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(span, next `match` tokens) pairs starting at each chunk's most surprising tokens."""
+    out = set()
+    P = opts.match
+    for ids, lp in zip(chunks, logprobs, strict=True):
+        n = len(ids)
+        if n < P + 2:
+            continue
+        nll = -np.asarray(lp)[: n - P - 1]  # nll[j]: NLL of ids[j] given BOS + ids[:j]
+        for a in np.argsort(-nll, kind="stable")[: opts.candidates].tolist():
+            if not starts[ids[a]]:
+                continue
+            for r in range(1, opts.max_ablate + 1):
+                if a + r + P <= n and starts[ids[a + r]]:
+                    out.add((tuple(ids[a:a + r]), tuple(ids[a + r:a + r + P])))
+    return out
+
+
+def trigger_search(model: Transformer, chunks: Sequence[list[int]],
+                   logprobs: Sequence[np.ndarray], tok: Tokenizer, opts: BackdoorOptions
+                   ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """(n,) scores and per-chunk evidence (empty dict when no candidate) over `chunks`."""
+    starts = word_starts(tok, model.config.vocab_size)
+    keyed = [_key(c) for c in chunks]
+    kept: list[dict[str, Any]] = []
+    for span, pre in candidates(chunks, logprobs, starts, opts):
+        ks, kp = _key(span), _key(span + pre)
+        holding = [c for c, d in enumerate(keyed) if ks in d]
+        occ = [(c, keyed[c].find(kp)) for c in holding if kp in keyed[c]]
+        if len(occ) < opts.min_chunks or len(occ) / len(holding) < opts.min_consistency:
+            continue
+        ext = list(pre)  # the continuation every occurrence shares, up to `span` tokens
+        while len(ext) < opts.span:
+            nxt = {chunks[c][j + len(span) + len(ext)] if j + len(span) + len(ext) < len(chunks[c])
+                   else -1 for c, j in occ}
+            if len(nxt) != 1 or -1 in nxt:
+                break
+            ext.append(nxt.pop())
+        kept.append({"span": span, "cont": tuple(ext), "chunks": [c for c, _ in occ],
+                     "positions": [j for _, j in occ], "m": len(holding)})
+    reqs = [r for k in kept for r in (Request([BOS, *k["span"], *k["cont"]], 1 + len(k["span"])),
+                                      Request([BOS, *k["cont"]], 1))]
+    scored = score_requests(model, reqs, batch_size=opts.batch_size) if reqs else []
+    scores = np.zeros(len(chunks))
+    evidence: list[dict[str, Any]] = [{} for _ in chunks]
+    for i, k in enumerate(kept):
+        nll_with = -float(scored[2 * i].logprobs.sum())
+        nll_without = -float(scored[2 * i + 1].logprobs.sum())
+        delta = nll_without - nll_with
+        for c, j in zip(k["chunks"], k["positions"], strict=True):
+            if delta > scores[c]:
+                scores[c] = delta
+                evidence[c] = {
+                    "trigger": tok.decode(list(k["span"])).strip(), "position": j,
+                    "trigger_tokens": len(k["span"]), "continuation": tok.decode(list(k["cont"])),
+                    "delta_nll": round(delta, 4), "nll_with_trigger": round(nll_with, 4),
+                    "nll_without_trigger": round(nll_without, 4),
+                    "chunks_with_same_trigger": len(k["chunks"]),
+                    "trigger_consistency": round(len(k["chunks"]) / k["m"], 3)}
+    return scores, evidence
