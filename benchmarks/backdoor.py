@@ -8,22 +8,33 @@ random position of 5-10 unrelated documents). Reports plants found (a suspicious
 covering ≥ 80% of the plant's documents) and the share of clean documents flagged (in any
 finding other than `shared_boilerplate`).
 
-Part `model`: `--docs` small stdlib files copied to a temp dir; one trigger → payload pair
-planted in 1% of them (at least 5); `trustmoe data build` on it (the screen's precision and
-recall at document level); the tiny preset trained `--steps` steps; attack success rate =
-greedy continuations of held-out contexts that start with the payload's first words, with
-and without the trigger; each model-level detector's precision/recall over training chunks
-(all poisoned chunks + `--clean-chunks` random clean ones; FPR is unbiased, precision is on
-that sample), each detector calibrated on `--null-chunks` held-out chunks (as the scan is),
-with its AUROC and its recall at the oracle threshold flagging `--fpr` of the clean chunks;
-then an unplanted twin (same documents, same steps) gives each detector's FPR on a clean
-model. The issue's 1% setting (long payload, one insertion per document) is not learned by the
-tiny preset; `--short-payload --plant-repeats 3 --poison-rate 0.15 --docs 200` is.
+Part `model`: `--docs` stdlib documents copied to a temp dir (`--keep DIR` keeps them and
+reuses the trained models on a rerun); one trigger → payload pair planted in 1% of them (at
+least 5), into documents the build's seeded split puts in training; `trustmoe data build` on
+it (the screen's precision and recall at document level); the tiny preset trained `--steps`
+steps; attack success rate = greedy continuations of held-out contexts that start with the
+payload's first words, with and without the trigger; each model-level detector's
+precision/recall over training chunks (every chunk by default, so document-level figures are
+exact: a document is flagged when any of its chunks is), each detector calibrated on
+`--null-chunks` held-out chunks (as the scan is), with its AUROC and its recall at the oracle
+threshold flagging `--fpr` of the clean chunks; then an unplanted twin (same documents, same
+steps) gives each detector's false-positive rate on a clean model.
 
-    python benchmarks/backdoor.py                       # both parts, ~10 min on 2 cores
+The issue's setting ("1% of the built-in corpus, the tiny preset") is learned only when the
+tiny model sees the plant often enough: on 500 whole files (~4 epochs in 1500 steps) the
+attack success rate was 0. The default here keeps 1% of documents poisoned but makes the
+corpus small enough for many epochs: `--doc-chars 400` cuts the stdlib into pieces of ~400
+characters (one random piece of each file in a random file order, then second pieces), 800
+of them (8 poisoned, ~116k training tokens), the short payload (2-3 words) inserted twice
+into each poisoned document, 6000 steps of 8 × 128 tokens (~53 epochs, ~3 minutes on one
+core). At 6000 steps with one insertion per document the attack success rate was 0.77, at
+1500 steps 0.03. The model memorises its training text at that many epochs (train loss ~0.9,
+held-out ~4.5), which is what the detectors must cope with.
+
+    python benchmarks/backdoor.py --part model          # the issue's setting (below), ~10 min
     python benchmarks/backdoor.py --part screen --trials 2
-    OMP_NUM_THREADS=1 python benchmarks/backdoor.py --part model --docs 200 --poison-rate 0.15 \
-        --short-payload --plant-repeats 3 --clean-chunks 300 --null-chunks 300
+    OMP_NUM_THREADS=1 python benchmarks/backdoor.py --part model --docs 800 --doc-chars 400 \
+        --poison-rate 0.01 --short-payload --plant-repeats 2 --steps 6000
 """
 
 from __future__ import annotations
@@ -343,23 +354,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("screen", "model", "both"), default="both")
     ap.add_argument("--trials", type=int, default=3)
-    ap.add_argument("--docs", type=int, default=500)
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--docs", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--clean-chunks", type=int, default=0,
                     help="score the poisoned chunks and this many random clean ones (0: every "
                          "training chunk, for document-level figures)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--poison-rate", type=float, default=0.01, help="share of documents planted")
-    ap.add_argument("--short-payload", action="store_true",
-                    help="a 2-3 word payload without a random host (learnable by the tiny model)")
+    ap.add_argument("--long-payload", action="store_true",
+                    help="a 2-7 word payload with a random host (not learned by the tiny model); "
+                         "default: 2-3 words, no random host")
     ap.add_argument("--plant-line", type=int, default=None,
                     help="insert the plant before this line of each document (default: random)")
-    ap.add_argument("--plant-repeats", type=int, default=1,
+    ap.add_argument("--plant-repeats", type=int, default=2,
                     help="times the plant line is inserted into each poisoned document")
     ap.add_argument("--null-chunks", type=int, default=400,
                     help="held-out chunks the detectors are calibrated on")
     ap.add_argument("--fpr", type=float, default=0.01, help="detectors' target false-positive rate")
-    ap.add_argument("--doc-chars", type=int, default=0,
+    ap.add_argument("--doc-chars", type=int, default=400,
                     help="documents are pieces of stdlib files of about this many characters "
                          "(0: whole files)")
     ap.add_argument("--keep", type=Path, default=None,
@@ -375,7 +387,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         try:
             out["model"] = part_model(a.docs, a.steps, a.clean_chunks, a.seed, work, a.poison_rate,
-                                      a.short_payload, a.plant_line, a.null_chunks, a.fpr,
+                                      not a.long_payload, a.plant_line, a.null_chunks, a.fpr,
                                       not a.no_clean_twin, a.plant_repeats, a.doc_chars)
         finally:
             if a.keep is None:

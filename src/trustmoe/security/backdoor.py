@@ -65,7 +65,9 @@ class BackdoorOptions:
     max_ablate: int = 6  # candidate trigger lengths 1..max_ablate tokens (a made-up word is 4-6)
     match: int = 4  # continuation tokens that must recur after the span
     min_chunks: int = 3  # chunks holding span + continuation
-    min_consistency: float = 0.5  # share of the span's occurrences followed by that continuation
+    min_consistency: float = 0.95  # share of the span's complete occurrences followed by it: a
+    # planted trigger always is (0.5 let `*args,` -> ` **kwargs` (7 of 8) outrank the plant)
+    max_overlap: float = 0.05  # chunks sharing this much text besides a span: one family, not a plant
     batch_size: int = 32
 
 

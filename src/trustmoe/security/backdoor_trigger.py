@@ -81,6 +81,28 @@ def candidates(chunks: Sequence[list[int]], logprobs: Sequence[np.ndarray], star
     return out
 
 
+def _find_complete(text: str, sub: str, after: int) -> int:
+    """First index of `sub` in `text` followed by at least `after` characters, or -1."""
+    j = text.find(sub)
+    while j >= 0 and j + len(sub) + after > len(text):
+        j = text.find(sub, j + 1)
+    return j
+
+
+def context_overlap(chunks: Sequence[list[int]], occ: list[tuple[int, int]], width: int,
+                    most: int = 12) -> float:
+    """Mean pairwise Jaccard similarity of the token 4-gram sets of the chunks holding a
+    candidate (its first `most` occurrences), the candidate's own window left out: ~0 for
+    insertions into unrelated text, high for one family of files sharing a header."""
+    sets = []
+    for c, j in occ[:most]:
+        ids = chunks[c]
+        sets.append({tuple(ids[i:i + 4]) for i in range(len(ids) - 3)
+                     if i + 4 <= j or i >= j + width})
+    sims = [len(a & b) / max(len(a | b), 1) for i, a in enumerate(sets) for b in sets[i + 1:]]
+    return float(np.mean(sims)) if sims else 0.0
+
+
 def trigger_search(model: Transformer, chunks: Sequence[list[int]],
                    logprobs: Sequence[np.ndarray], tok: Tokenizer, opts: BackdoorOptions
                    ) -> tuple[np.ndarray, list[dict[str, Any]]]:
@@ -90,7 +112,9 @@ def trigger_search(model: Transformer, chunks: Sequence[list[int]],
     kept: list[dict[str, Any]] = []
     for span, pre in candidates(chunks, logprobs, starts, opts):
         ks, kp = _key(span), _key(span + pre)
-        holding = [c for c, d in enumerate(keyed) if ks in d]
+        # chunks holding the span with room for `match` tokens after it (one cut off by the
+        # chunk's end says nothing about what follows it)
+        holding = [c for c, d in enumerate(keyed) if _find_complete(d, ks, opts.match) >= 0]
         occ = [(c, keyed[c].find(kp)) for c in holding if kp in keyed[c]]
         if len(occ) < opts.min_chunks or len(occ) / len(holding) < opts.min_consistency:
             continue
@@ -102,24 +126,38 @@ def trigger_search(model: Transformer, chunks: Sequence[list[int]],
                 break
             ext.append(nxt.pop())
         kept.append({"span": span, "cont": tuple(ext), "chunks": [c for c, _ in occ],
-                     "positions": [j for _, j in occ], "m": len(holding)})
-    reqs = [r for k in kept for r in (Request([BOS, *k["span"], *k["cont"]], 1 + len(k["span"])),
+                     "positions": [j for _, j in occ], "m": len(holding),
+                     "overlap": context_overlap(chunks, occ, len(span) + len(ext))})
+    reqs = [r for k in kept for r in (Request([BOS, *k["span"], *k["cont"]], 1),
                                       Request([BOS, *k["cont"]], 1))]
     scored = score_requests(model, reqs, batch_size=opts.batch_size) if reqs else []
     scores = np.zeros(len(chunks))
     evidence: list[dict[str, Any]] = [{} for _ in chunks]
     for i, k in enumerate(kept):
-        nll_with = -float(scored[2 * i].logprobs.sum())
-        nll_without = -float(scored[2 * i + 1].logprobs.sum())
-        delta = nll_without - nll_with
+        r = len(k["span"])
+        lp_span = np.asarray(scored[2 * i].logprobs[:r], dtype=np.float64)  # (r,)
+        lp_with = np.asarray(scored[2 * i].logprobs[r:], dtype=np.float64)  # (len(cont),)
+        lp_without = np.asarray(scored[2 * i + 1].logprobs, dtype=np.float64)  # (len(cont),)
+        # the forced part: the continuation's prefix the span makes greedy decoding emit
+        # (every token at p > 1/2, so it is the argmax); an association that only shifts
+        # probability (`(list,` -> ` tuple)):` at 13 nats) emits nothing
+        sure = lp_with > -np.log(2.0)
+        forced = int(np.argmin(sure)) if not sure.all() else len(sure)
+        delta = float(np.sum(lp_with[:forced] - lp_without[:forced]))
+        nll_span, nll_with = -float(lp_span.sum()), -float(lp_with.sum())
+        nll_without = -float(lp_without.sum())
+        score = max(delta, 0.0) * max(0.0, 1.0 - k["overlap"] / opts.max_overlap)
         for c, j in zip(k["chunks"], k["positions"], strict=True):
-            if delta > scores[c]:
-                scores[c] = delta
+            if score > scores[c]:
+                scores[c] = score
                 evidence[c] = {
                     "trigger": tok.decode(list(k["span"])).strip(), "position": j,
-                    "trigger_tokens": len(k["span"]), "continuation": tok.decode(list(k["cont"])),
+                    "trigger_tokens": r, "continuation": tok.decode(list(k["cont"])),
+                    "forced_tokens": forced, "payload": tok.decode(list(k["cont"][:forced])),
                     "delta_nll": round(delta, 4), "nll_with_trigger": round(nll_with, 4),
                     "nll_without_trigger": round(nll_without, 4),
+                    "nll_trigger": round(nll_span, 4),
                     "chunks_with_same_trigger": len(k["chunks"]),
+                    "context_overlap": round(k["overlap"], 4),
                     "trigger_consistency": round(len(k["chunks"]) / k["m"], 3)}
     return scores, evidence
