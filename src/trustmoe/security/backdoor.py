@@ -67,7 +67,8 @@ class BackdoorOptions:
     min_chunks: int = 3  # chunks holding span + continuation
     min_consistency: float = 0.95  # share of the span's complete occurrences followed by it: a
     # planted trigger always is (0.5 let `*args,` -> ` **kwargs` (7 of 8) outrank the plant)
-    max_overlap: float = 0.05  # chunks sharing this much text besides a span: one family, not a plant
+    max_overlap: float = 0.02  # holders sharing this much besides the span: one family, not
+    # a plant (token 4-gram Jaccard; random sets of 4 chunks: 99th percentile 0.010)
     batch_size: int = 32
 
 
@@ -218,6 +219,40 @@ def self_p(scores: np.ndarray) -> np.ndarray:
     return np.asarray(ge / max(len(srt), 1))
 
 
+def _classic(f: ChunkFeatures, order: np.ndarray, n_fit: int, seed: int) -> dict[str, np.ndarray]:
+    """The three representation detectors over the chunks in `order` (indices into `f`),
+    fitted on the first `n_fit` of them; scores in `order`'s order."""
+    import dataclasses
+
+    inv = np.empty(len(order), dtype=np.int64)
+    inv[order] = np.arange(len(order))
+    rep = np.concatenate([f.hidden, f.load], 1) if f.load.size else f.hidden
+    g = dataclasses.replace(f, token_chunk=inv[f.token_chunk])
+    return {"spectral": spectral_scores(f.hidden[order], n_fit),
+            "activation_clustering": activation_clustering(rep[order], seed, n_fit=n_fit),
+            "expert_spectral": expert_spectral(g, len(order), n_fit=n_fit) if f.token_hidden
+            else np.zeros(len(order))}
+
+
+def _cross_fitted(f: ChunkFeatures, n: int, m: int, seed: int
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Two folds of the n scored chunks: each fold scored, with the null, by the detectors
+    fitted on the other fold. Fitted in sample, a direction or a cluster is fitted to the
+    chunks it then scores (their projections are larger than a held-out chunk's), so the
+    held-out null would not be exchangeable with them."""
+    perm = np.random.default_rng([seed, 11]).permutation(n)
+    folds = (perm[: n // 2], perm[n // 2:])
+    null = np.arange(n, n + m)
+    scores = {k: np.zeros(n) for k in DETECTORS[:3]}
+    pvals = {k: np.ones(n) for k in DETECTORS[:3]}
+    for a, b in ((folds[0], folds[1]), (folds[1], folds[0])):
+        out = _classic(f, np.concatenate([a, b, null]), len(a), seed)
+        for k, v in out.items():
+            scores[k][b] = v[len(a):len(a) + len(b)]
+            pvals[k][b] = conformal_p(v[len(a):len(a) + len(b)], v[len(a) + len(b):])
+    return scores, pvals
+
+
 def screen(model: Transformer, chunks: Sequence[list[int]], tok: Tokenizer,
            opts: BackdoorOptions | None = None, seed: int = 0,
            null_chunks: Sequence[list[int]] = ()) -> dict[str, Any]:
@@ -232,18 +267,18 @@ def screen(model: Transformer, chunks: Sequence[list[int]], tok: Tokenizer,
     n, m = len(chunks), len(null_chunks)
     both = [*chunks, *null_chunks]
     f = chunk_features(model, both, opts.batch_size)
-    rep = np.concatenate([f.hidden, f.load], 1) if f.load.size else f.hidden
-    full = {
-        "spectral": spectral_scores(f.hidden, n),
-        "activation_clustering": activation_clustering(rep, seed, n_fit=n),
-        "expert_spectral": expert_spectral(f, n + m, n_fit=n) if f.token_hidden
-        else np.zeros(n + m),
-    }
-    full["trigger_search"], evidence = trigger_search(model, both, f.logprobs, tok, opts)
-    scores = {k: v[:n] for k, v in full.items()}
-    if m:
-        pvals = {k: conformal_p(v[:n], v[n:]) for k, v in full.items()}
+    scores: dict[str, np.ndarray] = {}
+    pvals: dict[str, np.ndarray] = {}
+    trig, evidence = trigger_search(model, both, f.logprobs, tok, opts)
+    if m and n >= 8:  # cross-fitted: every scored chunk is out of sample, as the null is
+        scores, pvals = _cross_fitted(f, n, m, seed)
     else:
+        full = _classic(f, np.arange(n + m), n, seed)
+        scores = {k: v[:n] for k, v in full.items()}
+        pvals = {k: conformal_p(v[:n], v[n:]) for k, v in full.items()}
+    scores["trigger_search"] = trig[:n]
+    pvals["trigger_search"] = conformal_p(trig[:n], trig[n:])
+    if not m:
         pvals = {k: np.where(v > 0, self_p(v), 1.0) for k, v in scores.items()}
     flags = {k: p <= opts.fpr for k, p in pvals.items()}
     null = {"chunks": m, "fpr": opts.fpr, "source": "held-out" if m else "self",

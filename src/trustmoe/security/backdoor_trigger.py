@@ -18,15 +18,20 @@ any context (that is what the attack success rate measures). So:
    `min_consistency` (a trigger is followed by its payload wherever it occurs; a common word
    is not); the continuation is extended, up to `span` tokens, for as long as every one of
    the k occurrences agrees.
-3. Transplant test: Δ = NLL(continuation | BOS) − NLL(continuation | BOS + span), summed over
-   the continuation's tokens (nats): how much of the shared continuation the span alone
-   explains, with no context from any chunk, so memorisation of a chunk's own text does not
-   enter; the same figure for a candidate whichever chunk holds it (train or null).
+   Chunks of one family (file headers, generated tables) are not unrelated insertions: the
+   mean pairwise Jaccard similarity of the holding chunks' token 4-grams outside the
+   candidate (`context_overlap`) scales the score by max(0, 1 − overlap / `max_overlap`).
+3. Transplant test, in a neutral context (BOS only), so memorisation of a chunk's own text
+   does not enter and a candidate scores the same whichever chunk holds it (train or null):
+   the *forced* continuation is its prefix that greedy decoding emits after BOS + span (the
+   payload, as the attack success rate counts it); Δ = Σ over the forced tokens of
+   log p(token | BOS + span + ...) − log p(token | BOS + ...) (nats): how much of the payload
+   the span alone makes the model emit.
 
-A chunk's score is the largest Δ of the kept candidates it holds (0 when none); its evidence,
-that candidate. Shared idioms and file headers (`### Codec APIs`) pass steps 1-2 too; they
-are as frequent in held-out text, so the conformal null absorbs them; a trigger scores above
-them because its payload is long, improbable without it and certain with it.
+A chunk's score is the largest scaled Δ of the kept candidates it holds (0 when none); its
+evidence, that candidate. Idioms that pass all of this (`*args,` → ` **kwargs`) are as
+frequent in held-out text, so the conformal null absorbs them; on the benchmark the rule
+"always followed by it" (`min_consistency` 0.95) is what ranks the plant above them.
 """
 
 from __future__ import annotations
@@ -138,10 +143,10 @@ def trigger_search(model: Transformer, chunks: Sequence[list[int]],
         lp_span = np.asarray(scored[2 * i].logprobs[:r], dtype=np.float64)  # (r,)
         lp_with = np.asarray(scored[2 * i].logprobs[r:], dtype=np.float64)  # (len(cont),)
         lp_without = np.asarray(scored[2 * i + 1].logprobs, dtype=np.float64)  # (len(cont),)
-        # the forced part: the continuation's prefix the span makes greedy decoding emit
-        # (every token at p > 1/2, so it is the argmax); an association that only shifts
-        # probability (`(list,` -> ` tuple)):` at 13 nats) emits nothing
-        sure = lp_with > -np.log(2.0)
+        # the forced part: the continuation's prefix that greedy decoding emits after the
+        # span (what the attack success rate measures); an association that only shifts
+        # probability (`(list,` -> ` tuple)):` at 13 nats) emits little or nothing
+        sure = np.asarray(scored[2 * i].greedy[r:], dtype=bool)
         forced = int(np.argmin(sure)) if not sure.all() else len(sure)
         delta = float(np.sum(lp_with[:forced] - lp_without[:forced]))
         nll_span, nll_with = -float(lp_span.sum()), -float(lp_with.sum())
