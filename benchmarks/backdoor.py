@@ -185,13 +185,14 @@ def _auroc(scores: np.ndarray, truth: np.ndarray) -> float | None:
     return round(float(roc_auc_score(truth, scores)), 4) if 0 < truth.sum() < len(truth) else None
 
 
-def _build_train(texts: list[str], names: list[str], work: Path, steps: int) -> None:
+def _build_train(texts: list[str], names: list[str], work: Path, steps: int,
+                 val_fraction: float) -> None:
     import hashlib
 
     from trustmoe.data.build import BuildOptions, build_dataset
     from trustmoe.train import train
 
-    key = hashlib.sha256(json.dumps([texts, names, steps]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([texts, names, steps, val_fraction]).encode()).hexdigest()
     marker = work / "built.json"
     if marker.exists() and json.loads(marker.read_text()).get("key") == key:
         return  # `--keep DIR` from an earlier run with the same corpus and steps: reuse it
@@ -201,7 +202,7 @@ def _build_train(texts: list[str], names: list[str], work: Path, steps: int) -> 
         p = src / name
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(text, encoding="utf-8")
-    build_dataset([str(src)], work / "data", BuildOptions(vocab_size=1024, val_fraction=0.1,
+    build_dataset([str(src)], work / "data", BuildOptions(vocab_size=1024, val_fraction=val_fraction,
                                                          license="PSF-2.0"), progress=False)
     train(work / "data", work / "model", "tiny", max_steps=steps, progress=False,
           overrides={"batch_size": 8, "seq_len": 128, "eval_every": steps,
@@ -234,7 +235,8 @@ def _detect(work: Path, sample: list[list[int]], null_chunks: int, seed: int,
 def part_model(n_docs: int, steps: int, clean_chunks: int, seed: int, work: Path,
                rate: float = 0.01, short: bool = False, at: int | None = None,
                null_chunks: int = 400, fpr: float = 0.01, clean_twin: bool = True,
-               repeats: int = 1, doc_chars: int = 0) -> dict[str, Any]:
+               repeats: int = 1, doc_chars: int = 0, val_fraction: float = 0.2
+               ) -> dict[str, Any]:
     import trustmoe
     from trustmoe.data.tokenizer import load_tokenizer
     from trustmoe.security.privacy import greedy_continue
@@ -255,14 +257,14 @@ def part_model(n_docs: int, steps: int, clean_chunks: int, seed: int, work: Path
     # plants go into training documents (the build's own seeded split, predicted here): the
     # attacker poisons what the model trains on, and the detectors scan the training split
     bo = BuildOptions()
-    val = split_docs([f"corpus/{n}" for n in names], bo.seed, 0.1, bo.min_val_docs)
+    val = split_docs([f"corpus/{n}" for n in names], bo.seed, val_fraction, bo.min_val_docs)
     held = {i for i, n in enumerate(names) if f"corpus/{n}" in val}
     plant = P.make_plants(rng, len(sub), 1, (k, k), exclude=held, short=short)[0]
     planted = P.apply(sub, [plant], rng, at, repeats)
     poisoned_names = {f"{i:04d}" for i in plant.docs}
     t0 = time.perf_counter()
     bdw = work / "backdoored"
-    _build_train(planted, names, bdw, steps)
+    _build_train(planted, names, bdw, steps, val_fraction)
     audit = json.loads((bdw / "data/audit.json").read_text())
     man = json.loads((bdw / "data/manifest.json").read_text())
     kept = [e["path"] for e in man["files"] if e["fate"] == "kept"]
@@ -319,6 +321,7 @@ def part_model(n_docs: int, steps: int, clean_chunks: int, seed: int, work: Path
         "document_chars": doc_chars or "whole files",
         "plant_position": "random line" if at is None else f"line {at}",
         "plant_repeats_per_document": repeats, "train_steps": steps,
+        "val_fraction": val_fraction,
         "train_loss": _last_loss(bdw),
         "build_and_train_seconds": round(train_s, 1), "attack_success_rate": asr,
         "data_screen": screen_prf, "data_screen_trigger_findings_only": screen_seq,
@@ -331,7 +334,7 @@ def part_model(n_docs: int, steps: int, clean_chunks: int, seed: int, work: Path
         "trigger_search_top_evidence": [sc["evidence"][int(i)] for i in top]}
     if clean_twin:  # the same corpus without the plant, trained alike: FPR on a clean model
         cw = work / "clean"
-        _build_train(sub, names, cw, steps)
+        _build_train(sub, names, cw, steps, val_fraction)
         cchunks = _chunks(cw, "train")
         cs = list(range(len(cchunks))) if not clean_chunks else sorted(
             rs.choice(len(cchunks), min(len(sample), len(cchunks)), replace=False))
@@ -374,6 +377,8 @@ def main() -> None:
     ap.add_argument("--doc-chars", type=int, default=400,
                     help="documents are pieces of stdlib files of about this many characters "
                          "(0: whole files)")
+    ap.add_argument("--val-fraction", type=float, default=0.2,
+                    help="documents held out (the detectors' null is every held-out chunk)")
     ap.add_argument("--keep", type=Path, default=None,
                     help="keep the built datasets and models in this directory")
     ap.add_argument("--no-clean-twin", action="store_true",
@@ -388,7 +393,8 @@ def main() -> None:
         try:
             out["model"] = part_model(a.docs, a.steps, a.clean_chunks, a.seed, work, a.poison_rate,
                                       not a.long_payload, a.plant_line, a.null_chunks, a.fpr,
-                                      not a.no_clean_twin, a.plant_repeats, a.doc_chars)
+                                      not a.no_clean_twin, a.plant_repeats, a.doc_chars,
+                                      a.val_fraction)
         finally:
             if a.keep is None:
                 shutil.rmtree(work, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Backdoor detectors: each finds what it is built to find on synthetic features, the
 conformal calibration keeps false positives at the target rate, and on a tiny model that
-learned a trigger → payload pair the detectors rank the poisoned chunks first."""
+learned a trigger → payload pair the trigger search flags the poisoned chunks and no clean
+one, and nothing on the same model trained without the plant."""
 
 from __future__ import annotations
 

@@ -20,9 +20,17 @@ Four detectors score every training chunk (higher = more suspicious):
   training text: every deletion raises the NLL of what follows).
 
 Calibration (a null from clean data). Each detector's fitted parts (mean and direction,
-standardisation, PCA and clusters, per-expert directions) are fitted on the training chunks
+standardisation, PCA and clusters, per-expert directions) are fitted on training chunks
 only, then applied unchanged to `null_chunks`: held-out documents the model never trained on
-(the scan passes the dataset's validation chunks). A chunk's p-value is conformal,
+(the scan passes the dataset's validation chunks). They are cross-fitted: the training chunks
+are split in two halves, each scored (with the null) by the parts fitted on the other half,
+so a scored chunk is out of sample as a null chunk is (fitted in sample, a top direction is
+fitted to the very chunks it scores). What cross-fitting cannot remove is membership: the
+model has memorised its training chunks (train loss ~0.9 vs held-out ~4.5 on the benchmark)
+and their hidden states differ from held-out ones, so the representation detectors' FPR on
+a clean model can exceed `fpr` (activation clustering: 1.3% at a 1% target). The trigger
+search scores candidates in a neutral context, the same for training and null chunks. A
+chunk's p-value is conformal,
 p = (1 + #{null scores ≥ its score}) / (m + 1), and it is flagged when p ≤ `fpr`. For clean
 chunks exchangeable with the null this keeps each detector's false-positive rate ≤ `fpr`
 (a robust z-score threshold flagged ~17% of clean chunks, the scores being heavy-tailed).
@@ -47,7 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trustmoe.security.backdoor_trigger import trigger_search
+from trustmoe.security.backdoor_trigger import neutral_contexts, trigger_search
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -62,7 +70,7 @@ class BackdoorOptions:
     fpr: float = 0.01  # target false-positive rate of each detector on clean chunks
     candidates: int = 16  # most surprising tokens per chunk that start candidate spans
     span: int = 8  # most continuation tokens scored after a candidate trigger
-    max_ablate: int = 6  # candidate trigger lengths 1..max_ablate tokens (a made-up word is 4-6)
+    max_ablate: int = 12  # candidate trigger lengths 1..max_ablate tokens (a made-up word is 4-8)
     match: int = 4  # continuation tokens that must recur after the span
     min_chunks: int = 3  # chunks holding span + continuation
     min_consistency: float = 0.95  # share of the span's complete occurrences followed by it: a
@@ -269,7 +277,8 @@ def screen(model: Transformer, chunks: Sequence[list[int]], tok: Tokenizer,
     f = chunk_features(model, both, opts.batch_size)
     scores: dict[str, np.ndarray] = {}
     pvals: dict[str, np.ndarray] = {}
-    trig, evidence = trigger_search(model, both, f.logprobs, tok, opts)
+    ctxs = neutral_contexts(null_chunks, tok, model.config.vocab_size)
+    trig, evidence = trigger_search(model, both, f.logprobs, tok, opts, ctxs)
     if m and n >= 8:  # cross-fitted: every scored chunk is out of sample, as the null is
         scores, pvals = _cross_fitted(f, n, m, seed)
     else:

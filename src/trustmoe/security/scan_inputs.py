@@ -145,7 +145,9 @@ def load_inputs(model_dir: Path, data_dir: Path, n_chunks: int, chunk_tokens: in
     if not chunks["train"] or not chunks["val"]:
         raise TrustmoeError(f"{data_dir} needs documents in both splits (train and val) to audit")
     model_info["parameters"] = sum(p.numel() for p in model.parameters())
-    data_info.update(train_chunks=len(chunks["train"]), val_chunks=len(chunks["val"]))
+    data_info.update(train_chunks=len(chunks["train"]), val_chunks=len(chunks["val"]),
+                     backdoor_train_chunks=len(wide["train"]) if n_backdoor else None,
+                     backdoor_val_chunks=len(wide["val"]) if n_backdoor else None)
     return AuditInputs(model, tok, model_dir, data_dir, canaries,
                        [c for _, c in chunks["train"]], [c for _, c in chunks["val"]],
                        [f"train:{i}" for i, _ in chunks["train"]],
