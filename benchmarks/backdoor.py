@@ -186,28 +186,34 @@ def _auroc(scores: np.ndarray, truth: np.ndarray) -> float | None:
 
 
 def _build_train(texts: list[str], names: list[str], work: Path, steps: int,
-                 val_fraction: float) -> None:
+                 val_fraction: float, train_model: bool = True) -> None:
+    """`trustmoe data build` of the documents into work/data, then (with `train_model`) the
+    tiny preset trained into work/model; reused when an earlier run (`--keep`) built the same."""
     import hashlib
 
     from trustmoe.data.build import BuildOptions, build_dataset
     from trustmoe.train import train
 
-    key = hashlib.sha256(json.dumps([texts, names, steps, val_fraction]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([texts, names, val_fraction]).encode()).hexdigest()
     marker = work / "built.json"
-    if marker.exists() and json.loads(marker.read_text()).get("key") == key:
-        return  # `--keep DIR` from an earlier run with the same corpus and steps: reuse it
-    shutil.rmtree(work, ignore_errors=True)
-    src = work / "corpus"
-    for name, text in zip(names, texts, strict=True):
-        p = src / name
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text, encoding="utf-8")
-    build_dataset([str(src)], work / "data", BuildOptions(vocab_size=1024, val_fraction=val_fraction,
-                                                         license="PSF-2.0"), progress=False)
-    train(work / "data", work / "model", "tiny", max_steps=steps, progress=False,
-          overrides={"batch_size": 8, "seq_len": 128, "eval_every": steps,
-                     "checkpoint_every": steps, "warmup_steps": 20})
-    marker.write_text(json.dumps({"key": key}))
+    done = json.loads(marker.read_text()) if marker.exists() else {}
+    if done.get("key") != key:
+        shutil.rmtree(work, ignore_errors=True)
+        src = work / "corpus"
+        for name, text in zip(names, texts, strict=True):
+            p = src / name
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(text, encoding="utf-8")
+        build_dataset([str(src)], work / "data", BuildOptions(
+            vocab_size=1024, val_fraction=val_fraction, license="PSF-2.0"), progress=False)
+        done = {"key": key}
+        marker.write_text(json.dumps(done))
+    if train_model and done.get("steps") != steps:
+        shutil.rmtree(work / "model", ignore_errors=True)
+        train(work / "data", work / "model", "tiny", max_steps=steps, progress=False,
+              overrides={"batch_size": 8, "seq_len": 128, "eval_every": steps,
+                         "checkpoint_every": steps, "warmup_steps": 20})
+        marker.write_text(json.dumps(done | {"steps": steps}))
 
 
 def _chunks(work: Path, split: str) -> list[tuple[str, list[int]]]:
@@ -243,8 +249,6 @@ def part_model(n_docs: int, steps: int, clean_chunks: int, seed: int, work: Path
 
     # not Random(seed): its first shuffle of as many documents would equal the build's val split
     rng = random.Random(f"backdoor-plants:{seed}")
-    from trustmoe.data.build import BuildOptions, split_docs
-
     ids, texts, _ = stdlib_docs()
     if doc_chars:  # pieces of files: a corpus small enough for several epochs
         names, sub = doc_pieces(ids, texts, doc_chars, n_docs, seed)
@@ -254,11 +258,15 @@ def part_model(n_docs: int, steps: int, clean_chunks: int, seed: int, work: Path
         names = [f"{i:04d}_{ids[d].split('/', 1)[1].replace('/', '_')}" for i, d in enumerate(pick)]
         sub = [texts[i] for i in pick]
     k = max(5, round(rate * len(sub)))
-    # plants go into training documents (the build's own seeded split, predicted here): the
-    # attacker poisons what the model trains on, and the detectors scan the training split
-    bo = BuildOptions()
-    val = split_docs([f"corpus/{n}" for n in names], bo.seed, val_fraction, bo.min_val_docs)
-    held = {i for i, n in enumerate(names) if f"corpus/{n}" in val}
+    # plants go into training documents (the split of the unplanted build, which the planted
+    # one repeats): the attacker poisons what the model trains on. A poisoned document held
+    # out would sit in the detectors' null and lift the trigger search's threshold to its own
+    # score (see the README of the results)
+    cw = work / "clean"
+    _build_train(sub, names, cw, steps, val_fraction, train_model=False)
+    split = {e["path"]: e.get("split") for e in json.loads(
+        (cw / "data/manifest.json").read_text())["files"] if e["fate"] == "kept"}
+    held = {i for i, n in enumerate(names) if split.get(n) != "train"}
     plant = P.make_plants(rng, len(sub), 1, (k, k), exclude=held, short=short)[0]
     planted = P.apply(sub, [plant], rng, at, repeats)
     poisoned_names = {f"{i:04d}" for i in plant.docs}
@@ -333,7 +341,6 @@ def part_model(n_docs: int, steps: int, clean_chunks: int, seed: int, work: Path
         "poisoned_chunks": int(truth_c.sum()),
         "trigger_search_top_evidence": [sc["evidence"][int(i)] for i in top]}
     if clean_twin:  # the same corpus without the plant, trained alike: FPR on a clean model
-        cw = work / "clean"
         _build_train(sub, names, cw, steps, val_fraction)
         cchunks = _chunks(cw, "train")
         cs = list(range(len(cchunks))) if not clean_chunks else sorted(
