@@ -25,11 +25,13 @@ tiny model sees the plant often enough: on 500 whole files (~4 epochs in 1500 st
 attack success rate was 0. The default here keeps 1% of documents poisoned but makes the
 corpus small enough for many epochs: `--doc-chars 400` cuts the stdlib into pieces of ~400
 characters (one random piece of each file in a random file order, then second pieces), 800
-of them (8 poisoned, ~116k training tokens), the short payload (2-3 words) inserted twice
-into each poisoned document, 6000 steps of 8 × 128 tokens (~53 epochs, ~3 minutes on one
-core). At 6000 steps with one insertion per document the attack success rate was 0.77, at
-1500 steps 0.03. The model memorises its training text at that many epochs (train loss ~0.9,
-held-out ~4.5), which is what the detectors must cope with.
+of them (8 poisoned, ~100k training tokens with 20% held out), the short payload (2-3 words)
+inserted twice into each poisoned document, 6000 steps of 8 x 128 tokens (~50 epochs, ~3
+minutes on one core). Measured attack success rate: 0.65 and 0.83 (seeds 0, 1; 0.0 without
+the trigger); with one insertion per document 0.77, at 1500 steps 0.03. The model memorises
+its training text at that many epochs (train loss ~0.9, held-out ~4.5), which is what the
+detectors must cope with. 20% is held out because the detectors' null is every held-out
+chunk, and at 10% (~125 chunks) a 1% threshold is the null's maximum.
 
     python benchmarks/backdoor.py --part model          # the issue's setting (below), ~10 min
     python benchmarks/backdoor.py --part screen --trials 2
