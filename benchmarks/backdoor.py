@@ -27,7 +27,7 @@ corpus small enough for many epochs: `--doc-chars 400` cuts the stdlib into piec
 characters (one random piece of each file in a random file order, then second pieces), 800
 of them (8 poisoned, ~100k training tokens with 20% held out), the short payload (2-3 words)
 inserted twice into each poisoned document, 6000 steps of 8 x 128 tokens (~50 epochs, ~3
-minutes on one core). Measured attack success rate: 0.65 and 0.83 (seeds 0, 1; 0.0 without
+minutes on one core). Measured attack success rate: 0.65, 0.83, 0.90 (seeds 0-2; 0.0 without
 the trigger); with one insertion per document 0.77, at 1500 steps 0.03. The model memorises
 its training text at that many epochs (train loss ~0.9, held-out ~4.5), which is what the
 detectors must cope with. 20% is held out because the detectors' null is every held-out
