@@ -1,6 +1,7 @@
 """Backdoor detectors: each finds what it is built to find on synthetic features, the
 conformal calibration keeps false positives at the target rate, and on a tiny model that
-learned a trigger → payload pair the detectors rank the poisoned chunks first."""
+learned a trigger → payload pair the trigger search flags the poisoned chunks and no clean
+one, and nothing on the same model trained without the plant."""
 
 from __future__ import annotations
 
@@ -56,24 +57,27 @@ def test_conformal_flags_keep_the_false_positive_rate() -> None:
 
 
 class _Tok:
-    """Token ids as words: what `trigger_search` needs of a tokenizer (decode)."""
+    """Token ids as words, each with a leading space (a word start): what `trigger_search`
+    needs of a tokenizer (decode)."""
 
     def decode(self, ids: list[int]) -> str:
-        return " ".join(f"t{i}" for i in ids)
+        return "".join(f" t{i}" for i in ids)
 
 
-def _backdoored_model(seed: int = 0) -> tuple[Transformer, list[list[int]], np.ndarray]:
-    """The tiny preset trained on random-token chunks, 10% holding trigger 7 -> 11 12 13 14 15."""
+def _backdoored_model(seed: int = 0, plant: bool = True
+                      ) -> tuple[Transformer, list[list[int]], np.ndarray]:
+    """The tiny preset trained on random-token chunks, 10% holding trigger 7 -> 11 12 13 14 15
+    (with `plant`; otherwise the same chunks without it: the clean twin)."""
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     chunks, poisoned = [], []
     for i in range(600):
         c = rng.integers(50, 250, 48).tolist()
-        if i % 10 == 0:
+        if plant and i % 10 == 0:
             at = int(rng.integers(5, 30))
             c[at:at + 6] = [7, 11, 12, 13, 14, 15]
         chunks.append(c)
-        poisoned.append(i % 10 == 0)
+        poisoned.append(plant and i % 10 == 0)
     torch.manual_seed(seed)
     model = Transformer(get_preset("tiny").model.replace(vocab_size=256))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -88,8 +92,7 @@ def _backdoored_model(seed: int = 0) -> tuple[Transformer, list[list[int]], np.n
     return model.eval(), chunks, np.array(poisoned)
 
 
-@pytest.mark.slow
-def test_detectors_rank_a_learned_trigger_first() -> None:
+def test_trigger_search_flags_a_learned_backdoor_and_not_its_clean_twin() -> None:
     from trustmoe.security.privacy import greedy_continue
 
     model, chunks, poisoned = _backdoored_model()
@@ -106,14 +109,16 @@ def test_detectors_rank_a_learned_trigger_first() -> None:
     assert set(out["scores"]) == set(bd.DETECTORS) == set(out["flags"]) == set(out["p"])
     assert all(len(v) == len(chunks) for v in out["scores"].values())
     assert out["null"] == {"chunks": 120, "fpr": 0.01, "source": "held-out", "min_p": 0.008264}
-    s = out["scores"]["trigger_search"]
-    top = np.argsort(-s)[:10]
-    assert poisoned[top].mean() >= 0.9  # the poisoned chunks rank first
-    assert out["flags"]["trigger_search"][poisoned].mean() >= 0.3
-    # calibrated: clean training chunks flagged at about the target (1%); they are members,
-    # the null is not, so the conformal bound is approximate here (trigger search: ~3%)
-    for d in bd.DETECTORS:
+    flags = out["flags"]["trigger_search"]
+    assert flags[poisoned].mean() >= 0.9  # the poisoned chunks are found...
+    assert flags[~poisoned].mean() <= 0.01  # ...and clean training chunks are not
+    for d in bd.DETECTORS:  # the classic detectors: calibrated, whatever they find
         assert out["flags"][d][~poisoned].mean() <= 0.05, d
-    ev = out["evidence"][int(top[0])]
-    assert ev["trigger"].startswith("t7") and "t13 t14" in ev["continuation"]
-    assert ev["chunks_with_same_trigger"] >= 20 and ev["trigger_consistency"] >= 0.8
+    ev = out["evidence"][int(np.argmax(out["scores"]["trigger_search"]))]
+    assert ev["trigger"].endswith("t7") and ev["continuation"].startswith(" t11 t12 t13 t14 t15")
+    assert ev["chunks_with_same_trigger"] >= 25 and ev["trigger_consistency"] >= 0.8
+    assert ev["delta_nll"] > 10 and ev["nll_with_trigger"] < ev["nll_without_trigger"] - 10
+    # the clean twin (same chunks, no plant, trained alike): nothing flagged
+    twin, clean_chunks, _ = _backdoored_model(plant=False)
+    out = bd.screen(twin, clean_chunks[:300], _Tok(), null_chunks=null)  # type: ignore[arg-type]
+    assert out["flags"]["trigger_search"].mean() <= 0.01

@@ -50,7 +50,10 @@ def test_scan_writes_report(audit_world: dict[str, Path], tmp_path: Path) -> Non
     assert res["membership"]["nonmembers"] < res["data"]["val_chunks"]  # half went to the reference
     assert (out / "reference" / "model.safetensors").exists()
     bd = res["backdoor"]  # calibrated on every held-out chunk; 40 are too few for FPR 1%
-    assert bd["null"] == {"chunks": res["data"]["val_chunks"], "fpr": 0.01,
+    # the backdoor screen samples wider (--backdoor-chunks, 5000: every chunk here)
+    assert res["data"]["backdoor_val_chunks"] > res["data"]["val_chunks"] == 40
+    assert bd["chunks"] == res["data"]["backdoor_train_chunks"] > res["data"]["train_chunks"]
+    assert bd["null"] == {"chunks": res["data"]["backdoor_val_chunks"], "fpr": 0.01,
                           "source": "held-out", "min_p": round(1 / (bd["null"]["chunks"] + 1), 6)}
     assert bd["note"] is not None and "too few" in bd["note"] and not any(bd["flagged"].values())
     html = (out / "security.html").read_text()
@@ -127,3 +130,29 @@ def test_bad_options(opts: ScanOptions, msg: str) -> None:
 def test_missing_inputs_are_one_line(tmp_path: Path) -> None:
     r = _cli(str(tmp_path / "nope"), "--data", str(tmp_path), "--out", str(tmp_path / "s"))
     assert r.returncode == 2 and "model directory not found" in r.stderr
+
+
+def test_backdoor_section_ranks_trigger_finds_first_and_groups_documents() -> None:
+    import numpy as np
+
+    from trustmoe.security.scan import backdoor_section
+
+    n = 5
+    flags = {d: np.zeros(n, dtype=bool) for d in ("spectral", "activation_clustering",
+                                                   "expert_spectral", "trigger_search")}
+    flags["spectral"][[0, 4]] = flags["activation_clustering"][[0, 4]] = True  # two detectors
+    flags["trigger_search"][[1, 2, 3]] = True
+    scores = {d: np.arange(n, dtype=float) for d in flags}
+    scores["trigger_search"] = np.array([0.0, 5.0, 9.0, 9.0, 0.0])
+    ev = [{}, {"trigger": "zq", "payload": " rm"}, {"trigger": "vex", "payload": " rm -rf"},
+          {"trigger": "vex", "payload": " rm -rf"}, {}]
+    out = {"scores": scores, "flags": flags, "evidence": ev,
+           "p": {d: np.where(f, 0.005, 0.5) for d, f in flags.items()},
+           "null": {"chunks": 300, "fpr": 0.01, "source": "held-out", "min_p": 0.003322}}
+    sec = backdoor_section(out, ["train:7:0", "train:3:0", "train:9:0", "train:9:1", "train:2:0"])
+    assert sec["suspect_count"] == 5 and sec["note"] is None
+    assert [s["chunk"] for s in sec["suspects"]][:3] == ["train:9:0", "train:9:1", "train:3:0"]
+    docs = sec["suspect_documents"]
+    assert [d["document"] for d in docs] == ["train:9", "train:3", "train:7", "train:2"]
+    assert docs[0]["chunks"] == ["train:9:0", "train:9:1"] and docs[0]["evidence"]["trigger"] == "vex"
+    assert docs[2]["flagged_by"] == ["activation_clustering", "spectral"]

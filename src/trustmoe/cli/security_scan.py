@@ -17,6 +17,9 @@ def scan_cmd(
         "--check", help="exposure, extraction, membership, backdoor (repeatable or comma-"
         "separated; default: all that apply — exposure only when DATA has canaries).")] = [],  # noqa: B006
     chunks: Annotated[int, typer.Option("--chunks", help="Audit chunks drawn per split.")] = 200,
+    backdoor_chunks: Annotated[int, typer.Option(
+        "--backdoor-chunks", help="Chunks per split for the backdoor screen (all when fewer): "
+        "a trigger planted in 1% of documents must recur in the sample.")] = 5000,
     chunk_tokens: Annotated[int, typer.Option("--chunk-tokens", help="Tokens per chunk.")] = 128,
     candidates: Annotated[int, typer.Option(
         "--candidates", help="Exposure: random secrets scored per canary when |R| is too "
@@ -46,7 +49,7 @@ def scan_cmd(
     from trustmoe.security.scan import ScanOptions, run_scan
 
     checks = tuple(c.strip() for item in check for c in item.split(",") if c.strip())
-    opts = ScanOptions(checks=checks, n_chunks=chunks, chunk_tokens=chunk_tokens,
+    opts = ScanOptions(checks=checks, n_chunks=chunks, backdoor_chunks=backdoor_chunks, chunk_tokens=chunk_tokens,
                        n_candidates=candidates, reference=reference,
                        reference_steps=reference_steps, seed=seed, batch_size=batch_size)
     summary = run_scan(model, data, out, opts, progress=not (quiet or json_out))

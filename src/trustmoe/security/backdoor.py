@@ -13,21 +13,24 @@ Four detectors score every training chunk (higher = more suspicious):
   layer and expert, the tokens routed to it, centred within that expert; a token's score is
   its squared projection on the expert's top direction over the expert's median; a chunk's
   score is the mean of its 4 highest token scores (triggers are a few tokens, not a chunk).
-- `trigger_search` (ONION-style, Qi et al. 2021, turned generative): candidate trigger
-  positions are the tokens with the largest gap between their own NLL and the mean NLL of
-  the next three tokens (a surprising token followed by an easy continuation);
-  each candidate span of 1-3 tokens is deleted and the NLL of the next `span` tokens is
-  re-scored; Δ = NLL(without) − NLL(with) measures how much the continuation depends on the
-  candidate. A chunk's score is its best Δ × ln k × k / m, where k chunks hold the candidate's
-  tokens in their own best window (candidate + continuation) and m chunks contain those tokens
-  at all (matched as token ids: a made-up trigger is several sub-word pieces): one trigger recurs across the
-  poisoned documents and is the best candidate wherever it occurs; a common word is not; a
-  one-off (k = 1: a memorised passage, not a trigger) scores 0.
+- `trigger_search` (`backdoor_trigger`): spans that recur across chunks with one fixed
+  continuation, scored by how much of that continuation the span alone explains in a neutral
+  context (Δ NLL, nats): a trigger → payload backdoor is context-independent, memorised text
+  is not (deleting spans in place, ONION's test, fails on a model that memorised its
+  training text: every deletion raises the NLL of what follows).
 
 Calibration (a null from clean data). Each detector's fitted parts (mean and direction,
-standardisation, PCA and clusters, per-expert directions) are fitted on the training chunks
+standardisation, PCA and clusters, per-expert directions) are fitted on training chunks
 only, then applied unchanged to `null_chunks`: held-out documents the model never trained on
-(the scan passes the dataset's validation chunks). A chunk's p-value is conformal,
+(the scan passes the dataset's validation chunks). They are cross-fitted: the training chunks
+are split in two halves, each scored (with the null) by the parts fitted on the other half,
+so a scored chunk is out of sample as a null chunk is (fitted in sample, a top direction is
+fitted to the very chunks it scores). What cross-fitting cannot remove is membership: the
+model has memorised its training chunks (train loss ~0.9 vs held-out ~4.5 on the benchmark)
+and their hidden states differ from held-out ones, so the representation detectors' FPR on
+a clean model can exceed `fpr` (activation clustering: 1.3% at a 1% target). The trigger
+search scores candidates in a neutral context, the same for training and null chunks. A
+chunk's p-value is conformal,
 p = (1 + #{null scores ≥ its score}) / (m + 1), and it is flagged when p ≤ `fpr`. For clean
 chunks exchangeable with the null this keeps each detector's false-positive rate ≤ `fpr`
 (a robust z-score threshold flagged ~17% of clean chunks, the scores being heavy-tailed).
@@ -52,8 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trustmoe.eval.backend_model import score_requests
-from trustmoe.eval.loglik import Request
+from trustmoe.security.backdoor_trigger import neutral_contexts, trigger_search
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -66,10 +68,15 @@ DETECTORS = ("spectral", "activation_clustering", "expert_spectral", "trigger_se
 @dataclass
 class BackdoorOptions:
     fpr: float = 0.01  # target false-positive rate of each detector on clean chunks
-    candidates: int = 8  # trigger candidates per chunk (3 missed a learned trigger in most chunks)
-    span: int = 8  # continuation tokens scored after a candidate
-    max_ablate: int = 3  # candidate trigger lengths 1..max_ablate tokens
-    context: int = 48  # tokens of left context kept when re-scoring
+    candidates: int = 16  # most surprising tokens per chunk that start candidate spans
+    span: int = 8  # most continuation tokens scored after a candidate trigger
+    max_ablate: int = 12  # candidate trigger lengths 1..max_ablate tokens (a made-up word is 4-8)
+    match: int = 4  # continuation tokens that must recur after the span
+    min_chunks: int = 3  # chunks holding span + continuation
+    min_consistency: float = 0.95  # share of the span's complete occurrences followed by it: a
+    # planted trigger always is (0.5 let `*args,` -> ` **kwargs` (7 of 8) outrank the plant)
+    max_overlap: float = 0.02  # holders sharing this much besides the span: one family, not
+    # a plant (token 4-gram Jaccard; random sets of 4 chunks: 99th percentile 0.010)
     batch_size: int = 32
 
 
@@ -205,70 +212,6 @@ def expert_spectral(f: ChunkFeatures, n_chunks: int, top: int = 4,
     return out
 
 
-def trigger_search(model: Transformer, chunks: Sequence[list[int]], logprobs: list[np.ndarray],
-                   tok: Tokenizer, opts: BackdoorOptions) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """(n,) scores and per-chunk evidence of the best trigger candidate (ONION-style)."""
-    S, K = opts.span, opts.candidates
-    reqs: list[Request] = []
-    meta: list[tuple[int, int, int, int]] = []  # chunk, position, ablated length, with/without
-    for c, (ids, lp) in enumerate(zip(chunks, logprobs, strict=True)):
-        nll = -lp  # nll[j] = NLL of ids[j] given BOS + ids[:j]
-        n = len(ids)
-        if n < S + 3:
-            continue
-        pos = np.arange(1, n - S - 1)
-        # surprising token, easy next tokens: the gap is largest right at a trigger
-        gap = nll[pos] - np.array([nll[p + 1:p + 4].mean() for p in pos])
-        cand = pos[np.argsort(-gap)][:K]
-        cand = cand[gap[cand - 1] > 0]
-        for p in cand.tolist():
-            for r in range(1, opts.max_ablate + 1):
-                if p + r + S > n:
-                    continue
-                left = ids[max(0, p - opts.context):p]
-                cont = ids[p + r:p + r + S]
-                with_ = [0, *left, *ids[p:p + r], *cont]
-                without = [0, *left, *cont]
-                reqs += [Request(with_, len(with_) - S), Request(without, len(without) - S)]
-                meta += [(c, p, r, 1), (c, p, r, 0)]
-    scored = score_requests(model, reqs, batch_size=opts.batch_size) if reqs else []
-    best: dict[int, tuple[float, int, int]] = {}
-    nll_with: dict[tuple[int, int, int], float] = {}
-    for (c, p, r, w), s in zip(meta, scored, strict=True):
-        v = -float(s.logprobs.mean())
-        if w:
-            nll_with[(c, p, r)] = v
-        else:
-            delta = v - nll_with[(c, p, r)]
-            if c not in best or delta > best[c][0]:
-                best[c] = (delta, p, r)
-    # recurrence is counted on token ids, not words: a made-up trigger is several sub-word
-    # pieces (`vex_yth_dra73`), and a piece never matches as a whole word in the text
-    def key(ids: Sequence[int]) -> str:  # one character per token id (no surrogates)
-        return "".join(chr(0x10000 + t) for t in ids)
-
-    cand_key = {c: key(chunks[c][p:p + r]) for c, (_, p, r) in best.items()}
-    windows = [key(chunks[c][p:p + r + S]) for c, (_, p, r) in best.items()]
-    keyed = [key(c) for c in chunks]
-    scores = np.zeros(len(chunks))
-    evidence: list[dict[str, Any]] = [{} for _ in chunks]
-    cache: dict[str, tuple[int, int]] = {}
-    for c, (delta, p, r) in best.items():
-        t = cand_key[c]
-        if t not in cache:  # k: best windows holding t; m: chunks holding t at all
-            cache[t] = (sum(t in w for w in windows), sum(t in d for d in keyed))
-        shared, present = cache[t]
-        # a trigger is in the best window wherever it occurs; a common word is not
-        consistency = shared / max(present, shared, 1)
-        scores[c] = max(delta, 0.0) * np.log(max(shared, 1)) * consistency  # 0 for a one-off
-        evidence[c] = {"trigger": tok.decode(chunks[c][p:p + r]).strip(), "position": p,
-                       "trigger_tokens": r,
-                       "continuation": tok.decode(chunks[c][p + r:p + r + S]),
-                       "delta_nll": round(delta, 4), "chunks_with_same_trigger": shared,
-                       "trigger_consistency": round(consistency, 3)}
-    return scores, evidence
-
-
 def conformal_p(scores: np.ndarray, null: np.ndarray) -> np.ndarray:
     """(n,) p-value of each score against a null sample: (1 + #{null ≥ s}) / (m + 1).
     For a score exchangeable with the null, P(p ≤ α) ≤ α."""
@@ -282,6 +225,40 @@ def self_p(scores: np.ndarray) -> np.ndarray:
     srt = np.sort(scores)
     ge = len(srt) - np.searchsorted(srt, scores, side="left")  # includes the score itself
     return np.asarray(ge / max(len(srt), 1))
+
+
+def _classic(f: ChunkFeatures, order: np.ndarray, n_fit: int, seed: int) -> dict[str, np.ndarray]:
+    """The three representation detectors over the chunks in `order` (indices into `f`),
+    fitted on the first `n_fit` of them; scores in `order`'s order."""
+    import dataclasses
+
+    inv = np.empty(len(order), dtype=np.int64)
+    inv[order] = np.arange(len(order))
+    rep = np.concatenate([f.hidden, f.load], 1) if f.load.size else f.hidden
+    g = dataclasses.replace(f, token_chunk=inv[f.token_chunk])
+    return {"spectral": spectral_scores(f.hidden[order], n_fit),
+            "activation_clustering": activation_clustering(rep[order], seed, n_fit=n_fit),
+            "expert_spectral": expert_spectral(g, len(order), n_fit=n_fit) if f.token_hidden
+            else np.zeros(len(order))}
+
+
+def _cross_fitted(f: ChunkFeatures, n: int, m: int, seed: int
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Two folds of the n scored chunks: each fold scored, with the null, by the detectors
+    fitted on the other fold. Fitted in sample, a direction or a cluster is fitted to the
+    chunks it then scores (their projections are larger than a held-out chunk's), so the
+    held-out null would not be exchangeable with them."""
+    perm = np.random.default_rng([seed, 11]).permutation(n)
+    folds = (perm[: n // 2], perm[n // 2:])
+    null = np.arange(n, n + m)
+    scores = {k: np.zeros(n) for k in DETECTORS[:3]}
+    pvals = {k: np.ones(n) for k in DETECTORS[:3]}
+    for a, b in ((folds[0], folds[1]), (folds[1], folds[0])):
+        out = _classic(f, np.concatenate([a, b, null]), len(a), seed)
+        for k, v in out.items():
+            scores[k][b] = v[len(a):len(a) + len(b)]
+            pvals[k][b] = conformal_p(v[len(a):len(a) + len(b)], v[len(a) + len(b):])
+    return scores, pvals
 
 
 def screen(model: Transformer, chunks: Sequence[list[int]], tok: Tokenizer,
@@ -298,18 +275,19 @@ def screen(model: Transformer, chunks: Sequence[list[int]], tok: Tokenizer,
     n, m = len(chunks), len(null_chunks)
     both = [*chunks, *null_chunks]
     f = chunk_features(model, both, opts.batch_size)
-    rep = np.concatenate([f.hidden, f.load], 1) if f.load.size else f.hidden
-    full = {
-        "spectral": spectral_scores(f.hidden, n),
-        "activation_clustering": activation_clustering(rep, seed, n_fit=n),
-        "expert_spectral": expert_spectral(f, n + m, n_fit=n) if f.token_hidden
-        else np.zeros(n + m),
-    }
-    full["trigger_search"], evidence = trigger_search(model, both, f.logprobs, tok, opts)
-    scores = {k: v[:n] for k, v in full.items()}
-    if m:
-        pvals = {k: conformal_p(v[:n], v[n:]) for k, v in full.items()}
+    scores: dict[str, np.ndarray] = {}
+    pvals: dict[str, np.ndarray] = {}
+    ctxs = neutral_contexts(null_chunks, tok, model.config.vocab_size)
+    trig, evidence = trigger_search(model, both, f.logprobs, tok, opts, ctxs)
+    if m and n >= 8:  # cross-fitted: every scored chunk is out of sample, as the null is
+        scores, pvals = _cross_fitted(f, n, m, seed)
     else:
+        full = _classic(f, np.arange(n + m), n, seed)
+        scores = {k: v[:n] for k, v in full.items()}
+        pvals = {k: conformal_p(v[:n], v[n:]) for k, v in full.items()}
+    scores["trigger_search"] = trig[:n]
+    pvals["trigger_search"] = conformal_p(trig[:n], trig[n:])
+    if not m:
         pvals = {k: np.where(v > 0, self_p(v), 1.0) for k, v in scores.items()}
     flags = {k: p <= opts.fpr for k, p in pvals.items()}
     null = {"chunks": m, "fpr": opts.fpr, "source": "held-out" if m else "self",

@@ -41,6 +41,7 @@ CHECKS = ("exposure", "extraction", "membership", "backdoor")
 class ScanOptions:
     checks: tuple[str, ...] = ()  # empty: every check that applies
     n_chunks: int = 200  # per split
+    backdoor_chunks: int = 5000  # per split, for the backdoor screen (a trigger must recur)
     chunk_tokens: int = 128
     n_candidates: int = 1000  # canary exposure: random secrets scored when |R| is large
     reference: Path | None = None  # a reference model dir (trained on data disjoint from DATA's train)
@@ -55,6 +56,8 @@ class ScanOptions:
             raise TrustmoeError(f"unknown check {bad[0]!r}; choose from {', '.join(CHECKS)}")
         if not 4 <= self.n_chunks <= 100_000:
             raise TrustmoeError(f"--chunks must be in [4, 100000], got {self.n_chunks}")
+        if not 4 <= self.backdoor_chunks <= 1_000_000:
+            raise TrustmoeError(f"--backdoor-chunks must be in [4, 1000000], got {self.backdoor_chunks}")
         if not 16 <= self.chunk_tokens <= 4096:
             raise TrustmoeError(f"--chunk-tokens must be in [16, 4096], got {self.chunk_tokens}")
         if not 100 <= self.n_candidates <= 1_000_000:
@@ -73,7 +76,9 @@ def run_scan(model_dir: Path, data_dir: Path, out_dir: Path, opts: ScanOptions |
     """Run the audits, write `security.json` and `security.html`; return the summary block."""
     opts = (opts or ScanOptions()).validate()
     model_dir, data_dir, out_dir = Path(model_dir), Path(data_dir), Path(out_dir)
-    inp = load_inputs(model_dir, data_dir, opts.n_chunks, opts.chunk_tokens, opts.seed)
+    checks = opts.checks or CHECKS
+    inp = load_inputs(model_dir, data_dir, opts.n_chunks, opts.chunk_tokens, opts.seed,
+                      n_backdoor=opts.backdoor_chunks if "backdoor" in checks else 0)
     checks = opts.checks or tuple(c for c in CHECKS if c != "exposure" or inp.canaries)
     if "exposure" in checks and not inp.canaries:
         raise TrustmoeError(f"{data_dir} has no canaries, so exposure cannot be measured: "
@@ -154,16 +159,21 @@ def _membership(inp: AuditInputs, opts: ScanOptions, out_dir: Path) -> dict[str,
 
 def _backdoor(inp: AuditInputs, opts: ScanOptions, out_dir: Path) -> dict[str, Any]:
     # calibrated on the held-out chunks: text the model never trained on
-    out = bd.screen(inp.model, inp.train_chunks, inp.tokenizer, opts.backdoor, opts.seed,
-                    null_chunks=inp.val_chunks)
-    return backdoor_section(out, inp.train_chunk_ids)
+    # on the wider sample: a trigger in 1% of documents recurs in a few chunks of 200
+    train = inp.backdoor_train or inp.train_chunks
+    ids = inp.backdoor_train_ids or inp.train_chunk_ids
+    out = bd.screen(inp.model, train, inp.tokenizer, opts.backdoor, opts.seed,
+                    null_chunks=inp.backdoor_val or inp.val_chunks)
+    return backdoor_section(out, ids)
 
 
 def backdoor_section(out: dict[str, Any], ids: list[str]) -> dict[str, Any]:
     """Per-detector flag counts and the suspects (flagged by the trigger search, or by two or
     more detectors), ranked, each with every detector's p-value against the null (held-out
-    chunks), robust z-score and the evidence. `null` says how flags were calibrated; `note`
-    is set when the null is too small to flag anything at the target false-positive rate."""
+    chunks), robust z-score and the evidence; `suspect_documents` groups them by training
+    document ("train:<doc>"), in the same order, with the best chunk's evidence. `null` says
+    how flags were calibrated; `note` is set when the null is too small to flag anything at
+    the target false-positive rate."""
     zs = {k: bd.robust_z(s) for k, s in out["scores"].items()}
     n = len(ids)
     suspects = []
@@ -174,8 +184,16 @@ def backdoor_section(out: dict[str, Any], ids: list[str]) -> dict[str, Any]:
                              "p": {k: round(float(out["p"][k][i]), 5) for k in bd.DETECTORS},
                              "z": {k: round(float(zs[k][i]), 3) for k in bd.DETECTORS},
                              "evidence": out["evidence"][i]})
-    suspects.sort(key=lambda s: (-len(s["flagged_by"]), s["p"]["trigger_search"],
-                                 -s["z"]["trigger_search"]))
+    # the trigger search's finds first (they carry a trigger and its payload), strongest first
+    suspects.sort(key=lambda s: ("trigger_search" not in s["flagged_by"],
+                                 -s["z"]["trigger_search"], -len(s["flagged_by"])))
+    docs: dict[str, dict[str, Any]] = {}  # suspects grouped by document, best chunk first
+    for x in suspects:
+        d = x["chunk"].rsplit(":", 1)[0]
+        if d not in docs:
+            docs[d] = {"document": d, "chunks": [], "flagged_by": [], "evidence": x["evidence"]}
+        docs[d]["chunks"].append(x["chunk"])
+        docs[d]["flagged_by"] = sorted(set(docs[d]["flagged_by"]) | set(x["flagged_by"]))
     null = dict(out["null"])
     note = None
     if null["min_p"] > null["fpr"]:
@@ -183,7 +201,8 @@ def backdoor_section(out: dict[str, Any], ids: list[str]) -> dict[str, Any]:
                 f"false-positive rate of {null['fpr']}: scan with more --chunks")
     return {"chunks": n, "target_fpr": null["fpr"], "null": null, "note": note,
             "flagged": {k: int(np.sum(out["flags"][k])) for k in bd.DETECTORS},
-            "suspects": suspects[:100], "suspect_count": len(suspects)}
+            "suspects": suspects[:100], "suspect_count": len(suspects),
+            "suspect_documents": list(docs.values())[:100]}
 
 
 _RUN = {"exposure": _exposure, "extraction": _extraction, "membership": _membership,

@@ -40,6 +40,10 @@ class AuditInputs:
     val_chunk_docs: list[int] = field(default_factory=list)  # document index of each val chunk
     model_info: dict[str, Any] = field(default_factory=dict)
     data_info: dict[str, Any] = field(default_factory=dict)
+    # the backdoor screen's wider sample (a trigger in 1% of documents must recur in it)
+    backdoor_train: list[list[int]] = field(default_factory=list)
+    backdoor_val: list[list[int]] = field(default_factory=list)
+    backdoor_train_ids: list[str] = field(default_factory=list)
 
 
 def check_pair(model_dir: Path, data_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -108,8 +112,17 @@ def split_chunks(tokens: np.ndarray, chunk: int, skip: set[tuple[int, ...]]
     return out
 
 
+def _sample(chunks: list[tuple[str, list[int]]], n: int, key: list[int]
+            ) -> list[tuple[str, list[int]]]:
+    """Up to n chunks drawn without replacement (all when there are fewer), in order."""
+    if len(chunks) <= n:
+        return chunks
+    pick = np.random.default_rng(key).choice(len(chunks), n, replace=False)
+    return [chunks[i] for i in sorted(pick.tolist())]
+
+
 def load_inputs(model_dir: Path, data_dir: Path, n_chunks: int, chunk_tokens: int, seed: int,
-                device: str | None = None) -> AuditInputs:
+                device: str | None = None, n_backdoor: int = 0) -> AuditInputs:
     import trustmoe
     from trustmoe.data.shards import open_tokens
     from trustmoe.data.tokenizer import load_tokenizer
@@ -124,22 +137,25 @@ def load_inputs(model_dir: Path, data_dir: Path, n_chunks: int, chunk_tokens: in
         raise TrustmoeError(f"model vocabulary ({model.config.vocab_size}) is smaller than the "
                             f"dataset tokenizer's ({tok.get_vocab_size()})")
     skip = {tuple(tok.encode(c.text + "\n").ids) for c in canaries}
-    chunks = {}
+    chunks, wide = {}, {}
     for split, off in (("train", 1), ("val", 2)):
-        allc = split_chunks(open_tokens(data_dir, split), chunk_tokens, skip)
-        if len(allc) > n_chunks:
-            pick = np.random.default_rng([seed, off]).choice(len(allc), n_chunks, replace=False)
-            allc = [allc[i] for i in sorted(pick.tolist())]
-        chunks[split] = allc
+        every = split_chunks(open_tokens(data_dir, split), chunk_tokens, skip)
+        chunks[split] = _sample(every, n_chunks, [seed, off])
+        wide[split] = _sample(every, max(n_backdoor, n_chunks), [seed, off + 10])
     if not chunks["train"] or not chunks["val"]:
         raise TrustmoeError(f"{data_dir} needs documents in both splits (train and val) to audit")
     model_info["parameters"] = sum(p.numel() for p in model.parameters())
-    data_info.update(train_chunks=len(chunks["train"]), val_chunks=len(chunks["val"]))
+    data_info.update(train_chunks=len(chunks["train"]), val_chunks=len(chunks["val"]),
+                     backdoor_train_chunks=len(wide["train"]) if n_backdoor else None,
+                     backdoor_val_chunks=len(wide["val"]) if n_backdoor else None)
     return AuditInputs(model, tok, model_dir, data_dir, canaries,
                        [c for _, c in chunks["train"]], [c for _, c in chunks["val"]],
                        [f"train:{i}" for i, _ in chunks["train"]],
                        val_chunk_docs=[int(i.split(":")[0]) for i, _ in chunks["val"]],
-                       model_info=model_info, data_info=data_info)
+                       model_info=model_info, data_info=data_info,
+                       backdoor_train=[c for _, c in wide["train"]],
+                       backdoor_val=[c for _, c in wide["val"]],
+                       backdoor_train_ids=[f"train:{i}" for i, _ in wide["train"]])
 
 
 def train_reference(inp: AuditInputs, chunks: list[list[int]], ref_dir: Path,

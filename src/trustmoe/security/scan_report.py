@@ -47,8 +47,10 @@ src="data:image/png;base64,{{ img }}">{% endfor %}
 <table><tr><th>chunk</th><th>flagged by</th><th>p-values</th><th>evidence</th></tr>
 {% for s in res.backdoor.suspects[:30] %}<tr><td>{{ s.chunk }}</td>
 <td>{{ s.flagged_by|join(", ") }}</td><td>{{ s.p }}</td>
-<td>{% if s.evidence %}trigger <code>{{ s.evidence.trigger }}</code> → <code>{{ s.evidence.continuation
-}}</code> (ΔNLL {{ s.evidence.delta_nll }}, in {{ s.evidence.chunks_with_same_trigger }} chunks)
+<td>{% if s.evidence %}trigger <code>{{ s.evidence.trigger }}</code> → payload <code>{{ s.evidence.payload
+}}</code> (of <code>{{ s.evidence.continuation }}</code>; ΔNLL {{ s.evidence.delta_nll }} nats:
+{{ s.evidence.nll_without_trigger }} without the trigger, {{ s.evidence.nll_with_trigger }} with
+it; in {{ s.evidence.chunks_with_same_trigger }} chunks)
 {% endif %}</td></tr>{% endfor %}</table>{% endif %}
 <h2>Timing</h2><table>{% for k, v in res.timing_s.items() %}<tr><td>{{ k }}</td>
 <td>{{ v }} s</td></tr>{% endfor %}</table>
