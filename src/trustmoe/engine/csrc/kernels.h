@@ -373,6 +373,43 @@ static inline v8f tm_exp8(v8f x) {
     return (v8f)((v8i)(y * (v8f)e) & ~dead);
 }
 
+/* out (nr, hd) = sum_s p[r * S + s] * V[slot s] for nr query heads, the accumulators of a
+ * head size known at compile time (NR heads x HD8 vectors) kept in registers over all slots.
+ * Each output element is 0 + p_0 v_0 + p_1 v_1 + ... in slot order, as in tm_attend_v_any. */
+__attribute__((always_inline)) static inline void tm_attend_v(int NRH, int HD8, const float* p,
+                                                              int64_t S, const float* vg,
+                                                              const int64_t* slots, float* out) {
+    v8f acc[2][16];
+    for (int r = 0; r < NRH; r++)
+        for (int j = 0; j < HD8; j++) acc[r][j] = (v8f){0};
+    for (int64_t s = 0; s < S; s++) {
+        const float* v = vg + slots[s] * (HD8 * 8);
+        for (int r = 0; r < NRH; r++) {
+            v8f ps = (v8f){0} + p[r * S + s];
+            for (int j = 0; j < HD8; j++) acc[r][j] = acc[r][j] + ps * tm_ld(v + 8 * j);
+        }
+    }
+    for (int r = 0; r < NRH; r++)
+        for (int j = 0; j < HD8; j++) tm_st(out + r * HD8 * 8 + 8 * j, acc[r][j]);
+}
+
+static inline void tm_attend_v_any(int nr, int hd, const float* p, int64_t S, const float* vg,
+                                   const int64_t* slots, float* out) {
+    int d8 = hd & ~7;
+    for (int i = 0; i < nr * hd; i++) out[i] = 0.0f;
+    for (int64_t s = 0; s < S; s++) {
+        const float* v = vg + slots[s] * hd;
+        for (int r = 0; r < nr; r++) {
+            float* o = out + (int64_t)r * hd;
+            float pv = p[r * S + s];
+            v8f ps = (v8f){0} + pv;
+            int d = 0;
+            for (; d < d8; d += 8) tm_st(o + d, tm_ld(o + d) + ps * tm_ld(v + d));
+            for (; d < hd; d++) o[d] += pv * v[d];
+        }
+    }
+}
+
 /* The `rep` query heads q (rep, hd) that share kv head g, over S cached slots:
  * out (rep, hd) = softmax(q.K * scale) V, reading each cached key and value once for all of
  * them. kc, vc: (Hkv, nslots, hd); p: rep * S floats of scratch. Each head's result does not
@@ -408,18 +445,15 @@ static inline void tm_attend(const float* q, int rep, const float* kc, const flo
         }
         inv[r] = 1.0f / sum;
     }
-    int d8 = hd & ~7;
-    for (int i = 0; i < rep * hd; i++) out[i] = 0.0f;
-    for (int64_t s = 0; s < S; s++) {
-        const float* v = vg + slots[s] * hd;
-        for (int r = 0; r < rep; r++) {
-            float* o = out + (int64_t)r * hd;
-            float pv = p[r * S + s];
-            v8f ps = (v8f){0} + pv;
-            int d = 0;
-            for (; d < d8; d += 8) tm_st(o + d, tm_ld(o + d) + ps * tm_ld(v + d));
-            for (; d < hd; d++) o[d] += pv * v[d];
-        }
+    for (int r = 0; r < rep; r += 2) {  /* values: two query heads per pass over them */
+        int nr = rep - r < 2 ? rep - r : 2;
+        const float* pr = p + (int64_t)r * S;
+        float* o = out + (int64_t)r * hd;
+        if (hd == 64 && nr == 2) tm_attend_v(2, 8, pr, S, vg, slots, o);
+        else if (hd == 64) tm_attend_v(1, 8, pr, S, vg, slots, o);
+        else if (hd == 128 && nr == 2) tm_attend_v(2, 16, pr, S, vg, slots, o);
+        else if (hd == 128) tm_attend_v(1, 16, pr, S, vg, slots, o);
+        else tm_attend_v_any(nr, hd, pr, S, vg, slots, o);
     }
     for (int r = 0; r < rep; r++)
         for (int d = 0; d < hd; d++) out[(int64_t)r * hd + d] *= inv[r];
