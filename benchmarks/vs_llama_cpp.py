@@ -179,6 +179,8 @@ def bench_shape(name: str, shape: dict[str, Any], args: argparse.Namespace) -> d
         ours = {"fp32": Engine(d, **kw), "int8": Engine(d, quantize="int8", **kw)}
         free = {"fp32": Engine(d, batch_invariant=False, **kw),
                 "int8": Engine(d, quantize="int8", batch_invariant=False, **kw)}
+        kv16 = {"fp32": Engine(d, kv_cache_dtype="float16", **kw),  # llama.cpp's cache precision
+                "int8": Engine(d, quantize="int8", kv_cache_dtype="float16", **kw)}
         ctx_per_seq = -(-(args.prompt + args.tokens) // 256) * 256
         peers = {q: LlamaCpp(Path(f["path"]), args.threads, ctx_per_seq,
                              max(CONCURRENT * args.prompt, args.prefill, max(CONTEXTS)))
@@ -191,7 +193,7 @@ def bench_shape(name: str, shape: dict[str, Any], args: argparse.Namespace) -> d
         f32kv_toks, _ = peers["f32"].greedy(prompt, AGREE_TOKENS, f32_kv=True)
         bw, peak = read_bandwidth(args.bw_mb), gemm_peak()
 
-        for eng in [*ours.values(), *free.values()]:  # warm-up: first-call allocations
+        for eng in [*ours.values(), *free.values(), *kv16.values()]:  # warm-up: first calls
             ours_greedy(eng, prompt, 4)
             ours_concurrent(eng, prompts, 2)
             ours_prefill(eng, long_prompt)
@@ -214,6 +216,7 @@ def bench_shape(name: str, shape: dict[str, Any], args: argparse.Namespace) -> d
             pre[pk] = partial(lambda pp: (None, pp.prefill(long_prompt)), peers[pk])
             for c, cp in ctx_prompts.items():
                 scale[f"{ok}@{c}"] = partial(ours_greedy, ours[ok], cp, SCALING_TOKENS)
+                scale[f"{ok}_kv16@{c}"] = partial(ours_greedy, kv16[ok], cp, SCALING_TOKENS)
                 scale[f"{pk}@{c}"] = partial(peers[pk].greedy, cp, SCALING_TOKENS, False,
                                              min(-(-(c + 1) // 256) * 256, cfg.max_position_embeddings))
         parts = set(args.parts)
@@ -235,8 +238,10 @@ def bench_shape(name: str, shape: dict[str, Any], args: argparse.Namespace) -> d
         return {k: statistics.median(v) for k, v in d.items() if v}
 
     med1, medc, medp, meds, medsc = med(b1), med(cc), med(pf), med(seq), med(sc)
-    bpp = {"fp32": 4.0, "f32": 4.0, "int8": 1.0, "q8_0": 34 / 32}  # weight bytes per parameter
-    kvb = {"fp32": 4.0, "int8": 4.0, "f32": 2.0, "q8_0": 2.0}  # KV bytes per value (llama: f16)
+    bpp = {"fp32": 4.0, "f32": 4.0, "int8": 1.0, "q8_0": 34 / 32,  # weight bytes per parameter
+           "fp32_kv16": 4.0, "int8_kv16": 1.0}
+    kvb = {"fp32": 4.0, "int8": 4.0, "f32": 2.0, "q8_0": 2.0,  # KV bytes per value (llama: f16)
+           "fp32_kv16": 2.0, "int8_kv16": 2.0}
     ctx1 = args.prompt + args.tokens / 2
 
     def util(k: str, tok_s: float, context: float, rows: int = 1, lm_head: bool = True) -> dict[str, float]:
@@ -280,14 +285,17 @@ def bench_shape(name: str, shape: dict[str, Any], args: argparse.Namespace) -> d
                                      for k, v in medp.items()}})
     if medsc:
         ctxs = list(ctx_prompts)
-        kept = {k: round(medsc[f"{k}@{ctxs[-1]}"] / medsc[f"{k}@{ctxs[0]}"], 3) for k in [*ours, *peers]}
+        kept = {k: round(medsc[f"{k}@{ctxs[-1]}"] / medsc[f"{k}@{ctxs[0]}"], 3)
+                for k in [*ours, *(k + "_kv16" for k in ours), *peers]}
         out.update({
             "context_scaling_decode_tok_s": rounded(medsc),
             "context_scaling_roofline": {k: util(k.split("@")[0], v, int(k.split("@")[1]))
                                          for k, v in medsc.items()},
             f"context_scaling_kept_{ctxs[-1]}_over_{ctxs[0]}": kept,
             "context_scaling_ours_kept_over_llama_cpp_kept": {
-                n: round(kept[o] / kept[p], 3) for n, (o, p) in pairs.items()}})
+                n: round(kept[o] / kept[p], 3) for n, (o, p) in pairs.items()},
+            "context_scaling_ours_fp16_cache_kept_over_llama_cpp_kept": {
+                n: round(kept[o + "_kv16"] / kept[p], 3) for n, (o, p) in pairs.items()}})
     agree: dict[str, Any] = {
         "llama_cpp_f32_f32kv_vs_ours_model_prompt_logits_max_abs_diff": round(logit_diff, 6),
         "prompt_logits_max_abs": round(ref_max_abs, 3)}

@@ -167,6 +167,7 @@ class ModelConfig:
 SERVER_MAX_CONCURRENCY = 256  # requests (choices) in flight in one server; more get 429
 QUANT_MODES = ("int8", "int4")
 DTYPES = ("float32", "bfloat16", "float16")
+KV_DTYPES = ("float32", "float16")
 MOE_PATHS = ("auto", "sorted", "gather")
 
 
@@ -187,6 +188,10 @@ class EngineConfig:
                                     "channel) or 'int4' (group-wise).")
     group_size: int = _f(64, "int4 group size: input channels per scale and zero point.")
     kv_cache_mb: float = _f(256.0, "Paged KV-cache memory budget in MiB.")
+    kv_cache_dtype: str | None = _f(None, "KV-cache element type: None (the weights' dtype, exact) "
+                                          "or float16 (half the memory and the decode reads at "
+                                          "long contexts; keys and values rounded to fp16, as "
+                                          "llama.cpp's default cache).")
     block_size: int = _f(16, "Tokens per KV-cache block (the unit of prefix caching).")
     max_num_seqs: int = _f(32, "Most sequences in one running batch.")
     max_queue: int = _f(256, "Most requests waiting for a batch slot; more are refused "
@@ -230,6 +235,9 @@ class EngineConfig:
         if not isinstance(self.device, str):
             raise ConfigError(f"device must be a string such as 'auto', 'cpu' or 'cuda', "
                               f"got {self.device!r}")
+        if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be None or one of {', '.join(KV_DTYPES)}, "
+                              f"got {self.kv_cache_dtype!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be None or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.num_threads is not None and (isinstance(self.num_threads, bool) or not isinstance(

@@ -231,3 +231,5 @@ def test_engine_takes_a_config_and_keyword_overrides(tiny_model: Transformer) ->
         Engine(tiny_model, bogus=1)
     with pytest.raises(ConfigError, match="unknown device 'gpu'"):
         Engine(tiny_model, device="gpu")
+    with pytest.raises(ConfigError, match="kv_cache_dtype must be None or one of float32, float16"):
+        Engine(tiny_model, kv_cache_dtype="int8")

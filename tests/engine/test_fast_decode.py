@@ -151,3 +151,25 @@ def test_long_context_attention_matches_torch_path() -> None:
         return [(r.token_ids, [lp.logprob for lp in r.logprobs]) for r in eng.generate(prompts, params=sp)]
 
     _same(run(True), run(False))
+
+
+def test_float16_cache_fast_path_matches_torch_path_and_stays_invariant() -> None:
+    """kv_cache_dtype="float16": both paths read the same rounded keys and values and attend
+    in fp32; a request gives the same tokens alone or batched; the cache takes half the bytes."""
+    m = _model(num_key_value_heads=1)
+    n = m.config.max_position_embeddings
+    prompts = random_prompts([n - 20, 37, 5], m.config.vocab_size, seed=10)
+    sp = SamplingParams(max_tokens=10, ignore_eos=True, logprobs=0)
+
+    def run(fast: bool, batch: bool = True) -> list[tuple[list[int], list[float]]]:
+        eng = Engine(m, kv_cache_mb=8, fast_decode=fast, kv_cache_dtype="float16")
+        assert eng.kv.k.dtype == torch.float16 and (eng.runner.fast is not None) == fast
+        res = eng.generate(prompts, params=sp) if batch else \
+            [eng.generate([p], params=sp)[0] for p in prompts]
+        return [(r.token_ids, [lp.logprob for lp in r.logprobs]) for r in res]
+
+    fast = run(True)
+    _same(fast, run(False))
+    assert fast == run(True, batch=False)  # bit for bit alone or batched
+    half = Engine(m, kv_cache_mb=8, kv_cache_dtype="float16").kv.num_blocks
+    assert half == 2 * Engine(m, kv_cache_mb=8).kv.num_blocks

@@ -40,6 +40,9 @@ def serve_command(
                                  help="Weight-only quantization at load: none, int8 or int4."),
     group_size: int = typer.Option(_ENGINE.group_size, help=EngineConfig.help("group_size")),
     kv_cache_mb: float = typer.Option(_ENGINE.kv_cache_mb, help=EngineConfig.help("kv_cache_mb")),
+    kv_cache_dtype: str = typer.Option(_ENGINE.kv_cache_dtype or "auto",
+                                       help="KV-cache element type: auto (the weights' dtype, exact) "
+                                            "or float16 (half the memory and long-context reads)."),
     block_size: int = typer.Option(_ENGINE.block_size, help=EngineConfig.help("block_size")),
     max_num_seqs: int = typer.Option(_ENGINE.max_num_seqs, help=EngineConfig.help("max_num_seqs")),
     max_queue: int = typer.Option(_ENGINE.max_queue, help=EngineConfig.help("max_queue")),
@@ -120,7 +123,8 @@ def serve_command(
         raise TrustmoeError(f"--shadow-log: directory {shadow_log.parent} does not exist")
     config = EngineConfig(  # ConfigError (one line, exit 2) for a setting that cannot work
         quantize=_quantize_mode(quantize), group_size=group_size, kv_cache_mb=kv_cache_mb,
-        block_size=block_size, max_num_seqs=max_num_seqs, max_queue=max_queue,
+        kv_cache_dtype=None if kv_cache_dtype == "auto" else kv_cache_dtype, block_size=block_size,
+        max_num_seqs=max_num_seqs, max_queue=max_queue,
         prefill_chunk=prefill_chunk, device=device, num_threads=num_threads,
         batch_invariant=batch_invariant, enable_prefix_caching=prefix_caching,
         features=monitor is not None,  # the engine emits what the monitor reads

@@ -104,10 +104,10 @@ def _build() -> ctypes.CDLL:
                              _c_int]
     i64, f32 = ctypes.c_int64, ctypes.c_float
     # x, M, d, eps, layers, L, cos, sin, nslots, new_slot, slots, offs, H, Hkv, hd, E, topk,
-    # norm_topk, scratch, max_slots, routes, norm, head, logits
+    # norm_topk, scratch, max_slots, routes, norm, head, logits, kv16
     lib.tm_decode_step.argtypes = [_ptr, _c_int, _c_int, f32, _ptr, _c_int, _ptr, _ptr, i64, _ptr,
                                    _ptr, _ptr, _c_int, _c_int, _c_int, _c_int, _c_int, _c_int, _ptr,
-                                   i64, _ptr, _ptr, _ptr, _ptr]
+                                   i64, _ptr, _ptr, _ptr, _ptr, _c_int]
     # x, M, d, ln, eps, head, scratch, logits
     lib.tm_final.argtypes = [_ptr, _c_int, _c_int, _ptr, f32, _ptr, _ptr, _ptr]
     # w, x, ldx, M, y, ldy

@@ -113,12 +113,13 @@ class Engine:
         if self.eos_token_id is None and tok is not None:
             self.eos_token_id = tok.token_to_id("<|endoftext|>")
         block_size = cfg.block_size
+        kv_dtype = getattr(torch, cfg.kv_cache_dtype) if cfg.kv_cache_dtype else weights.dtype
         per_block = PagedKVCache.bytes_per_block(mcfg.num_hidden_layers, mcfg.num_key_value_heads,
-                                                 mcfg.head_size, block_size, weights.dtype)
+                                                 mcfg.head_size, block_size, kv_dtype)
         num_blocks = max(1, int(cfg.kv_cache_mb * 2**20) // per_block)
         self.block_size = block_size
         self.kv = PagedKVCache(mcfg.num_hidden_layers, mcfg.num_key_value_heads, mcfg.head_size,
-                               num_blocks, block_size, weights.dtype, dev)
+                               num_blocks, block_size, kv_dtype, dev)
         self.pool = BlockPool(num_blocks, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, block_size, cfg.max_num_seqs, cfg.max_queue,
                                    cfg.prefill_chunk, self.max_model_len, dev)

@@ -80,7 +80,7 @@ class FastDecoder:
         cfg = weights.cfg
         if device.type != "cpu":
             return "not on the CPU"
-        if weights.dtype != torch.float32 or kv.k.dtype != torch.float32:
+        if weights.dtype != torch.float32 or kv.k.dtype not in (torch.float32, torch.float16):
             return "not fp32"
         if not cpu_kernels.available():
             return "CPU kernels not built"
@@ -120,6 +120,7 @@ class FastDecoder:
             ly.c_layer(k.data_ptr(), v.data_ptr())
             for ly, k, v in zip(self.layers, kv.k_layers, kv.v_layers, strict=True)])
         self.n_moe = sum(ly.router is not None for ly in self.layers)
+        self.kv16 = int(kv.k.dtype == torch.float16)  # an fp16 cache (kv_cache_dtype)
         # RoPE: the C code computes x * cos + roll(x, hd/2) * sin_signed, which equals
         # functional.apply_rope (x * cos + rotate_half(x) * sin) with sin's first half negated
         half = cfg.head_size // 2
@@ -187,7 +188,7 @@ class FastDecoder:
             sin.data_ptr(), self.nslots, new_slot.data_ptr(), slots.data_ptr(), offs.data_ptr(),
             H, Hkv, hd, self.cfg.num_local_experts, k, self.norm_topk, self.scratch.data_ptr(),
             max_len, None if ids is None else ids.data_ptr(), self.norm.data_ptr(), self.head_p,
-            None if out is None else out.data_ptr())
+            None if out is None else out.data_ptr(), self.kv16)
         if routes is not None and ids is not None:
             routes.extend(t.long() for t in ids)  # per MoE layer (M, k)
         return x, out

@@ -164,9 +164,10 @@ class PagedKVCache:
         return (blocks * bs + pos % bs).to(device)
 
     def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
-        # slots: (N,); k, v: (Hkv, N, hd)
-        self.k_layers[layer].index_copy_(1, slots, k)
-        self.v_layers[layer].index_copy_(1, slots, v)
+        # slots: (N,); k, v: (Hkv, N, hd), rounded to the cache's dtype when it differs
+        dt = self.k.dtype
+        self.k_layers[layer].index_copy_(1, slots, k if k.dtype == dt else k.to(dt))
+        self.v_layers[layer].index_copy_(1, slots, v if v.dtype == dt else v.to(dt))
 
     def read(self, layer: int, slots: Tensor) -> tuple[Tensor, Tensor]:
         # slots: (S,) -> k, v: (Hkv, S, hd)

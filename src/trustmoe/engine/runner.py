@@ -240,6 +240,8 @@ class ModelRunner:
             else:
                 k3, v3 = self.kv.read(layer, ch.slots)  # (Hkv, S, hd)
                 kk, vv = k3.unsqueeze(0), v3.unsqueeze(0)
+            if kk.dtype != q.dtype:  # a float16 cache: attend in the compute dtype
+                kk, vv = kk.to(q.dtype), vv.to(q.dtype)
             qq = (q if len(chunks) == 1 else q[ch.rows]).transpose(0, 1).unsqueeze(0)
             y = tf.attention(qq, kk, vv, mask)  # (1, H, T, hd)
             outs.append(y.transpose(1, 2).reshape(-1, H * hd))  # (T, H*hd)

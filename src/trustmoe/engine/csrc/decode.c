@@ -62,7 +62,7 @@ static void rms_all(const float* x, int M, int d, const float* g, float eps, flo
  * scratch: at least M * (d + (H + 2 Hkv) hd + H hd) + 2 M max(d, H hd) floats. */
 static void attn_body(float* x, int M, int d, const float* ln, float eps,
                    const tm_weight* wqkv, const tm_weight* wo, const float* cos, const float* sin,
-                   float* kc, float* vc, int64_t nslots, const int64_t* new_slot,
+                   void* kc, void* vc, int kv16, int64_t nslots, const int64_t* new_slot,
                    const int64_t* slots, const int64_t* offs, int H, int Hkv, int hd,
                    float* scratch, int64_t max_slots) {
     int nq = (H + 2 * Hkv) * hd, wid = d > H * hd ? d : H * hd;
@@ -102,16 +102,23 @@ static void attn_body(float* x, int M, int d, const float* ln, float eps,
             for (int i = 0; i < hd; i++) tmp[i] = v[i] * c[i] + v[(i + half) % hd] * sn[i];
             memcpy(v, tmp, (size_t)hd * sizeof(float));
         }
-        memcpy(kc + ((int64_t)g * nslots + new_slot[m]) * hd, row + (int64_t)(H + g) * hd,
-               (size_t)hd * sizeof(float));
-        memcpy(vc + ((int64_t)g * nslots + new_slot[m]) * hd, row + (int64_t)(nh + g) * hd,
-               (size_t)hd * sizeof(float));
+        int64_t at = ((int64_t)g * nslots + new_slot[m]) * hd;
+        const float *kr = row + (int64_t)(H + g) * hd, *vr = row + (int64_t)(nh + g) * hd;
+        if (kv16) {  /* rounded to fp16 once, as the torch path's cache write does */
+            for (int i = 0; i < hd; i++) {
+                ((_Float16*)kc)[at + i] = (_Float16)kr[i];
+                ((_Float16*)vc)[at + i] = (_Float16)vr[i];
+            }
+        } else {
+            memcpy((float*)kc + at, kr, (size_t)hd * sizeof(float));
+            memcpy((float*)vc + at, vr, (size_t)hd * sizeof(float));
+        }
         float* o = att + (int64_t)m * H * hd + (int64_t)g * rep * hd;
         if (p == NULL) {  /* out of memory: NaN rows, never a crash */
             for (int i = 0; i < rep * hd; i++) o[i] = NAN;
             continue;
         }
-        tm_attend(qkv + (int64_t)m * nq + (int64_t)g * rep * hd, rep, kc, vc, nslots,
+        tm_attend(qkv + (int64_t)m * nq + (int64_t)g * rep * hd, rep, kc, vc, kv16, nslots,
                   slots + offs[m], offs[m + 1] - offs[m], g, hd, 1.0f / sqrtf((float)hd), o, p);
     }
     free(p);
@@ -348,7 +355,8 @@ void tm_final(const float* x, int M, int d, const float* ln, float eps, const tm
  * region: per layer the attention block, then the MoE/MLP block, barriers between; the same
  * arithmetic as calling tm_attn_block, tm_moe_block and tm_final one by one, without a
  * fork/join and a foreign call for each (at batch 1 on small models those cost ~10% of a token).
- * routes (L, M, topk) or NULL: the expert ids each MoE layer chose; logits (M, V) or NULL. */
+ * routes (L, M, topk) or NULL: the expert ids each MoE layer chose; logits (M, V) or NULL;
+ * kv16: the cache holds fp16 keys and values (else floats). */
 typedef struct {
     const float* ln1;
     const float* ln2;
@@ -362,15 +370,15 @@ typedef struct {
     const tm_weight* sh2;
     const tm_weight* sh_gate;
     int sh_hdim;
-    float* kc;
-    float* vc;
+    void* kc;
+    void* vc;
 } tm_layer;
 
 void tm_decode_step(float* x, int M, int d, float eps, const tm_layer* layers, int L,
                     const float* cos, const float* sin, int64_t nslots, const int64_t* new_slot,
                     const int64_t* slots, const int64_t* offs, int H, int Hkv, int hd, int E,
                     int topk, int norm_topk, float* scratch, int64_t max_slots, int* routes,
-                    const float* norm, const tm_weight* head, float* logits) {
+                    const float* norm, const tm_weight* head, float* logits, int kv16) {
     int hmax = 0;
     for (int l = 0; l < L; l++) hmax = layers[l].hdim > hmax ? layers[l].hdim : hmax;
     #pragma omp parallel if (M * (int64_t)d * hmax > 16384)
@@ -378,7 +386,7 @@ void tm_decode_step(float* x, int M, int d, float eps, const tm_layer* layers, i
         int moe_layer = 0;
         for (int l = 0; l < L; l++) {
             const tm_layer* ly = &layers[l];
-            attn_body(x, M, d, ly->ln1, eps, ly->wqkv, ly->wo, cos, sin, ly->kc, ly->vc, nslots,
+            attn_body(x, M, d, ly->ln1, eps, ly->wqkv, ly->wo, cos, sin, ly->kc, ly->vc, kv16, nslots,
                       new_slot, slots, offs, H, Hkv, hd, scratch, max_slots);
             BARRIER;
             int* ro = routes && ly->router ? routes + (int64_t)moe_layer * M * topk : NULL;

@@ -53,6 +53,20 @@ static inline void tm_ld_nibbles(const uint8_t* p, v8f* lo, v8f* hi) {
     *hi = __builtin_convertvector(b >> 4, v8f);
 }
 #endif
+/* 8 fp16 values -> 8 floats (one F16C instruction where the build has it) */
+#if defined(__F16C__)
+#include <immintrin.h>
+static inline v8f tm_ldh(const _Float16* p) {
+    return (v8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+}
+#else
+static inline v8f tm_ldh(const _Float16* p) {
+    v8f v;
+    for (int i = 0; i < 8; i++) v[i] = (float)p[i];
+    return v;
+}
+#endif
+
 static inline float tm_hsum(v8f a) {
     return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
 }
@@ -376,52 +390,72 @@ static inline v8f tm_exp8(v8f x) {
 /* out (nr, hd) = sum_s p[r * S + s] * V[slot s] for nr query heads, the accumulators of a
  * head size known at compile time (NR heads x HD8 vectors) kept in registers over all slots.
  * Each output element is 0 + p_0 v_0 + p_1 v_1 + ... in slot order, as in tm_attend_v_any. */
-__attribute__((always_inline)) static inline void tm_attend_v(int NRH, int HD8, const float* p,
-                                                              int64_t S, const float* vg,
-                                                              const int64_t* slots, float* out) {
+__attribute__((always_inline)) static inline void tm_attend_v(int NRH, int HD8, int KV16,
+                                                              const float* p, int64_t S,
+                                                              const void* vg, const int64_t* slots,
+                                                              float* out) {
     v8f acc[2][16];
     for (int r = 0; r < NRH; r++)
         for (int j = 0; j < HD8; j++) acc[r][j] = (v8f){0};
     for (int64_t s = 0; s < S; s++) {
-        const float* v = vg + slots[s] * (HD8 * 8);
+        int64_t off = slots[s] * (HD8 * 8);
         for (int r = 0; r < NRH; r++) {
             v8f ps = (v8f){0} + p[r * S + s];
-            for (int j = 0; j < HD8; j++) acc[r][j] = acc[r][j] + ps * tm_ld(v + 8 * j);
+            for (int j = 0; j < HD8; j++)
+                acc[r][j] = acc[r][j] + ps * (KV16 ? tm_ldh((const _Float16*)vg + off + 8 * j)
+                                                   : tm_ld((const float*)vg + off + 8 * j));
         }
     }
     for (int r = 0; r < NRH; r++)
         for (int j = 0; j < HD8; j++) tm_st(out + r * HD8 * 8 + 8 * j, acc[r][j]);
 }
 
-static inline void tm_attend_v_any(int nr, int hd, const float* p, int64_t S, const float* vg,
-                                   const int64_t* slots, float* out) {
+static inline void tm_attend_v_any(int nr, int hd, int kv16, const float* p, int64_t S,
+                                   const void* vg, const int64_t* slots, float* out) {
     int d8 = hd & ~7;
     for (int i = 0; i < nr * hd; i++) out[i] = 0.0f;
     for (int64_t s = 0; s < S; s++) {
-        const float* v = vg + slots[s] * hd;
+        const float* v = (const float*)vg + slots[s] * hd;
+        const _Float16* vh = (const _Float16*)vg + slots[s] * hd;
         for (int r = 0; r < nr; r++) {
             float* o = out + (int64_t)r * hd;
             float pv = p[r * S + s];
             v8f ps = (v8f){0} + pv;
             int d = 0;
-            for (; d < d8; d += 8) tm_st(o + d, tm_ld(o + d) + ps * tm_ld(v + d));
-            for (; d < hd; d++) o[d] += pv * v[d];
+            for (; d < d8; d += 8) tm_st(o + d, tm_ld(o + d) + ps * (kv16 ? tm_ldh(vh + d) : tm_ld(v + d)));
+            for (; d < hd; d++) o[d] += pv * (kv16 ? (float)vh[d] : v[d]);
         }
     }
 }
 
 /* The `rep` query heads q (rep, hd) that share kv head g, over S cached slots:
  * out (rep, hd) = softmax(q.K * scale) V, reading each cached key and value once for all of
- * them. kc, vc: (Hkv, nslots, hd); p: rep * S floats of scratch. Each head's result does not
+ * them. kc, vc: (Hkv, nslots, hd) floats, or fp16 values when kv16; p: rep * S floats of
+ * scratch. Each head's result does not
  * depend on the others (its own dot products, exponentials and sums in a fixed order). */
-static inline void tm_attend(const float* q, int rep, const float* kc, const float* vc,
+static inline void tm_attend(const float* q, int rep, const void* kc, const void* vc, int kv16,
                              int64_t nslots, const int64_t* slots, int64_t S, int g, int hd,
                              float scale, float* out, float* p) {
-    const float* kg = kc + (int64_t)g * nslots * hd;
-    const float* vg = vc + (int64_t)g * nslots * hd;
+    int64_t es = kv16 ? 2 : 4, base = (int64_t)g * nslots * hd * es;
+    const void* kg = (const char*)kc + base;
+    const void* vg = (const char*)vc + base;
     for (int64_t s = 0; s < S; s++) {
-        const float* k = kg + slots[s] * hd;
-        for (int r = 0; r < rep; r++) p[r * S + s] = tm_dot_f32(q + (int64_t)r * hd, k, hd) * scale;
+        if (kv16) {  /* fp16 keys: one 8-wide accumulator, a fixed tree, the tail in order */
+            const _Float16* k = (const _Float16*)kg + slots[s] * hd;
+            int d8 = hd & ~7;
+            for (int r = 0; r < rep; r++) {
+                const float* qr = q + (int64_t)r * hd;
+                v8f a = {0};
+                int d = 0;
+                for (; d < d8; d += 8) a = tm_fma(tm_ld(qr + d), tm_ldh(k + d), a);
+                float dot = tm_hsum(a);
+                for (; d < hd; d++) dot += qr[d] * (float)k[d];
+                p[r * S + s] = dot * scale;
+            }
+        } else {
+            const float* k = (const float*)kg + slots[s] * hd;
+            for (int r = 0; r < rep; r++) p[r * S + s] = tm_dot_f32(q + (int64_t)r * hd, k, hd) * scale;
+        }
     }
     float inv[64];
     int64_t S8 = S & ~7;
@@ -449,11 +483,15 @@ static inline void tm_attend(const float* q, int rep, const float* kc, const flo
         int nr = rep - r < 2 ? rep - r : 2;
         const float* pr = p + (int64_t)r * S;
         float* o = out + (int64_t)r * hd;
-        if (hd == 64 && nr == 2) tm_attend_v(2, 8, pr, S, vg, slots, o);
-        else if (hd == 64) tm_attend_v(1, 8, pr, S, vg, slots, o);
-        else if (hd == 128 && nr == 2) tm_attend_v(2, 16, pr, S, vg, slots, o);
-        else if (hd == 128) tm_attend_v(1, 16, pr, S, vg, slots, o);
-        else tm_attend_v_any(nr, hd, pr, S, vg, slots, o);
+        if (hd == 64 && nr == 2 && !kv16) tm_attend_v(2, 8, 0, pr, S, vg, slots, o);
+        else if (hd == 64 && nr == 2) tm_attend_v(2, 8, 1, pr, S, vg, slots, o);
+        else if (hd == 64 && !kv16) tm_attend_v(1, 8, 0, pr, S, vg, slots, o);
+        else if (hd == 64) tm_attend_v(1, 8, 1, pr, S, vg, slots, o);
+        else if (hd == 128 && nr == 2 && !kv16) tm_attend_v(2, 16, 0, pr, S, vg, slots, o);
+        else if (hd == 128 && nr == 2) tm_attend_v(2, 16, 1, pr, S, vg, slots, o);
+        else if (hd == 128 && !kv16) tm_attend_v(1, 16, 0, pr, S, vg, slots, o);
+        else if (hd == 128) tm_attend_v(1, 16, 1, pr, S, vg, slots, o);
+        else tm_attend_v_any(nr, hd, kv16, pr, S, vg, slots, o);
     }
     for (int r = 0; r < rep; r++)
         for (int d = 0; d < hd; d++) out[(int64_t)r * hd + d] *= inv[r];
