@@ -13,9 +13,18 @@ round so machine noise hits every contender alike:
     sequences together (one `llama_batch` with 16 seq_ids per `llama_decode`, non-unified
     KV cache), and vs llama.cpp running the 16 requests one after another (what
     llama-cpp-python's own server does with one slot);
+  - prefill of one --prefill-token prompt (512): prompt tokens/s of our Engine (batch-invariant,
+    the default, and not) up to its first token vs llama.cpp's one `llama_decode` of it;
+  - decode at 32, 512 and 2,048 tokens of context (within the shape's limit): tokens/s of
+    both, and the share each keeps from 32 to the longest, ours also with an fp16 KV cache
+    (`kv_cache_dtype="float16"`, llama.cpp's default cache precision);
+  - beside every figure (`*_roofline`): the GB/s of weights and KV cache and the GFLOP/s it
+    implies, as shares of the read bandwidth and GEMM peak measured in the same run;
   - greedy token agreement of llama.cpp on the f32 GGUF (default f16 KV cache, and f32 KV
     cache without flash attention) with our Engine fp32, plus the largest logit difference
     after the prompt between llama.cpp (f32 KV) and our plain model forward.
+
+`--parts` picks figures (batch1, concurrent, prefill, scaling).
 
 llama.cpp is driven with `llama_decode` on raw contexts made from llama.cpp's own default
 context parameters (so flash attention "auto" and an f16 KV cache, as `llama-cli` uses);
