@@ -389,7 +389,8 @@ static inline v8f tm_exp8(v8f x) {
 
 /* out (nr, hd) = sum_s p[r * S + s] * V[slot s] for nr query heads, the accumulators of a
  * head size known at compile time (NR heads x HD8 vectors) kept in registers over all slots.
- * Each output element is 0 + p_0 v_0 + p_1 v_1 + ... in slot order, as in tm_attend_v_any. */
+ * Each output element is a fused multiply-add chain over the slots in order, as in
+ * tm_attend_v_any. */
 __attribute__((always_inline)) static inline void tm_attend_v(int NRH, int HD8, int KV16,
                                                               const float* p, int64_t S,
                                                               const void* vg, const int64_t* slots,
@@ -402,8 +403,8 @@ __attribute__((always_inline)) static inline void tm_attend_v(int NRH, int HD8, 
         for (int r = 0; r < NRH; r++) {
             v8f ps = (v8f){0} + p[r * S + s];
             for (int j = 0; j < HD8; j++)
-                acc[r][j] = acc[r][j] + ps * (KV16 ? tm_ldh((const _Float16*)vg + off + 8 * j)
-                                                   : tm_ld((const float*)vg + off + 8 * j));
+                acc[r][j] = tm_fma(ps, KV16 ? tm_ldh((const _Float16*)vg + off + 8 * j)
+                                            : tm_ld((const float*)vg + off + 8 * j), acc[r][j]);
         }
     }
     for (int r = 0; r < NRH; r++)
@@ -422,7 +423,7 @@ static inline void tm_attend_v_any(int nr, int hd, int kv16, const float* p, int
             float pv = p[r * S + s];
             v8f ps = (v8f){0} + pv;
             int d = 0;
-            for (; d < d8; d += 8) tm_st(o + d, tm_ld(o + d) + ps * (kv16 ? tm_ldh(vh + d) : tm_ld(v + d)));
+            for (; d < d8; d += 8) tm_st(o + d, tm_fma(ps, kv16 ? tm_ldh(vh + d) : tm_ld(v + d), tm_ld(o + d)));
             for (; d < hd; d++) o[d] += pv * (kv16 ? (float)vh[d] : v[d]);
         }
     }
