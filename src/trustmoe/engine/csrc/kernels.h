@@ -441,18 +441,13 @@ static inline void tm_attend(const float* q, int rep, const void* kc, const void
     const void* kg = (const char*)kc + base;
     const void* vg = (const char*)vc + base;
     for (int64_t s = 0; s < S; s++) {
-        if (kv16) {  /* fp16 keys: one 8-wide accumulator, a fixed tree, the tail in order */
+        if (kv16) {  /* fp16 keys: widened once, then the float dot product */
             const _Float16* k = (const _Float16*)kg + slots[s] * hd;
-            int d8 = hd & ~7;
-            for (int r = 0; r < rep; r++) {
-                const float* qr = q + (int64_t)r * hd;
-                v8f a = {0};
-                int d = 0;
-                for (; d < d8; d += 8) a = tm_fma(tm_ld(qr + d), tm_ldh(k + d), a);
-                float dot = tm_hsum(a);
-                for (; d < hd; d++) dot += qr[d] * (float)k[d];
-                p[r * S + s] = dot * scale;
-            }
+            float kf[512];
+            int d = 0;
+            for (; d + 8 <= hd; d += 8) tm_st(kf + d, tm_ldh(k + d));
+            for (; d < hd; d++) kf[d] = (float)k[d];
+            for (int r = 0; r < rep; r++) p[r * S + s] = tm_dot_f32(q + (int64_t)r * hd, kf, hd) * scale;
         } else {
             const float* k = (const float*)kg + slots[s] * hd;
             for (int r = 0; r < rep; r++) p[r * S + s] = tm_dot_f32(q + (int64_t)r * hd, k, hd) * scale;
