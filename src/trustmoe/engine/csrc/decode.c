@@ -30,9 +30,8 @@ static void prep_int4(const tm_weight* w, const float* x, int ldx, int M, float*
                                                 xs + (int64_t)m * (w->K / w->gs));
 }
 
-static void rms_rows(const float* x, int M, int d, const float* g, float eps, float* h) {
-    int a, b;
-    range(M, TID, NTH, &a, &b);
+/* h[m] = RMSNorm(x[m]) * g for rows a..b-1 */
+static void rms_range(const float* x, int a, int b, int d, const float* g, float eps, float* h) {
     for (int m = a; m < b; m++) {
         const float* xm = x + (int64_t)m * d;
         float ss = 0.0f;
@@ -42,18 +41,29 @@ static void rms_rows(const float* x, int M, int d, const float* g, float eps, fl
     }
 }
 
-/* Every row normalised by every thread into its own buffer (rms_all) when M x d floats fit
- * this many: the products after it then need no barrier before them. */
-#define OWN_ROWS_MAX 32768
+/* This thread's share of the rows (the caller barriers before they are read). */
+static void rms_rows(const float* x, int M, int d, const float* g, float eps, float* h) {
+    int a, b;
+    range(M, TID, NTH, &a, &b);
+    rms_range(x, a, b, d, g, eps, h);
+}
 
-static void rms_all(const float* x, int M, int d, const float* g, float eps, float* h) {
-    for (int m = 0; m < M; m++) {
-        const float* xm = x + (int64_t)m * d;
-        float ss = 0.0f;
-        for (int i = 0; i < d; i++) ss += xm[i] * xm[i];
-        float r = 1.0f / sqrtf(ss / (float)d + eps);
-        for (int i = 0; i < d; i++) h[(int64_t)m * d + i] = g[i] * (xm[i] * r);
+/* The normalised rows every thread reads next. When M x d floats fit OWN_ROWS_MAX, every
+ * thread normalises every row into `own` (its own buffer, at least that size), so the
+ * products after it need no barrier; otherwise each thread does its share into `shared`
+ * and all wait at a barrier. Returns the buffer that holds them. */
+#define OWN_ROWS_MAX 32768
+#define OWN_ROWS(M, d) ((int64_t)(M) * (d) <= OWN_ROWS_MAX ? (M) * (d) : 1)
+
+static float* norm_rows(const float* x, int M, int d, const float* g, float eps, float* shared,
+                        float* own) {
+    if ((int64_t)M * d <= OWN_ROWS_MAX) {  /* the same for every thread */
+        rms_range(x, 0, M, d, g, eps, own);
+        return own;
     }
+    rms_rows(x, M, d, g, eps, shared);
+    BARRIER;
+    return shared;
 }
 
 /* x (M, d) += o_proj(attention(rope(qkv(rms(x))))) for M decode rows.
@@ -71,15 +81,8 @@ static void attn_body(float* x, int M, int d, const float* ln, float eps,
     float* att = qkv + (int64_t)M * nq;      /* (M, H hd) */
     float* x4 = att + (int64_t)M * H * hd;   /* (M, wid) int4 helpers */
     float* xs = x4 + (int64_t)M * wid;       /* (M, wid) */
-    int own = (int64_t)M * d <= OWN_ROWS_MAX;  /* the same for every thread */
-    float own_h[own ? M * d : 1];
-    float* hn = own ? own_h : h;
-    if (own) {
-        rms_all(x, M, d, ln, eps, hn);
-    } else {
-        rms_rows(x, M, d, ln, eps, h);
-        BARRIER;
-    }
+    float own_h[OWN_ROWS(M, d)];
+    float* hn = norm_rows(x, M, d, ln, eps, h, own_h);
     if (wqkv->kind == TM_INT4) {
         prep_int4(wqkv, hn, d, M, x4, xs);
         BARRIER;
@@ -155,15 +158,8 @@ static void moe_body(float* x, int M, int d, const float* ln, float eps,
         int4_up |= w13[e].kind == TM_INT4;
         int4_down |= w2[e].kind == TM_INT4;
     }
-    int own = (int64_t)M * d <= OWN_ROWS_MAX;  /* the same for every thread */
-    float own_h[own ? M * d : 1];
-    float* hn = own ? own_h : h;
-    if (own) {
-        rms_all(x, M, d, ln, eps, hn);
-    } else {
-        rms_rows(x, M, d, ln, eps, h);
-        BARRIER;
-    }
+    float own_h[OWN_ROWS(M, d)];
+    float* hn = norm_rows(x, M, d, ln, eps, h, own_h);
     if (router) {
         const tm_weight* wr[2] = {router, sh_gate};
         for (int r = 0; r < (sh_gate ? 2 : 1); r++) {
