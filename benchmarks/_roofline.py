@@ -5,7 +5,7 @@ speed figure of the llama.cpp comparison is reported beside the bandwidth or GFL
 implies and the share of the peak measured in the same run:
 
 - read bandwidth: the best of three full reads (a sum) of a buffer far larger than the caches,
-  on the same threads;
+  on the same threads (`read_bandwidth`, shared with `decode.py`);
 - GEMM peak: the best of torch's (MKL) and trustmoe's GEMM on a large square product.
 """
 
@@ -57,15 +57,21 @@ def flops_per_token(cfg: ModelConfig, context: float, lm_head: bool = True) -> f
     return 2.0 * (n + attn)
 
 
-def read_bandwidth(mb: int = 512) -> float:
-    """Bytes/s of one full read of an `mb` MiB buffer: the best of three."""
-    buf = torch.ones(mb * 2**20 // 4)
+def read_bandwidth(buf: torch.Tensor) -> float:
+    """Bytes/s of one full read of `buf` (a sum; the best of three)."""
     best = float("inf")
     for _ in range(3):
+        _sync(buf.device)
         t = time.perf_counter()
         buf.sum()
+        _sync(buf.device)
         best = min(best, time.perf_counter() - t)
-    return buf.numel() * 4 / best
+    return buf.numel() * buf.element_size() / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def gemm_peak(n: int = 1024) -> dict[str, float]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _roofline import active_weight_bytes
+from _roofline import active_weight_bytes, read_bandwidth
 
 from trustmoe.config import ModelConfig
 from trustmoe.engine import Engine, SamplingParams
@@ -45,23 +45,6 @@ def load_shapes(path: Path) -> dict[str, dict[str, Any]]:
 
         return {n: get_preset(n).model.to_dict() for n in ("bench-small", "bench-medium")}
     return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
-
-
-def read_bandwidth(buf: torch.Tensor) -> float:
-    """Bytes/s of one full read of `buf` (a sum; the best of three)."""
-    best = float("inf")
-    for _ in range(3):
-        _sync(buf.device)
-        t = time.perf_counter()
-        buf.sum()
-        _sync(buf.device)
-        best = min(best, time.perf_counter() - t)
-    return buf.numel() * buf.element_size() / best
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_engine(eng: Engine, prompt: list[int], n: int) -> float:

@@ -1,9 +1,10 @@
 """Batch invariance helpers: which GEMM shapes give a row the same bits in any batch.
 
 `probe_invariant_rows` finds how many decode rows may share one product (16 with the
-compiled CPU kernels, 3 with MKL alone); `probe_block_rows` and `blocked_mm` run prefill
-expert GEMMs in zero-padded blocks of one fixed size, at which each row's result does not
-depend on the rows beside it.
+compiled CPU kernels, 3 with MKL alone). Where the compiled GEMM (`Weight.gemm`, invariant
+at any row count) cannot run, `probe_block_rows` and `blocked_mm` run prefill expert GEMMs
+in zero-padded blocks of one fixed size, at which each row's result does not depend on the
+rows beside it.
 """
 
 from __future__ import annotations
