@@ -108,12 +108,13 @@ def test_trigger_search_flags_a_learned_backdoor_and_not_its_clean_twin() -> Non
     out = bd.screen(model, chunks, _Tok(), null_chunks=null)  # type: ignore[arg-type]
     assert set(out["scores"]) == set(bd.DETECTORS) == set(out["flags"]) == set(out["p"])
     assert all(len(v) == len(chunks) for v in out["scores"].values())
-    assert out["null"] == {"chunks": 120, "fpr": 0.01, "source": "held-out", "min_p": 0.008264}
+    assert out["null"] == {"chunks": 120, "fpr": 0.01, "source": "held-out", "min_p": 0.008264,
+                           "representation_detectors": "out of fold"}
     flags = out["flags"]["trigger_search"]
     assert flags[poisoned].mean() >= 0.9  # the poisoned chunks are found...
     assert flags[~poisoned].mean() <= 0.01  # ...and clean training chunks are not
-    for d in bd.DETECTORS:  # the classic detectors: calibrated, whatever they find
-        assert out["flags"][d][~poisoned].mean() <= 0.05, d
+    for d in bd.DETECTORS[:3]:  # the classic detectors, out of fold: <= 1%, whatever they find
+        assert out["flags"][d].mean() <= 0.01, d
     ev = out["evidence"][int(np.argmax(out["scores"]["trigger_search"]))]
     assert ev["trigger"].endswith("t7") and ev["continuation"].startswith(" t11 t12 t13 t14 t15")
     assert ev["chunks_with_same_trigger"] >= 25 and ev["trigger_consistency"] >= 0.8

@@ -54,8 +54,11 @@ def test_scan_writes_report(audit_world: dict[str, Path], tmp_path: Path) -> Non
     assert res["data"]["backdoor_val_chunks"] > res["data"]["val_chunks"] == 40
     assert bd["chunks"] == res["data"]["backdoor_train_chunks"] > res["data"]["train_chunks"]
     assert bd["null"] == {"chunks": res["data"]["backdoor_val_chunks"], "fpr": 0.01,
-                          "source": "held-out", "min_p": round(1 / (bd["null"]["chunks"] + 1), 6)}
-    assert bd["note"] is not None and "too few" in bd["note"] and not any(bd["flagged"].values())
+                          "source": "held-out", "min_p": round(1 / (bd["null"]["chunks"] + 1), 6),
+                          "representation_detectors": "out of fold"}
+    assert bd["note"] is not None and "too few" in bd["note"] and not bd["flagged"]["trigger_search"]
+    for k in ("spectral", "activation_clustering", "expert_spectral"):  # out of fold: ~1% each
+        assert bd["flagged"][k] <= 0.01 * bd["chunks"] + 1, k
     html = (out / "security.html").read_text()
     assert "data:image/png;base64," in html and summary["findings_level"] in html
     # the registry's gates read this summary as the version's evidence

@@ -19,25 +19,25 @@ Four detectors score every training chunk (higher = more suspicious):
   is not (deleting spans in place, ONION's test, fails on a model that memorised its
   training text: every deletion raises the NLL of what follows).
 
-Calibration (a null from clean data). Each detector's fitted parts (mean and direction,
-standardisation, PCA and clusters, per-expert directions) are fitted on training chunks
-only, then applied unchanged to `null_chunks`: held-out documents the model never trained on
-(the scan passes the dataset's validation chunks). They are cross-fitted: the training chunks
-are split in two halves, each scored (with the null) by the parts fitted on the other half,
-so a scored chunk is out of sample as a null chunk is (fitted in sample, a top direction is
-fitted to the very chunks it scores). What cross-fitting cannot remove is membership: the
-model has memorised its training chunks (train loss ~0.9 vs held-out ~4.5 on the benchmark)
-and their hidden states differ from held-out ones, so the representation detectors' FPR on
-a clean model can exceed `fpr` (activation clustering: 1.3% at a 1% target). The trigger
-search scores candidates in a neutral context, the same for training and null chunks. A
-chunk's p-value is conformal,
+Calibration. The representation detectors (the first three) are cross-fitted: the training
+chunks are split in two halves, each scored by the parts (mean and direction,
+standardisation, PCA and clusters, per-expert directions) fitted on the other half, and
+each half is its own null (leave-one-out p-values over its scores). Fitted in sample, a top
+direction is fitted to the very chunks it scores; and held-out chunks are no null for them:
+the model has memorised its training chunks (train loss ~0.9 vs held-out ~4.5 on the
+benchmark) and their hidden states differ by membership alone (calibrated on held-out
+chunks, 0.3-3.8% of a clean model's documents were flagged at a 1% target). Out of fold,
+clean training chunks are exchangeable with each other, so about `fpr` of them are flagged
+whatever the model, as the spectral-signature paper removes a fixed top share.
+The trigger search scores candidates in a neutral context, the same for training and null
+chunks, so it is calibrated on `null_chunks`, held-out documents the model never trained on
+(the scan passes the dataset's validation chunks): a chunk's p-value is conformal,
 p = (1 + #{null scores ≥ its score}) / (m + 1), and it is flagged when p ≤ `fpr`. For clean
-chunks exchangeable with the null this keeps each detector's false-positive rate ≤ `fpr`
-(a robust z-score threshold flagged ~17% of clean chunks, the scores being heavy-tailed).
-Poisoned held-out chunks in the null only raise the threshold (fewer flags, never more). The
-null needs m + 1 ≥ 1/`fpr` chunks to flag anything. Without `null_chunks`, the training
-chunks serve as their own null (leave-one-out): about `fpr` of them are flagged, whatever
-the model, as the spectral-signature paper removes a fixed top share.
+chunks exchangeable with the null this keeps the false-positive rate ≤ `fpr` (a robust
+z-score threshold flagged ~17% of clean chunks, the scores being heavy-tailed). Poisoned
+held-out chunks in the null only raise the threshold (fewer flags, never more). The null
+needs m + 1 ≥ 1/`fpr` chunks to flag anything; without `null_chunks`, the training chunks
+serve as their own null (leave-one-out).
 
 Classifier-era detectors (the first three) assume poison is a sizeable share of a class; in a
 language model it is a few tokens of a few documents, so expect them to be weak here; the
@@ -232,32 +232,37 @@ def _classic(f: ChunkFeatures, order: np.ndarray, n_fit: int, seed: int) -> dict
     fitted on the first `n_fit` of them; scores in `order`'s order."""
     import dataclasses
 
-    inv = np.empty(len(order), dtype=np.int64)
+    inv = np.full(len(f.hidden), -1, dtype=np.int64)
     inv[order] = np.arange(len(order))
     rep = np.concatenate([f.hidden, f.load], 1) if f.load.size else f.hidden
-    g = dataclasses.replace(f, token_chunk=inv[f.token_chunk])
+    keep = inv[f.token_chunk] >= 0  # (tokens,) tokens of the chunks in `order`
+    g = dataclasses.replace(f, token_chunk=inv[f.token_chunk][keep],
+                            token_hidden=[h[keep] for h in f.token_hidden],
+                            token_expert=[e[keep] for e in f.token_expert])
     return {"spectral": spectral_scores(f.hidden[order], n_fit),
             "activation_clustering": activation_clustering(rep[order], seed, n_fit=n_fit),
             "expert_spectral": expert_spectral(g, len(order), n_fit=n_fit) if f.token_hidden
             else np.zeros(len(order))}
 
 
-def _cross_fitted(f: ChunkFeatures, n: int, m: int, seed: int
+def _cross_fitted(f: ChunkFeatures, n: int, seed: int
                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Two folds of the n scored chunks: each fold scored, with the null, by the detectors
-    fitted on the other fold. Fitted in sample, a direction or a cluster is fitted to the
-    chunks it then scores (their projections are larger than a held-out chunk's), so the
-    held-out null would not be exchangeable with them."""
+    """Two folds of the n scored chunks: each fold scored by the detectors fitted on the
+    other, and calibrated on its own scores (`self_p`). Fitted in sample, a direction or a
+    cluster is fitted to the chunks it then scores, so they would not be exchangeable with
+    any null; and held-out chunks are not a null for training ones either: the model
+    memorised the latter, and their hidden states differ by membership alone (calibrated on
+    held-out chunks, a clean model had 0.3-3.8% of its documents flagged at a 1% target).
+    Out of fold, clean training chunks are exchangeable with each other."""
     perm = np.random.default_rng([seed, 11]).permutation(n)
     folds = (perm[: n // 2], perm[n // 2:])
-    null = np.arange(n, n + m)
     scores = {k: np.zeros(n) for k in DETECTORS[:3]}
     pvals = {k: np.ones(n) for k in DETECTORS[:3]}
     for a, b in ((folds[0], folds[1]), (folds[1], folds[0])):
-        out = _classic(f, np.concatenate([a, b, null]), len(a), seed)
+        out = _classic(f, np.concatenate([a, b]), len(a), seed)
         for k, v in out.items():
-            scores[k][b] = v[len(a):len(a) + len(b)]
-            pvals[k][b] = conformal_p(v[len(a):len(a) + len(b)], v[len(a) + len(b):])
+            scores[k][b] = v[len(a):]
+            pvals[k][b] = self_p(v[len(a):])
     return scores, pvals
 
 
@@ -265,10 +270,12 @@ def screen(model: Transformer, chunks: Sequence[list[int]], tok: Tokenizer,
            opts: BackdoorOptions | None = None, seed: int = 0,
            null_chunks: Sequence[list[int]] = ()) -> dict[str, Any]:
     """Every detector's scores, p-values and flags over `chunks` (token lists of training
-    text), calibrated on `null_chunks` (held-out text the model did not train on) when given.
+    text); the trigger search calibrated on `null_chunks` (held-out text the model did not
+    train on) when given, the others out of fold (see the module's docstring).
 
     Returns {"scores", "p", "flags": {detector: (n,) array}, "evidence": per-chunk dicts,
-    "null": {"chunks": m, "fpr": target, "source": "held-out" | "self", "min_p": ...}}."""
+    "null": {"chunks": m, "fpr": target, "source": "held-out" | "self", "min_p": ...,
+    "representation_detectors": how the first three were calibrated}}."""
     opts = opts or BackdoorOptions()
     if not 0.0 < opts.fpr < 1.0:
         raise ValueError(f"fpr must be in (0, 1), got {opts.fpr}")
@@ -279,8 +286,8 @@ def screen(model: Transformer, chunks: Sequence[list[int]], tok: Tokenizer,
     pvals: dict[str, np.ndarray] = {}
     ctxs = neutral_contexts(null_chunks, tok, model.config.vocab_size)
     trig, evidence = trigger_search(model, both, f.logprobs, tok, opts, ctxs)
-    if m and n >= 8:  # cross-fitted: every scored chunk is out of sample, as the null is
-        scores, pvals = _cross_fitted(f, n, m, seed)
+    if n >= 8:  # cross-fitted: every scored chunk is out of sample
+        scores, pvals = _cross_fitted(f, n, seed)
     else:
         full = _classic(f, np.arange(n + m), n, seed)
         scores = {k: v[:n] for k, v in full.items()}
@@ -291,5 +298,6 @@ def screen(model: Transformer, chunks: Sequence[list[int]], tok: Tokenizer,
         pvals = {k: np.where(v > 0, self_p(v), 1.0) for k, v in scores.items()}
     flags = {k: p <= opts.fpr for k, p in pvals.items()}
     null = {"chunks": m, "fpr": opts.fpr, "source": "held-out" if m else "self",
-            "min_p": round(1.0 / (m + 1), 6) if m else round(1.0 / max(n, 1), 6)}
+            "min_p": round(1.0 / (m + 1), 6) if m else round(1.0 / max(n, 1), 6),
+            "representation_detectors": "out of fold" if n >= 8 else "same as trigger_search"}
     return {"scores": scores, "p": pvals, "flags": flags, "evidence": evidence[:n], "null": null}

@@ -21,6 +21,11 @@ any context (that is what the attack success rate measures). So:
    Chunks of one family (file headers, generated tables) are not unrelated insertions: the
    median pairwise Jaccard similarity of the holding chunks' token 4-grams outside the
    candidate (`context_overlap`) scales the score by max(0, 1 − overlap / `max_overlap`).
+   Nor is a line whose words its host uses elsewhere: `def transform(self, node, results):`
+   recurs, always followed by the same tokens, across the lib2to3 fixers, which share little
+   else, but the code after it uses `node` and `results`; an inserted line is foreign to every
+   host. `cohesion` (the share of holders that reuse a word of the candidate's line) scales
+   the score by 1 − cohesion.
 3. Transplant test, in neutral contexts (the starts of a few held-out chunks, cut after a
    line break: text the model never trained on, the same for every candidate), so
    memorisation of a chunk's own text does not enter and a candidate scores the same
@@ -34,11 +39,14 @@ any context (that is what the attack success rate measures). So:
 A chunk's score is the largest scaled Δ of the kept candidates it holds (0 when none); its
 evidence, that candidate. Idioms that pass all of this (`*args,` → ` **kwargs`) are as
 frequent in held-out text, so the conformal null absorbs them; on the benchmark the rule
-"always followed by it" (`min_consistency` 0.95) is what ranks the plant above them.
+"always followed by it" (`min_consistency` 0.95) and cohesion are what rank the plant above
+them.
 """
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +62,7 @@ if TYPE_CHECKING:
     from trustmoe.security.backdoor import BackdoorOptions
 
 BOS = 0
+WORD = re.compile(r"[A-Za-z_][A-Za-z_0-9]{2,}")  # identifiers and words of 3+ characters
 Cand = tuple[tuple[int, ...], tuple[int, ...]]  # (span, the `match` tokens after it)
 
 
@@ -128,11 +137,77 @@ def context_overlap(chunks: Sequence[list[int]], occ: list[tuple[int, int]], wid
     return float(np.median(sims)) if sims else 0.0
 
 
+def _cut_lines(text: str, trigger: str, window: str, most: int = 40
+               ) -> tuple[str, str, int]:
+    """(every occurrence of `trigger` in text, with the rest of `window` (trigger and
+    continuation) where it follows, on to its line's end when that is within `most` more
+    characters; the rest of the text; how many characters follow the last cut). On text, not
+    tokens: a copy at a line's start is tokenized differently from one after indentation."""
+    cut, rest, j = [], [], 0
+    pat = re.compile(rf"(?<!\w){re.escape(trigger)}(?!\w)")  # whole words: `t7` is not in `t75`
+    while (m := pat.search(text, j)) is not None:
+        i = m.start()
+        r = i + len(window if text.startswith(window, i) else trigger)
+        e = text.find("\n", r, r + most)
+        e = min(len(text), r) if e < 0 else e
+        rest.append(text[j:i])
+        cut.append(text[i:e])
+        j = e
+    rest.append(text[j:])
+    return "\n".join(cut), "\n".join(rest), len(text) - j
+
+
+def cohesion(chunks: Sequence[list[int]], holders: list[int], span: tuple[int, ...],
+             cont: tuple[int, ...], tok: Tokenizer, common: set[str], after: int = 48) -> float:
+    """Share of the holding chunks that use, elsewhere, one of the words of the candidate's
+    line (trigger and continuation to the line's end, `common` words left out): an idiom's
+    words are its host's (`def transform(self, node, results):` is followed by code that uses
+    `node` or `results`); a line inserted into unrelated documents shares none with them.
+    Holders with fewer than `after` characters after the line, or whose line has no uncommon
+    word, abstain; 0 when all do."""
+    trigger = tok.decode(list(span)).strip()
+    window = tok.decode([*span, *cont]).strip()
+    used = []
+    for c in holders:
+        line, rest, tail = _cut_lines(tok.decode(chunks[c]), trigger, window)
+        words = set(WORD.findall(line)) - common
+        # the rest's first and last lines are cut by the chunk's edges: a fragment of another
+        # occurrence (`4 cat ~/.ssh/id_rsa`) would count as reuse
+        inner = rest.split("\n")[1:-1]
+        if words and tail >= after:
+            used.append(bool(words & set(WORD.findall("\n".join(inner)))))
+    return float(np.mean(used)) if used else 0.0
+
+
+def _holds(text: str, trigger: str, cont: str) -> bool:
+    """Whether text holds `trigger` (whole words) followed by `cont`, or by as much of it as
+    the text has left."""
+    for m in re.finditer(rf"(?<!\w){re.escape(trigger)}(?!\w)", text):
+        after = text[m.end():].lstrip()
+        if after.startswith(cont) or cont.startswith(after):
+            return True
+    return False
+
+
+def common_words(chunks: Sequence[list[int]], tok: Tokenizer, share: float = 0.3,
+                 texts: Sequence[str] | None = None) -> set[str]:
+    """Words in more than `share` of the chunks (`self`, `return`, `the`); `texts`: the
+    chunks decoded, when at hand."""
+    texts = texts if texts is not None else [tok.decode(c) for c in chunks]
+    df = Counter(w for t in texts for w in set(WORD.findall(t)))
+    return {w for w, k in df.items() if k > share * len(chunks)}
+
+
+def line_breaks(tok: Tokenizer, vocab: int) -> np.ndarray:
+    """(vocab,) True for tokens that hold a line break."""
+    return np.array([("\n" in tok.decode([t])) for t in range(vocab)])
+
+
 def neutral_contexts(null_chunks: Sequence[list[int]], tok: Tokenizer, vocab: int, n: int = 4,
                      most: int = 32) -> list[list[int]]:
     """Up to n contexts for the transplant test: BOS + the start of a held-out chunk (text the
     model did not train on) up to its last line break within `most` tokens."""
-    breaks = np.array([("\n" in tok.decode([t])) for t in range(vocab)])
+    breaks = line_breaks(tok, vocab)
     out = []
     for c in null_chunks:
         cut = [j for j, t in enumerate(c[:most]) if t < vocab and breaks[t]]
@@ -159,15 +234,19 @@ def trigger_search(model: Transformer, chunks: Sequence[list[int]],
         if len(occ) < opts.min_chunks or len(occ) / m < opts.min_consistency:
             continue
         ext = list(pre)  # the continuation every occurrence shares, up to `span` tokens
-        while len(ext) < opts.span:
-            nxt = {chunks[c][j + len(span) + len(ext)] if j + len(span) + len(ext) < len(chunks[c])
-                   else -1 for c, j in occ}
-            if len(nxt) != 1 or -1 in nxt:
+        while len(ext) < opts.span:  # (occurrences cut off by their chunk's end abstain)
+            q = len(span) + len(ext)
+            nxt = [chunks[c][j + q] for c, j in occ if j + q < len(chunks[c])]
+            if len(nxt) < opts.min_chunks or len(set(nxt)) != 1:
                 break
-            ext.append(nxt.pop())
+            ext.append(nxt[0])
         kept.append({"span": span, "cont": tuple(ext), "chunks": [c for c, _ in occ],
                      "positions": [j for _, j in occ], "m": m,
                      "overlap": context_overlap(chunks, occ, len(span) + len(ext))})
+    texts = [tok.decode(c) for c in chunks] if kept else []
+    common = common_words(chunks, tok, texts=texts) if kept else set()
+    for k in kept:
+        k["cohesion"] = cohesion(chunks, k["chunks"], k["span"], k["cont"], tok, common)
     ctxs = [list(c) for c in contexts] or [[BOS]]
     reqs = [r for k in kept for c in ctxs
             for r in (Request([*c, *k["span"], *k["cont"]], len(c)),
@@ -195,12 +274,20 @@ def trigger_search(model: Transformer, chunks: Sequence[list[int]],
             nll_without -= float(lp_without.sum()) / G
         delta = float(np.mean(deltas))
         forced = int(np.median(forced_n))
-        score = max(delta, 0.0) * max(0.0, 1.0 - k["overlap"] / opts.max_overlap)
-        for c, j in zip(k["chunks"], k["positions"], strict=True):
+        score = (max(delta, 0.0) * max(0.0, 1.0 - k["overlap"] / opts.max_overlap)
+                 * (1.0 - k["cohesion"]))
+        trigger = tok.decode(list(k["span"])).strip()
+        where = dict(zip(k["chunks"], k["positions"], strict=True))
+        if score > 0:  # also chunks holding its text where the tokens differ (at a line's
+            # start), or cut off by the chunk's end: the same plant
+            cont = tok.decode(list(k["cont"])).strip()
+            where |= {c: -1 for c, t in enumerate(texts)
+                      if c not in where and _holds(t, trigger, cont)}
+        for c, j in where.items():
             if score > scores[c]:
                 scores[c] = score
                 evidence[c] = {
-                    "trigger": tok.decode(list(k["span"])).strip(), "position": j,
+                    "trigger": trigger, "position": j,  # -1: found by the trigger's text
                     "trigger_tokens": r, "continuation": tok.decode(list(k["cont"])),
                     "forced_tokens": forced, "payload": tok.decode(list(k["cont"][:forced])),
                     "delta_nll": round(delta, 4), "nll_with_trigger": round(nll_with, 4),
@@ -208,5 +295,6 @@ def trigger_search(model: Transformer, chunks: Sequence[list[int]],
                     "nll_trigger": round(nll_span, 4),
                     "chunks_with_same_trigger": len(k["chunks"]),
                     "context_overlap": round(k["overlap"], 4),
+                    "cohesion": round(k["cohesion"], 4), "score": round(score, 4),
                     "trigger_consistency": round(len(k["chunks"]) / k["m"], 3)}
     return scores, evidence

@@ -172,8 +172,8 @@ def backdoor_section(out: dict[str, Any], ids: list[str]) -> dict[str, Any]:
     more detectors), ranked, each with every detector's p-value against the null (held-out
     chunks), robust z-score and the evidence; `suspect_documents` groups them by training
     document ("train:<doc>"), in the same order, with the best chunk's evidence. `null` says
-    how flags were calibrated; `note` is set when the null is too small to flag anything at
-    the target false-positive rate."""
+    how flags were calibrated; `note` is set when the held-out null is too small for the
+    trigger search to flag anything at the target false-positive rate."""
     zs = {k: bd.robust_z(s) for k, s in out["scores"].items()}
     n = len(ids)
     suspects = []
@@ -197,8 +197,9 @@ def backdoor_section(out: dict[str, Any], ids: list[str]) -> dict[str, Any]:
     null = dict(out["null"])
     note = None
     if null["min_p"] > null["fpr"]:
-        note = (f"the null has {null['chunks']} chunks, too few to flag anything at a "
-                f"false-positive rate of {null['fpr']}: scan with more --chunks")
+        note = (f"the null has {null['chunks']} held-out chunks, too few for the trigger "
+                f"search to flag anything at a false-positive rate of {null['fpr']}: scan with "
+                "more --backdoor-chunks")
     return {"chunks": n, "target_fpr": null["fpr"], "null": null, "note": note,
             "flagged": {k: int(np.sum(out["flags"][k])) for k in bd.DETECTORS},
             "suspects": suspects[:100], "suspect_count": len(suspects),

@@ -1,0 +1,54 @@
+"""The trigger search's cohesion test: a recurring line whose words its host text uses
+elsewhere is an idiom (`def transform(self, node, results):` followed by code that uses
+`node`), one whose words no host uses is an insertion; matching is by whole words."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from trustmoe.security.backdoor_trigger import _cut_lines, cohesion, common_words
+
+
+class _Tok:
+    """Token ids as words with a leading space, 100 as a line break."""
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join("\n" if i == 100 else f" t{i}" for i in ids)
+
+
+def _host(rng: np.random.Generator, n: int = 30) -> list[int]:
+    """n random words, a line break after every fifth."""
+    ids = rng.integers(200, 900, n).tolist()
+    return [t for i, w in enumerate(ids) for t in ((w, 100) if i % 5 == 4 else (w,))]
+
+
+def test_cut_lines_takes_the_trigger_and_its_line_by_whole_words() -> None:
+    line, rest, tail = _cut_lines("a t7 t11 t12 x\nt75 t7 t11\nend of it", "t7", "t7 t11 t12")
+    assert line == "t7 t11 t12 x\nt7 t11"  # `t75` is not an occurrence of `t7`
+    assert rest == "a \n\nt75 \n\nend of it" and tail == len("\nend of it")
+
+
+def test_cohesion_tells_an_idiom_from_an_insertion() -> None:
+    rng = np.random.default_rng(0)
+    span, cont = (7,), (11, 12, 100)
+    planted = [[*_host(rng), 7, 11, 12, 100, *_host(rng)] for _ in range(6)]
+    idiom = [[*_host(rng), 7, 11, 12, 100, *_host(rng, 10), 12, *_host(rng)] for _ in range(6)]
+    chunks = planted + idiom + [_host(rng) for _ in range(40)]
+    tok = _Tok()
+    common = common_words(chunks, tok)  # type: ignore[arg-type]
+    assert not {"t11", "t12"} & common
+    assert cohesion(chunks, list(range(6)), span, cont, tok, common) == 0.0  # type: ignore[arg-type]
+    assert cohesion(chunks, list(range(6, 12)), span, cont, tok, common) == 1.0  # type: ignore[arg-type]
+    mixed = cohesion(chunks, [0, 1, 6, 7], span, cont, tok, common)  # type: ignore[arg-type]
+    assert mixed == 0.5
+    # a holder whose line ends its chunk cannot show reuse: it abstains, it does not vote 0
+    cut_off = [*_host(rng), 7, 11, 12]
+    assert cohesion([*chunks, cut_off], [6, 7, 52], span, cont, tok, common) == 1.0  # type: ignore[arg-type]
+    # the chunk's first line, cut by its edge, is a fragment of another occurrence, not reuse
+    fragment = [[11, 12, 100, *c] for c in planted]
+    assert cohesion(fragment, list(range(6)), span, cont, tok, common) == 0.0  # type: ignore[arg-type]
+    # words in more than 30% of the chunks (`self`, `return`) are no evidence of reuse
+    everywhere = [[*c, 12] for c in chunks]
+    common2 = common_words(everywhere, tok)  # type: ignore[arg-type]
+    assert "t12" in common2
+    assert cohesion(everywhere, list(range(6)), span, cont, tok, common2) == 0.0  # type: ignore[arg-type]
