@@ -129,14 +129,15 @@ def part_screen(trials: int, seed: int) -> dict[str, Any]:
         found = screen(ids, planted, [h.text(x) for x in planted], PoisonOptions())
         seq = [f for f in found if f["kind"] in SUSPICIOUS[:2]]
         plant_ids = {ids[d] for p in plants for d in p.docs}
-        rows = []
+        rows: list[dict[str, Any]] = []
+        n_found = 0
         for p in plants:
             pd = {ids[d] for d in p.docs}
             hit = any(len(pd & set(f["documents"])) >= 0.8 * len(pd) for f in seq)
+            n_found += hit
             rows.append({"line": p.line, "documents": len(pd), "words": len(p.line.split()),
                          "found": hit})
         clean_here = flagged_docs(found) - plant_ids
-        n_found = sum(r["found"] for r in rows)
         found_total += n_found
         planted_total += len(rows)
         res["trials"].append({"plants_found": n_found, "plants": len(rows),
