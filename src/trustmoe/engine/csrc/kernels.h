@@ -429,6 +429,47 @@ static inline void tm_attend_v_any(int nr, int hd, int kv16, const float* p, int
     }
 }
 
+/* The sums of 8 vectors' lanes, one per output lane: out[i] = ((a_i[0] + a_i[1]) +
+ * (a_i[2] + a_i[3])) + ((a_i[4] + a_i[5]) + (a_i[6] + a_i[7])), the same order for every lane
+ * and every build (three horizontal adds and a cross-half add where AVX has them), so a key's
+ * score does not depend on which keys share its block. */
+static inline v8f tm_hsum8(const v8f* a) {
+#if defined(__AVX__)
+    __m256 t0 = _mm256_hadd_ps((__m256)a[0], (__m256)a[1]), t1 = _mm256_hadd_ps((__m256)a[2], (__m256)a[3]);
+    __m256 t2 = _mm256_hadd_ps((__m256)a[4], (__m256)a[5]), t3 = _mm256_hadd_ps((__m256)a[6], (__m256)a[7]);
+    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  /* lanes 0-3: low halves */
+    return (v8f)_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+#else
+    v8f o;
+    for (int i = 0; i < 8; i++)
+        o[i] = ((a[i][0] + a[i][1]) + (a[i][2] + a[i][3])) + ((a[i][4] + a[i][5]) + (a[i][6] + a[i][7]));
+    return o;
+#endif
+}
+
+/* pr[s] = dot(q, K[slot s]) * scale for one query head, HD8 * 8 = hd known at compile time:
+ * 8 keys at a time, each key's dot one FMA chain over hd in order, then tm_hsum8. */
+__attribute__((always_inline)) static inline void tm_scores(int HD8, int KV16, const float* q,
+                                                            const void* kg, const int64_t* slots,
+                                                            int64_t S, float scale, float* pr) {
+    v8f qv[16];
+    for (int j = 0; j < HD8; j++) qv[j] = tm_ld(q + 8 * j);
+    for (int64_t s0 = 0; s0 < S; s0 += 8) {
+        int n = S - s0 < 8 ? (int)(S - s0) : 8;
+        v8f acc[8];
+        for (int i = 0; i < 8; i++) acc[i] = (v8f){0};
+        for (int i = 0; i < n; i++) {
+            int64_t off = slots[s0 + i] * (HD8 * 8);
+            for (int j = 0; j < HD8; j++)
+                acc[i] = tm_fma(qv[j], KV16 ? tm_ldh((const _Float16*)kg + off + 8 * j)
+                                            : tm_ld((const float*)kg + off + 8 * j), acc[i]);
+        }
+        v8f sc = tm_hsum8(acc) * scale;
+        if (n == 8) tm_st(pr + s0, sc);
+        else for (int i = 0; i < n; i++) pr[s0 + i] = sc[i];
+    }
+}
+
 /* The `rep` query heads q (rep, hd) that share kv head g, over S cached slots:
  * out (rep, hd) = softmax(q.K * scale) V, reading each cached key and value once for all of
  * them. kc, vc: (Hkv, nslots, hd) floats, or fp16 values when kv16; p: rep * S floats of
@@ -440,7 +481,14 @@ static inline void tm_attend(const float* q, int rep, const void* kc, const void
     int64_t es = kv16 ? 2 : 4, base = (int64_t)g * nslots * hd * es;
     const void* kg = (const char*)kc + base;
     const void* vg = (const char*)vc + base;
-    for (int64_t s = 0; s < S; s++) {
+    for (int r = 0; r < rep && (hd == 64 || hd == 128); r++) {  /* 8 keys at a time */
+        const float* qr = q + (int64_t)r * hd;
+        if (hd == 64 && kv16) tm_scores(8, 1, qr, kg, slots, S, scale, p + r * S);
+        else if (hd == 64) tm_scores(8, 0, qr, kg, slots, S, scale, p + r * S);
+        else if (kv16) tm_scores(16, 1, qr, kg, slots, S, scale, p + r * S);
+        else tm_scores(16, 0, qr, kg, slots, S, scale, p + r * S);
+    }
+    for (int64_t s = 0; s < S && hd != 64 && hd != 128; s++) {
         if (kv16) {  /* fp16 keys: widened once, then the float dot product */
             const _Float16* k = (const _Float16*)kg + slots[s] * hd;
             float kf[512];
@@ -458,9 +506,15 @@ static inline void tm_attend(const float* q, int rep, const void* kc, const void
     for (int r = 0; r < rep; r++) {
         float* pr = p + r * S;
         float mx = -INFINITY;
-        for (int64_t s = 0; s < S; s++) mx = pr[s] > mx ? pr[s] : mx;
-        v8f m8 = (v8f){0} + mx, acc = {0};
         int64_t s = 0;
+#if defined(__AVX__)
+        __m256 mv = _mm256_set1_ps(-INFINITY);
+        for (; s < S8; s += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(pr + s));
+        for (int i = 0; i < 8; i++) mx = ((v8f)mv)[i] > mx ? ((v8f)mv)[i] : mx;
+#endif
+        for (; s < S; s++) mx = pr[s] > mx ? pr[s] : mx;
+        v8f m8 = (v8f){0} + mx, acc = {0};
+        s = 0;
         for (; s < S8; s += 8) {
             v8f e = tm_exp8(tm_ld(pr + s) - m8);
             tm_st(pr + s, e);
