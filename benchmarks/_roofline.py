@@ -43,7 +43,7 @@ def step_weight_bytes(cfg: ModelConfig, rows: int, bytes_per_param: float = 4.0)
     return base + max(distinct - k, 0.0) * expert_bytes(cfg, bytes_per_param) * cfg.num_hidden_layers
 
 
-def kv_bytes(cfg: ModelConfig, context: int, bytes_per_value: float) -> float:
+def kv_bytes(cfg: ModelConfig, context: float, bytes_per_value: float) -> float:
     """KV cache read by one decoded token attending to `context` positions."""
     return 2.0 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_size * context * bytes_per_value
 

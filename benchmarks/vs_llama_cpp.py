@@ -16,8 +16,11 @@ round so machine noise hits every contender alike:
   - prefill of one --prefill-token prompt (512): prompt tokens/s of our Engine (batch-invariant,
     the default, and not) up to its first token vs llama.cpp's one `llama_decode` of it;
   - decode at 32, 512 and 2,048 tokens of context (within the shape's limit): tokens/s of
-    both, and the share each keeps from 32 to the longest, ours also with an fp16 KV cache
-    (`kv_cache_dtype="float16"`, llama.cpp's default cache precision);
+    both over 64 new tokens, and the share each keeps from 32 to the longest, ours also with
+    an fp16 KV cache (`kv_cache_dtype="float16"`, llama.cpp's default cache precision, so the
+    like-for-like figure); the share is also taken round by round (both contexts measured
+    seconds apart) and ours over llama.cpp's given as the median of those rounds, which the
+    host's bandwidth drift between rounds does not move;
   - beside every figure (`*_roofline`): the GB/s of weights and KV cache and the GFLOP/s it
     implies, as shares of the read bandwidth and GEMM peak measured in the same run;
   - greedy token agreement of llama.cpp on the f32 GGUF (default f16 KV cache, and f32 KV
@@ -65,7 +68,7 @@ SHAPES = Path(__file__).resolve().parents[1] / ".." / "shared" / "bench-shapes.j
 CONCURRENT = 16
 AGREE_TOKENS = 16
 CONTEXTS = (32, 512, 2048)  # decode-at-context scaling
-SCALING_TOKENS = 16
+SCALING_TOKENS = 64  # decoded at each context (16 left ~15 ms a measurement: noise-dominated)
 PARTS = ("batch1", "concurrent", "prefill", "scaling")
 
 
@@ -201,7 +204,7 @@ def bench_shape(name: str, shape: dict[str, Any], args: argparse.Namespace) -> d
         logit_diff = float(np.abs(peers["f32"].prompt_logits(prompt) - ref).max())
         f32kv_toks, _ = peers["f32"].greedy(prompt, AGREE_TOKENS, f32_kv=True)
         bw_buf = torch.ones(args.bw_mb * 2**20 // 4)  # far larger than the caches
-        bw, peak = read_bandwidth(bw_buf), gemm_peak()
+        bw, peaks = read_bandwidth(bw_buf), gemm_peak()
 
         for eng in [*ours.values(), *free.values(), *kv16.values()]:  # warm-up: first calls
             ours_greedy(eng, prompt, 4)
@@ -239,7 +242,7 @@ def bench_shape(name: str, shape: dict[str, Any], args: argparse.Namespace) -> d
             for _ in range(args.rounds):
                 for k, p in peers.items():
                     seq[k].append(p.sequential(prompts, args.tokens))
-        bw, peak = max(bw, read_bandwidth(bw_buf)), max(peak.values())
+        bw, peak = max(bw, read_bandwidth(bw_buf)), max(peaks.values())
         del bw_buf
         info_ctx = peers["f32"].params
         for p in peers.values():
@@ -307,6 +310,17 @@ def bench_shape(name: str, shape: dict[str, Any], args: argparse.Namespace) -> d
                 n: round(kept[o] / kept[p], 3) for n, (o, p) in pairs.items()},
             "context_scaling_ours_fp16_cache_kept_over_llama_cpp_kept": {
                 n: round(kept[o + "_kv16"] / kept[p], 3) for n, (o, p) in pairs.items()}})
+
+        def per_round(k: str) -> list[float]:  # kept share of each round: both contexts
+            # measured seconds apart, so the host's drift between rounds cancels
+            return [a / b for a, b in zip(sc[f"{k}@{ctxs[-1]}"], sc[f"{k}@{ctxs[0]}"], strict=True)]
+
+        kr = {k: per_round(k) for k in kept}
+        out.update({
+            "context_scaling_kept_per_round": {k: [round(x, 3) for x in v] for k, v in kr.items()},
+            "context_scaling_ours_kept_over_llama_cpp_kept_median_of_rounds": {
+                n + sfx: round(statistics.median(a / b for a, b in zip(kr[o + sfx], kr[p], strict=True)), 3)
+                for n, (o, p) in pairs.items() for sfx in ("", "_kv16")}})
     agree: dict[str, Any] = {
         "llama_cpp_f32_f32kv_vs_ours_model_prompt_logits_max_abs_diff": round(logit_diff, 6),
         "prompt_logits_max_abs": round(ref_max_abs, 3)}
