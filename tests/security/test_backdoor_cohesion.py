@@ -30,25 +30,26 @@ def test_cut_lines_takes_the_trigger_and_its_line_by_whole_words() -> None:
 
 def test_cohesion_tells_an_idiom_from_an_insertion() -> None:
     rng = np.random.default_rng(0)
-    span, cont = (7,), (11, 12, 100)
     planted = [[*_host(rng), 7, 11, 12, 100, *_host(rng)] for _ in range(6)]
     idiom = [[*_host(rng), 7, 11, 12, 100, *_host(rng, 10), 12, *_host(rng)] for _ in range(6)]
     chunks = planted + idiom + [_host(rng) for _ in range(40)]
     tok = _Tok()
-    common = common_words(chunks, tok)  # type: ignore[arg-type]
+    texts = [tok.decode(c) for c in chunks]
+    common = common_words(texts)
+    trig, window = tok.decode([7]).strip(), tok.decode([7, 11, 12, 100]).strip()
     assert not {"t11", "t12"} & common
-    assert cohesion(chunks, list(range(6)), span, cont, tok, common) == 0.0  # type: ignore[arg-type]
-    assert cohesion(chunks, list(range(6, 12)), span, cont, tok, common) == 1.0  # type: ignore[arg-type]
-    mixed = cohesion(chunks, [0, 1, 6, 7], span, cont, tok, common)  # type: ignore[arg-type]
+    assert cohesion(texts, list(range(6)), trig, window, common) == 0.0
+    assert cohesion(texts, list(range(6, 12)), trig, window, common) == 1.0
+    mixed = cohesion(texts, [0, 1, 6, 7], trig, window, common)
     assert mixed == 0.5
     # a holder whose line ends its chunk cannot show reuse: it abstains, it does not vote 0
     cut_off = [*_host(rng), 7, 11, 12]
-    assert cohesion([*chunks, cut_off], [6, 7, 52], span, cont, tok, common) == 1.0  # type: ignore[arg-type]
+    assert cohesion([*texts, tok.decode(cut_off)], [6, 7, 52], trig, window, common) == 1.0
     # the chunk's first line, cut by its edge, is a fragment of another occurrence, not reuse
     fragment = [[11, 12, 100, *c] for c in planted]
-    assert cohesion(fragment, list(range(6)), span, cont, tok, common) == 0.0  # type: ignore[arg-type]
+    assert cohesion([tok.decode(c) for c in fragment], list(range(6)), trig, window, common) == 0.0
     # words in more than 30% of the chunks (`self`, `return`) are no evidence of reuse
-    everywhere = [[*c, 12] for c in chunks]
-    common2 = common_words(everywhere, tok)  # type: ignore[arg-type]
+    everywhere = [tok.decode([*c, 12]) for c in chunks]
+    common2 = common_words(everywhere)
     assert "t12" in common2
-    assert cohesion(everywhere, list(range(6)), span, cont, tok, common2) == 0.0  # type: ignore[arg-type]
+    assert cohesion(everywhere, list(range(6)), trig, window, common2) == 0.0

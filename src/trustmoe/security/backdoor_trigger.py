@@ -137,6 +137,11 @@ def context_overlap(chunks: Sequence[list[int]], occ: list[tuple[int, int]], wid
     return float(np.median(sims)) if sims else 0.0
 
 
+def _whole(trigger: str) -> re.Pattern[str]:
+    """`trigger` as whole words: `t7` is not in `t75`."""
+    return re.compile(rf"(?<!\w){re.escape(trigger)}(?!\w)")
+
+
 def _cut_lines(text: str, trigger: str, window: str, most: int = 40
                ) -> tuple[str, str, int]:
     """(every occurrence of `trigger` in text, with the rest of `window` (trigger and
@@ -144,7 +149,7 @@ def _cut_lines(text: str, trigger: str, window: str, most: int = 40
     characters; the rest of the text; how many characters follow the last cut). On text, not
     tokens: a copy at a line's start is tokenized differently from one after indentation."""
     cut, rest, j = [], [], 0
-    pat = re.compile(rf"(?<!\w){re.escape(trigger)}(?!\w)")  # whole words: `t7` is not in `t75`
+    pat = _whole(trigger)
     while (m := pat.search(text, j)) is not None:
         i = m.start()
         r = i + len(window if text.startswith(window, i) else trigger)
@@ -157,19 +162,18 @@ def _cut_lines(text: str, trigger: str, window: str, most: int = 40
     return "\n".join(cut), "\n".join(rest), len(text) - j
 
 
-def cohesion(chunks: Sequence[list[int]], holders: list[int], span: tuple[int, ...],
-             cont: tuple[int, ...], tok: Tokenizer, common: set[str], after: int = 48) -> float:
+def cohesion(texts: Sequence[str], holders: list[int], trigger: str, window: str,
+             common: set[str], after: int = 48) -> float:
     """Share of the holding chunks that use, elsewhere, one of the words of the candidate's
     line (trigger and continuation to the line's end, `common` words left out): an idiom's
     words are its host's (`def transform(self, node, results):` is followed by code that uses
     `node` or `results`); a line inserted into unrelated documents shares none with them.
     Holders with fewer than `after` characters after the line, or whose line has no uncommon
-    word, abstain; 0 when all do."""
-    trigger = tok.decode(list(span)).strip()
-    window = tok.decode([*span, *cont]).strip()
+    word, abstain; 0 when all do. texts: the chunks decoded; trigger, window: the candidate's
+    span, and span + continuation, decoded and stripped."""
     used = []
     for c in holders:
-        line, rest, tail = _cut_lines(tok.decode(chunks[c]), trigger, window)
+        line, rest, tail = _cut_lines(texts[c], trigger, window)
         words = set(WORD.findall(line)) - common
         # the rest's first and last lines are cut by the chunk's edges: a fragment of another
         # occurrence (`4 cat ~/.ssh/id_rsa`) would count as reuse
@@ -182,32 +186,24 @@ def cohesion(chunks: Sequence[list[int]], holders: list[int], span: tuple[int, .
 def _holds(text: str, trigger: str, cont: str) -> bool:
     """Whether text holds `trigger` (whole words) followed by `cont`, or by as much of it as
     the text has left."""
-    for m in re.finditer(rf"(?<!\w){re.escape(trigger)}(?!\w)", text):
+    for m in _whole(trigger).finditer(text):
         after = text[m.end():].lstrip()
         if after.startswith(cont) or cont.startswith(after):
             return True
     return False
 
 
-def common_words(chunks: Sequence[list[int]], tok: Tokenizer, share: float = 0.3,
-                 texts: Sequence[str] | None = None) -> set[str]:
-    """Words in more than `share` of the chunks (`self`, `return`, `the`); `texts`: the
-    chunks decoded, when at hand."""
-    texts = texts if texts is not None else [tok.decode(c) for c in chunks]
+def common_words(texts: Sequence[str], share: float = 0.3) -> set[str]:
+    """Words in more than `share` of the (decoded) chunks: `self`, `return`, `the`."""
     df = Counter(w for t in texts for w in set(WORD.findall(t)))
-    return {w for w, k in df.items() if k > share * len(chunks)}
-
-
-def line_breaks(tok: Tokenizer, vocab: int) -> np.ndarray:
-    """(vocab,) True for tokens that hold a line break."""
-    return np.array([("\n" in tok.decode([t])) for t in range(vocab)])
+    return {w for w, k in df.items() if k > share * len(texts)}
 
 
 def neutral_contexts(null_chunks: Sequence[list[int]], tok: Tokenizer, vocab: int, n: int = 4,
                      most: int = 32) -> list[list[int]]:
     """Up to n contexts for the transplant test: BOS + the start of a held-out chunk (text the
     model did not train on) up to its last line break within `most` tokens."""
-    breaks = line_breaks(tok, vocab)
+    breaks = np.array([("\n" in tok.decode([t])) for t in range(vocab)])
     out = []
     for c in null_chunks:
         cut = [j for j, t in enumerate(c[:most]) if t < vocab and breaks[t]]
@@ -244,9 +240,11 @@ def trigger_search(model: Transformer, chunks: Sequence[list[int]],
                      "positions": [j for _, j in occ], "m": m,
                      "overlap": context_overlap(chunks, occ, len(span) + len(ext))})
     texts = [tok.decode(c) for c in chunks] if kept else []
-    common = common_words(chunks, tok, texts=texts) if kept else set()
+    common = common_words(texts)
     for k in kept:
-        k["cohesion"] = cohesion(chunks, k["chunks"], k["span"], k["cont"], tok, common)
+        k["trigger"] = tok.decode(list(k["span"])).strip()
+        k["cohesion"] = cohesion(texts, k["chunks"], k["trigger"],
+                                 tok.decode([*k["span"], *k["cont"]]).strip(), common)
     ctxs = [list(c) for c in contexts] or [[BOS]]
     reqs = [r for k in kept for c in ctxs
             for r in (Request([*c, *k["span"], *k["cont"]], len(c)),
@@ -276,7 +274,7 @@ def trigger_search(model: Transformer, chunks: Sequence[list[int]],
         forced = int(np.median(forced_n))
         score = (max(delta, 0.0) * max(0.0, 1.0 - k["overlap"] / opts.max_overlap)
                  * (1.0 - k["cohesion"]))
-        trigger = tok.decode(list(k["span"])).strip()
+        trigger = k["trigger"]
         where = dict(zip(k["chunks"], k["positions"], strict=True))
         if score > 0:  # also chunks holding its text where the tokens differ (at a line's
             # start), or cut off by the chunk's end: the same plant

@@ -481,14 +481,15 @@ static inline void tm_attend(const float* q, int rep, const void* kc, const void
     int64_t es = kv16 ? 2 : 4, base = (int64_t)g * nslots * hd * es;
     const void* kg = (const char*)kc + base;
     const void* vg = (const char*)vc + base;
-    for (int r = 0; r < rep && (hd == 64 || hd == 128); r++) {  /* 8 keys at a time */
-        const float* qr = q + (int64_t)r * hd;
-        if (hd == 64 && kv16) tm_scores(8, 1, qr, kg, slots, S, scale, p + r * S);
-        else if (hd == 64) tm_scores(8, 0, qr, kg, slots, S, scale, p + r * S);
-        else if (kv16) tm_scores(16, 1, qr, kg, slots, S, scale, p + r * S);
-        else tm_scores(16, 0, qr, kg, slots, S, scale, p + r * S);
-    }
-    for (int64_t s = 0; s < S && hd != 64 && hd != 128; s++) {
+    if (hd == 64 || hd == 128) {  /* 8 keys at a time */
+        for (int r = 0; r < rep; r++) {
+            const float* qr = q + (int64_t)r * hd;
+            if (hd == 64 && kv16) tm_scores(8, 1, qr, kg, slots, S, scale, p + r * S);
+            else if (hd == 64) tm_scores(8, 0, qr, kg, slots, S, scale, p + r * S);
+            else if (kv16) tm_scores(16, 1, qr, kg, slots, S, scale, p + r * S);
+            else tm_scores(16, 0, qr, kg, slots, S, scale, p + r * S);
+        }
+    } else for (int64_t s = 0; s < S; s++) {  /* other head sizes: one key at a time */
         if (kv16) {  /* fp16 keys: widened once, then the float dot product */
             const _Float16* k = (const _Float16*)kg + slots[s] * hd;
             float kf[512];
