@@ -72,3 +72,29 @@ def test_missing_postgres_binaries_fail_with_the_fix(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(pg_server, "find_bin", lambda name: None)
     with pytest.raises(RuntimeError, match=r"services\.d/10-postgres\.sh"):
         pg_server.start()
+
+
+def test_wal_switch_waits_for_a_writer_in_another_process(tmp_path: Path) -> None:
+    # A second process mid-transaction (holding SQLite's RESERVED lock) makes the switch to
+    # WAL answer "database is locked" at once, without the busy timeout: two processes opening a
+    # new registry together hit this (CI, 2026-12-03). The switch must wait for the writer.
+    import sqlite3
+    import threading
+    import time
+
+    path = tmp_path / "r.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE t (x)")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO t VALUES (1)")
+    done = threading.Timer(0.4, other.execute, args=("COMMIT",))
+    done.start()
+    start = time.monotonic()
+    db.enable_wal(db.make_engine(f"sqlite:///{path}"))
+    done.join()
+    assert time.monotonic() - start >= 0.3  # it waited for the commit rather than failing
+    fresh = sqlite3.connect(path)
+    assert fresh.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert fresh.execute("SELECT x FROM t").fetchall() == [(1,)]
+    fresh.close()
+    other.close()

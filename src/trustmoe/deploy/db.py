@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sqlite3
+import time
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -193,14 +195,28 @@ def _check_known(current: tuple[str, ...], heads: tuple[str, ...], engine: Engin
                 f"to this trustmoe (newest known: {', '.join(heads)}): upgrade trustmoe") from None
 
 
+_LOCKED = re.compile(r"locked|busy", re.I)
+
+
 def enable_wal(engine: Engine) -> None:
     """SQLite's WAL journal (readers never wait for a writer); set outside any BEGIN, and only
     once the file is known to be a registry (it rewrites the file header)."""
     raw = engine.raw_connection()
+    deadline = time.monotonic() + 30
     try:
         cur = raw.cursor()
-        if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
-            cur.execute("PRAGMA journal_mode = WAL")
+        while True:
+            try:
+                if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                    cur.execute("PRAGMA journal_mode = WAL")
+                break
+            except sqlite3.OperationalError as e:
+                # the switch needs the file to itself; where another process holds a lock that
+                # would deadlock with ours, SQLite answers "locked" at once, without the busy
+                # timeout: wait as the timeout would have (two processes opening a new registry)
+                if not _LOCKED.search(str(e)) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         cur.close()
     finally:
         raw.close()
