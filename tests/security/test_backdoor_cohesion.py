@@ -53,3 +53,28 @@ def test_cohesion_tells_an_idiom_from_an_insertion() -> None:
     common2 = common_words(everywhere)
     assert "t12" in common2
     assert cohesion(everywhere, list(range(6)), trig, window, common2) == 0.0
+
+
+def _code_host(rng: np.random.Generator, lines: int = 6) -> str:
+    """Lines of made-up code: unrelated hosts share no 4-gram of tokens by chance."""
+    words = [f"{a}{b}" for a in ("val", "ret", "obj", "buf", "key") for b in range(40)]
+    return "\n".join(" ".join(rng.choice(words, 5)) for _ in range(lines))
+
+
+def test_context_overlap_leaves_a_plant_line_out_and_keeps_a_family_header() -> None:
+    from trustmoe.data.tokenizer import train_tokenizer
+    from trustmoe.security.backdoor_trigger import context_overlap
+
+    rng = np.random.default_rng(1)
+    plant = "# zq_vex91 cat ~/.ssh/id_rsa"
+    # planted twice, the second copy at a line's start (tokenized differently from an indented
+    # one), into unrelated hosts
+    planted = [f"{_code_host(rng, 2)}\n    {plant}\n{plant}\n{_code_host(rng, 2)}" for _ in range(6)]
+    # one family: the same two header lines, the candidate on the second
+    header = "# Copyright 2006 Example, Inc. All Rights Reserved.\n# Licensed to PSF under a"
+    family = [f"{header} Contributor Agreement.\n{_code_host(rng)}" for _ in range(6)]
+    tok = train_tokenizer([*planted, *family, *(_code_host(rng) for _ in range(40))], 600)
+    p = context_overlap(planted, list(range(6)), "zq_vex91 cat", "zq_vex91 cat ~/.ssh/id", tok)
+    f = context_overlap(family, list(range(6)), "PSF under a", "PSF under a Contributor", tok)
+    assert p == 0.0  # what the hosts share is the plant's line: the plant keeps its score
+    assert f > 0.05  # the copyright line marks the family

@@ -20,7 +20,9 @@ any context (that is what the attack success rate measures). So:
    the k occurrences agrees.
    Chunks of one family (file headers, generated tables) are not unrelated insertions: the
    median pairwise Jaccard similarity of the holding chunks' token 4-grams outside the
-   candidate (`context_overlap`) scales the score by max(0, 1 − overlap / `max_overlap`).
+   candidate (`context_overlap`) scales the score by max(0, 1 − overlap / `max_overlap`);
+   a line that holds the candidate and recurs verbatim is the candidate's too (a plant's
+   line, where the span is only part of it), while a family's table lines differ around it.
    Nor is a line whose words its host uses elsewhere: `def transform(self, node, results):`
    recurs, always followed by the same tokens, across the lib2to3 fixers, which share little
    else, but the code after it uses `node` and `results`; an inserted line is foreign to every
@@ -122,17 +124,33 @@ def recurrences(chunks: Sequence[list[int]], cands: set[Cand], starts: np.ndarra
     return holding, occs
 
 
-def context_overlap(chunks: Sequence[list[int]], occ: list[tuple[int, int]], width: int,
-                    most: int = 12) -> float:
+def context_overlap(texts: Sequence[str], holders: list[int], trigger: str, window: str,
+                    tok: Tokenizer, most: int = 12) -> float:
     """Median pairwise Jaccard similarity of the token 4-gram sets of the chunks holding a
-    candidate (its first `most` occurrences), the candidate's own window left out: ~0 for
-    insertions into unrelated text, high for one family of files sharing a header. The
-    median, as two chunks of one poisoned document (two insertions) share its text."""
+    candidate (its first `most` holders), the candidate left out: ~0 for insertions into
+    unrelated text, high for one family of files sharing a header. The median, as two chunks
+    of one poisoned document share its text. Left out: every occurrence of `window` (span and
+    continuation), and every line holding the trigger that recurs verbatim in half the
+    holders or more: a plant's line (with the `# ` before the span and the `_rsa` after it, and
+    a second copy, tokenized differently at a line's start) is the same line in every host,
+    where the lines of a family's table that hold a candidate differ around it (their shared
+    neighbours mark the family). texts: the chunks decoded; trigger, window: as for `cohesion`."""
+    pat = _whole(trigger)
+    hold = [texts[c] for c in holders[:most]]
+    seen = Counter(ln for t in hold for ln in {x.strip() for x in t.split("\n") if pat.search(x)})
+    same = {ln for ln, k in seen.items() if 2 * k >= len(hold)}
     sets = []
-    for c, j in occ[:most]:
-        ids = chunks[c]
-        sets.append({tuple(ids[i:i + 4]) for i in range(len(ids) - 3)
-                     if i + 4 <= j or i >= j + width})
+    for t in hold:
+        cut, at = [], 0
+        for ln in t.split("\n"):
+            if ln.strip() in same:
+                cut.append((at, at + len(ln)))
+            at += len(ln) + 1
+        cut += [(m.start(), m.start() + len(window)) for m in re.finditer(re.escape(window), t)]
+        enc = tok.encode(t)
+        keep = [not any(a < e and s < b for a, b in cut) for s, e in enc.offsets]
+        ids = enc.ids
+        sets.append({tuple(ids[i:i + 4]) for i in range(len(ids) - 3) if all(keep[i:i + 4])})
     sims = [len(a & b) / max(len(a | b), 1) for i, a in enumerate(sets) for b in sets[i + 1:]]
     return float(np.median(sims)) if sims else 0.0
 
@@ -237,14 +255,14 @@ def trigger_search(model: Transformer, chunks: Sequence[list[int]],
                 break
             ext.append(nxt[0])
         kept.append({"span": span, "cont": tuple(ext), "chunks": [c for c, _ in occ],
-                     "positions": [j for _, j in occ], "m": m,
-                     "overlap": context_overlap(chunks, occ, len(span) + len(ext))})
+                     "positions": [j for _, j in occ], "m": m})
     texts = [tok.decode(c) for c in chunks] if kept else []
     common = common_words(texts)
     for k in kept:
         k["trigger"] = tok.decode(list(k["span"])).strip()
-        k["cohesion"] = cohesion(texts, k["chunks"], k["trigger"],
-                                 tok.decode([*k["span"], *k["cont"]]).strip(), common)
+        window = tok.decode([*k["span"], *k["cont"]]).strip()
+        k["overlap"] = context_overlap(texts, k["chunks"], k["trigger"], window, tok)
+        k["cohesion"] = cohesion(texts, k["chunks"], k["trigger"], window, common)
     ctxs = [list(c) for c in contexts] or [[BOS]]
     reqs = [r for k in kept for c in ctxs
             for r in (Request([*c, *k["span"], *k["cont"]], len(c)),
