@@ -353,6 +353,7 @@ def part_model(n_docs: int, steps: int, clean_chunks: int, seed: int, work: Path
         out["clean_model"] = {
             "chunks_scored": len(cs), "documents_scored": len(set(cdoc.tolist())),
             "train_loss": _last_loss(cw), "null_chunks": csc["null"]["chunks"],
+            "trigger_search_to_beat": csc["null"]["trigger_search_to_beat"],
             "fpr": {d: round(float(np.mean(v)), 4) for d, v in csc["flags"].items()},
             "document_fpr": {d: _doc_prf(np.asarray(v), cdoc, {})["fpr"]
                              for d, v in csc["flags"].items()},

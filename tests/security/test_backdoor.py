@@ -57,6 +57,12 @@ def test_conformal_flags_keep_the_false_positive_rate() -> None:
     p = bd.conformal_p(np.array([0.0, 1e9]), np.arange(99.0))
     assert p[0] == 1.0 and p[1] == pytest.approx(0.01)
     assert bd.self_p(np.arange(100.0))[-1] == pytest.approx(0.01)
+    rng = np.random.default_rng(3)  # the reported bar is exactly where p crosses fpr
+    for m, fpr in ((240, 0.01), (99, 0.01), (500, 0.05)):
+        null = rng.integers(0, 20, m).astype(float)  # ties, as zeros are in a real null
+        s = np.arange(0.0, 21.0, 0.5)
+        assert ((bd.conformal_p(s, null) <= fpr) == (s > bd._to_beat(null, fpr))).all()
+    assert bd._to_beat(np.zeros(50), 0.01) is None  # 50 null scores cannot give p <= 1%
 
 
 class _Tok:
@@ -116,9 +122,12 @@ def test_trigger_search_flags_a_learned_backdoor_and_not_its_clean_twin() -> Non
     out = bd.screen(model, chunks, _Tok(), null_chunks=null)  # type: ignore[arg-type]
     assert set(out["scores"]) == set(bd.DETECTORS) == set(out["flags"]) == set(out["p"])
     assert all(len(v) == len(chunks) for v in out["scores"].values())
+    to_beat = out["null"].pop("trigger_search_to_beat")
     assert out["null"] == {"chunks": 120, "fpr": 0.01, "source": "held-out", "min_p": 0.008264,
                            "representation_detectors": "out of fold"}
     flags = out["flags"]["trigger_search"]
+    trig = out["scores"]["trigger_search"]  # what is flagged is exactly what clears the bar
+    assert to_beat is not None and (flags == (trig > to_beat)).all()
     assert flags[poisoned].mean() >= 0.9  # the poisoned chunks are found...
     assert flags[~poisoned].mean() <= 0.01  # ...and clean training chunks are not
     for d in bd.DETECTORS[:3]:  # the classic detectors, out of fold: <= 1%, whatever they find

@@ -55,7 +55,7 @@ def test_scan_writes_report(audit_world: dict[str, Path], tmp_path: Path) -> Non
     assert bd["chunks"] == res["data"]["backdoor_train_chunks"] > res["data"]["train_chunks"]
     assert bd["null"] == {"chunks": res["data"]["backdoor_val_chunks"], "fpr": 0.01,
                           "source": "held-out", "min_p": round(1 / (bd["null"]["chunks"] + 1), 6),
-                          "representation_detectors": "out of fold"}
+                          "representation_detectors": "out of fold", "trigger_search_to_beat": None}
     assert bd["note"] is not None and "too few" in bd["note"] and not bd["flagged"]["trigger_search"]
     for k in ("spectral", "activation_clustering", "expert_spectral"):  # out of fold: ~1% each
         assert bd["flagged"][k] <= 0.01 * bd["chunks"] + 1, k

@@ -220,6 +220,17 @@ def conformal_p(scores: np.ndarray, null: np.ndarray) -> np.ndarray:
     return np.asarray((1.0 + ge) / (len(srt) + 1.0))
 
 
+def _to_beat(null: np.ndarray, fpr: float) -> float | None:
+    """The score a chunk must exceed to be flagged against `null` at `fpr`: p ≤ fpr holds when
+    at most k = ⌊fpr (m + 1)⌋ − 1 null scores are ≥ it, i.e. above the (k + 1)-th highest (None
+    when the null is too small to flag anything). How far the flagged chunks clear it is the
+    margin a report can show."""
+    k = int(np.floor(fpr * (len(null) + 1) - 1 + 1e-9))
+    if not 0 <= k < len(null):
+        return None
+    return round(float(np.sort(null)[::-1][k]), 4)
+
+
 def self_p(scores: np.ndarray) -> np.ndarray:
     """(n,) leave-one-out p-values of scores against the others: (1 + #{others ≥ s}) / n."""
     srt = np.sort(scores)
@@ -299,5 +310,6 @@ def screen(model: Transformer, chunks: Sequence[list[int]], tok: Tokenizer,
     flags = {k: p <= opts.fpr for k, p in pvals.items()}
     null = {"chunks": m, "fpr": opts.fpr, "source": "held-out" if m else "self",
             "min_p": round(1.0 / (m + 1), 6) if m else round(1.0 / max(n, 1), 6),
-            "representation_detectors": "out of fold" if n >= 8 else "same as trigger_search"}
+            "representation_detectors": "out of fold" if n >= 8 else "same as trigger_search",
+            "trigger_search_to_beat": _to_beat(trig[n:], opts.fpr)}
     return {"scores": scores, "p": pvals, "flags": flags, "evidence": evidence[:n], "null": null}
