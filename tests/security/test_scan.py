@@ -135,7 +135,7 @@ def test_missing_inputs_are_one_line(tmp_path: Path) -> None:
     assert r.returncode == 2 and "model directory not found" in r.stderr
 
 
-def test_backdoor_section_ranks_trigger_finds_first_and_groups_documents() -> None:
+def test_backdoor_section_ranks_trigger_finds_first_and_groups_documents(tmp_path: Path) -> None:
     import numpy as np
 
     from trustmoe.security.scan import backdoor_section
@@ -147,8 +147,8 @@ def test_backdoor_section_ranks_trigger_finds_first_and_groups_documents() -> No
     flags["trigger_search"][[1, 2, 3]] = True
     scores = {d: np.arange(n, dtype=float) for d in flags}
     scores["trigger_search"] = np.array([0.0, 5.0, 9.0, 9.0, 0.0])
-    ev = [{}, {"trigger": "zq", "payload": " rm"}, {"trigger": "vex", "payload": " rm -rf"},
-          {"trigger": "vex", "payload": " rm -rf"}, {}]
+    ev = [{}, {"trigger": "zq", "payload": " rm"}, {"trigger": "vex", "payload": " rm -rf", "score": 9.0},
+          {"trigger": "vex", "payload": " rm -rf", "score": 9.0}, {}]
     out = {"scores": scores, "flags": flags, "evidence": ev,
            "p": {d: np.where(f, 0.005, 0.5) for d, f in flags.items()},
            "null": {"chunks": 300, "fpr": 0.01, "source": "held-out", "min_p": 0.003322}}
@@ -159,3 +159,11 @@ def test_backdoor_section_ranks_trigger_finds_first_and_groups_documents() -> No
     assert [d["document"] for d in docs] == ["train:9", "train:3", "train:7", "train:2"]
     assert docs[0]["chunks"] == ["train:9:0", "train:9:1"] and docs[0]["evidence"]["trigger"] == "vex"
     assert docs[2]["flagged_by"] == ["activation_clustering", "spectral"]
+    from trustmoe.security.scan_report import write_report
+
+    sec["null"]["trigger_search_to_beat"] = 7.5  # the bar, and each suspect's score, in the page
+    res = {"model": {"dir": "m", "weights_sha256": "0" * 64}, "settings": {"seed": 0},
+           "data": {"dir": "d", "manifest_sha256": "0" * 64}, "summary": {"findings_level": "low"},
+           "timing_s": {}, "backdoor": sec}
+    html = write_report(tmp_path, res).read_text()
+    assert "a\nscore above 7.5." in html and "score 9.0;" in html

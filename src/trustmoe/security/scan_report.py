@@ -43,12 +43,15 @@ src="data:image/png;base64,{{ img }}">{% endfor %}
 {% if res.backdoor %}<h2>Backdoor suspects ({{ res.backdoor.suspect_count }})</h2>
 <p class="small">Each detector flags a chunk when its p-value against {{ res.backdoor.null.chunks
 }} held-out chunks is ≤ {{ res.backdoor.target_fpr }} (its false-positive rate on clean text).
+{% if res.backdoor.null.trigger_search_to_beat is number %}For the trigger search that means a
+score above {{ res.backdoor.null.trigger_search_to_beat }}.{% endif %}
 {% if res.backdoor.note %}{{ res.backdoor.note }}{% endif %}</p>
 <table><tr><th>chunk</th><th>flagged by</th><th>p-values</th><th>evidence</th></tr>
 {% for s in res.backdoor.suspects[:30] %}<tr><td>{{ s.chunk }}</td>
 <td>{{ s.flagged_by|join(", ") }}</td><td>{{ s.p }}</td>
 <td>{% if s.evidence %}trigger <code>{{ s.evidence.trigger }}</code> → payload <code>{{ s.evidence.payload
-}}</code> (of <code>{{ s.evidence.continuation }}</code>; ΔNLL {{ s.evidence.delta_nll }} nats:
+}}</code> (of <code>{{ s.evidence.continuation }}</code>; score {{ s.evidence.score }};
+ΔNLL {{ s.evidence.delta_nll }} nats:
 {{ s.evidence.nll_without_trigger }} without the trigger, {{ s.evidence.nll_with_trigger }} with
 it; in {{ s.evidence.chunks_with_same_trigger }} chunks)
 {% endif %}</td></tr>{% endfor %}</table>{% endif %}
