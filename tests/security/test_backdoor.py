@@ -67,15 +67,15 @@ def test_conformal_flags_keep_the_false_positive_rate() -> None:
 
 class _Tok:
     """Token ids as words, each with a leading space (a word start): what `trigger_search`
-    needs of a tokenizer (decode, and encode with character offsets)."""
+    needs of a tokenizer (decode, and encode_batch with character offsets)."""
 
     def decode(self, ids: list[int]) -> str:
         return "".join(f" t{i}" for i in ids)
 
-    def encode(self, text: str) -> SimpleNamespace:
-        found = list(re.finditer(r" t(\d+)", text))
-        return SimpleNamespace(ids=[int(m.group(1)) for m in found],
-                               offsets=[(m.start(), m.end()) for m in found])
+    def encode_batch(self, texts: list[str]) -> list[SimpleNamespace]:
+        found = [list(re.finditer(r" t(\d+)", t)) for t in texts]
+        return [SimpleNamespace(ids=[int(m.group(1)) for m in f],
+                                offsets=[(m.start(), m.end()) for m in f]) for f in found]
 
 
 def _backdoored_model(seed: int = 0, plant: bool = True

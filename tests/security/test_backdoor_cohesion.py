@@ -74,7 +74,9 @@ def test_context_overlap_leaves_a_plant_line_out_and_keeps_a_family_header() -> 
     header = "# Copyright 2006 Example, Inc. All Rights Reserved.\n# Licensed to PSF under a"
     family = [f"{header} Contributor Agreement.\n{_code_host(rng)}" for _ in range(6)]
     tok = train_tokenizer([*planted, *family, *(_code_host(rng) for _ in range(40))], 600)
-    p = context_overlap(planted, list(range(6)), "zq_vex91 cat", "zq_vex91 cat ~/.ssh/id", tok)
-    f = context_overlap(family, list(range(6)), "PSF under a", "PSF under a Contributor", tok)
+    p = context_overlap(planted, tok.encode_batch(planted), list(range(6)), "zq_vex91 cat",
+                        "zq_vex91 cat ~/.ssh/id")
+    f = context_overlap(family, tok.encode_batch(family), list(range(6)), "PSF under a",
+                        "PSF under a Contributor")
     assert p == 0.0  # what the hosts share is the plant's line: the plant keeps its score
     assert f > 0.05  # the copyright line marks the family

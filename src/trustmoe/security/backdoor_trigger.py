@@ -124,8 +124,8 @@ def recurrences(chunks: Sequence[list[int]], cands: set[Cand], starts: np.ndarra
     return holding, occs
 
 
-def context_overlap(texts: Sequence[str], holders: list[int], trigger: str, window: str,
-                    tok: Tokenizer, most: int = 12) -> float:
+def context_overlap(texts: Sequence[str], encs: Sequence[Any], holders: list[int], trigger: str,
+                    window: str, most: int = 12) -> float:
     """Median pairwise Jaccard similarity of the token 4-gram sets of the chunks holding a
     candidate (its first `most` holders), the candidate left out: ~0 for insertions into
     unrelated text, high for one family of files sharing a header. The median, as two chunks
@@ -134,22 +134,24 @@ def context_overlap(texts: Sequence[str], holders: list[int], trigger: str, wind
     holders or more: a plant's line (with the `# ` before the span and the `_rsa` after it, and
     a second copy, tokenized differently at a line's start) is the same line in every host,
     where the lines of a family's table that hold a candidate differ around it (their shared
-    neighbours mark the family). texts: the chunks decoded; trigger, window: as for `cohesion`."""
+    neighbours mark the family). texts: the chunks decoded; encs: their encodings (token ids
+    with character offsets) by the tokenizer; trigger, window: as for `cohesion`."""
     pat = _whole(trigger)
-    hold = [texts[c] for c in holders[:most]]
-    seen = Counter(ln for t in hold for ln in {x.strip() for x in t.split("\n") if pat.search(x)})
+    hold = holders[:most]
+    lines = {c: texts[c].split("\n") for c in hold}
+    seen = Counter(ln for c in hold for ln in {x.strip() for x in lines[c] if pat.search(x)})
     same = {ln for ln, k in seen.items() if 2 * k >= len(hold)}
     sets = []
-    for t in hold:
+    for c in hold:
         cut, at = [], 0
-        for ln in t.split("\n"):
+        for ln in lines[c]:
             if ln.strip() in same:
                 cut.append((at, at + len(ln)))
             at += len(ln) + 1
-        cut += [(m.start(), m.start() + len(window)) for m in re.finditer(re.escape(window), t)]
-        enc = tok.encode(t)
-        keep = [not any(a < e and s < b for a, b in cut) for s, e in enc.offsets]
-        ids = enc.ids
+        cut += [(m.start(), m.start() + len(window))
+                for m in re.finditer(re.escape(window), texts[c])]
+        keep = [not any(a < e and s < b for a, b in cut) for s, e in encs[c].offsets]
+        ids = encs[c].ids
         sets.append({tuple(ids[i:i + 4]) for i in range(len(ids) - 3) if all(keep[i:i + 4])})
     sims = [len(a & b) / max(len(a | b), 1) for i, a in enumerate(sets) for b in sets[i + 1:]]
     return float(np.median(sims)) if sims else 0.0
@@ -257,11 +259,12 @@ def trigger_search(model: Transformer, chunks: Sequence[list[int]],
         kept.append({"span": span, "cont": tuple(ext), "chunks": [c for c, _ in occ],
                      "positions": [j for _, j in occ], "m": m})
     texts = [tok.decode(c) for c in chunks] if kept else []
+    encs = tok.encode_batch(texts) if kept else []  # re-encoded with offsets, for the overlap
     common = common_words(texts)
     for k in kept:
         k["trigger"] = tok.decode(list(k["span"])).strip()
         window = tok.decode([*k["span"], *k["cont"]]).strip()
-        k["overlap"] = context_overlap(texts, k["chunks"], k["trigger"], window, tok)
+        k["overlap"] = context_overlap(texts, encs, k["chunks"], k["trigger"], window)
         k["cohesion"] = cohesion(texts, k["chunks"], k["trigger"], window, common)
     ctxs = [list(c) for c in contexts] or [[BOS]]
     reqs = [r for k in kept for c in ctxs
